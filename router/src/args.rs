@@ -1,0 +1,98 @@
+//! Flags shared by the launcher and the router, declared once and flattened into both.
+
+use clap::Args;
+
+/// Request size and batching limits.
+#[derive(Args, Debug, Clone)]
+pub struct LimitArgs {
+    /// Longest prompt accepted, in tokens.
+    #[arg(long, env = "MAX_INPUT_TOKENS", default_value_t = 1024)]
+    pub max_input_tokens: u32,
+    /// Longest prompt + generation accepted, in tokens.
+    #[arg(long, env = "MAX_TOTAL_TOKENS", default_value_t = 2048)]
+    pub max_total_tokens: u32,
+    /// Most prompt tokens prefilled in one step.
+    #[arg(long, env = "MAX_BATCH_PREFILL_TOKENS", default_value_t = 4096)]
+    pub max_batch_prefill_tokens: u32,
+    /// Most tokens (prompt + generated) held in the KV cache at once; unset: sized by the shard's warmup.
+    #[arg(long, env = "MAX_BATCH_TOTAL_TOKENS")]
+    pub max_batch_total_tokens: Option<u32>,
+    /// Most requests in flight (queued or running); beyond it new requests get 429.
+    #[arg(long, env = "MAX_CONCURRENT_REQUESTS", default_value_t = 128)]
+    pub max_concurrent_requests: usize,
+    /// Most stop sequences per request.
+    #[arg(long, env = "MAX_STOP_SEQUENCES", default_value_t = 4)]
+    pub max_stop_sequences: usize,
+    /// Most requests per running batch; unset: bounded by KV blocks only.
+    #[arg(long, env = "MAX_BATCH_SIZE")]
+    pub max_batch_size: Option<usize>,
+}
+
+impl Default for LimitArgs {
+    fn default() -> Self {
+        Self {
+            max_input_tokens: 1024,
+            max_total_tokens: 2048,
+            max_batch_prefill_tokens: 4096,
+            max_batch_total_tokens: None,
+            max_concurrent_requests: 128,
+            max_stop_sequences: 4,
+            max_batch_size: None,
+        }
+    }
+}
+
+impl LimitArgs {
+    /// Checks the limits against each other; the message names the flags.
+    pub fn check(&self) -> Result<(), String> {
+        if self.max_input_tokens == 0 {
+            return Err("--max-input-tokens must be positive".into());
+        }
+        if self.max_input_tokens >= self.max_total_tokens {
+            return Err(format!(
+                "--max-input-tokens ({}) must be < --max-total-tokens ({})",
+                self.max_input_tokens, self.max_total_tokens
+            ));
+        }
+        if self.max_batch_prefill_tokens < self.max_input_tokens {
+            return Err(format!(
+                "--max-batch-prefill-tokens ({}) must be >= --max-input-tokens ({})",
+                self.max_batch_prefill_tokens, self.max_input_tokens
+            ));
+        }
+        if let Some(total) = self.max_batch_total_tokens {
+            if total < self.max_total_tokens {
+                return Err(format!(
+                    "--max-batch-total-tokens ({total}) must be >= --max-total-tokens ({})",
+                    self.max_total_tokens
+                ));
+            }
+        }
+        if self.max_concurrent_requests == 0 {
+            return Err("--max-concurrent-requests must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_consistent() {
+        assert!(LimitArgs::default().check().is_ok());
+    }
+
+    #[test]
+    fn input_must_be_below_total() {
+        let a = LimitArgs { max_input_tokens: 2048, ..Default::default() };
+        assert!(a.check().unwrap_err().contains("--max-total-tokens"));
+    }
+
+    #[test]
+    fn prefill_budget_must_hold_one_prompt() {
+        let a = LimitArgs { max_batch_prefill_tokens: 10, ..Default::default() };
+        assert!(a.check().unwrap_err().contains("--max-batch-prefill-tokens"));
+    }
+}

@@ -1,0 +1,115 @@
+//! Incremental detokenization and stop-sequence matching, done per request off the batching loop.
+
+use std::sync::Arc;
+
+use tokenizers::Tokenizer;
+
+/// Turns a growing list of token ids into text deltas. Text is only emitted once it decodes
+/// to complete characters, and words are decoded with a little left context so spacing is right.
+pub struct Detokenizer {
+    tokenizer: Arc<Tokenizer>,
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+    /// Context tokens from the prompt at the front of `ids`.
+    context: usize,
+}
+
+/// Prompt tokens decoded with the first generated tokens, for spacing.
+const CONTEXT: usize = 5;
+
+impl Detokenizer {
+    pub fn new(tokenizer: Arc<Tokenizer>, prompt: &[u32]) -> Self {
+        let context: Vec<u32> = prompt[prompt.len().saturating_sub(CONTEXT)..].to_vec();
+        let n = context.len();
+        Self { tokenizer, ids: context, prefix_offset: 0, read_offset: n, context: n }
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        self.tokenizer.decode(ids, false).unwrap_or_default()
+    }
+
+    /// Adds one token; returns the text it completes (possibly empty).
+    pub fn push(&mut self, id: u32) -> String {
+        self.ids.push(id);
+        let prefix = self.decode(&self.ids[self.prefix_offset..self.read_offset]);
+        let full = self.decode(&self.ids[self.prefix_offset..]);
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            full[prefix.len()..].to_string()
+        } else {
+            String::new()
+        }
+    }
+
+    /// The generated text as a whole, special tokens left out.
+    pub fn generated_text(&self) -> String {
+        self.tokenizer.decode(&self.ids[self.context..], true).unwrap_or_default()
+    }
+}
+
+/// Finds the first stop sequence in the text generated so far.
+pub struct StopMatcher {
+    stops: Vec<String>,
+    text: String,
+    longest: usize,
+}
+
+impl StopMatcher {
+    pub fn new(stops: Vec<String>) -> Self {
+        let longest = stops.iter().map(|s| s.len()).max().unwrap_or(0);
+        Self { stops, text: String::new(), longest }
+    }
+
+    /// Appends text; true once any stop sequence has appeared.
+    pub fn push(&mut self, delta: &str) -> bool {
+        if self.stops.is_empty() || delta.is_empty() {
+            return false;
+        }
+        self.text.push_str(delta);
+        // Only the tail can hold a new match: the delta plus a stop's length before it.
+        let mut start = self.text.len().saturating_sub(delta.len() + self.longest);
+        while !self.text.is_char_boundary(start) {
+            start -= 1;
+        }
+        let tail = &self.text[start..];
+        self.stops.iter().any(|s| tail.contains(s.as_str()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::validation::tests::test_tokenizer;
+
+    #[test]
+    fn deltas_rebuild_the_text() {
+        let mut d = Detokenizer::new(test_tokenizer(), &[2]);
+        let text: String = [3, 4, 5].iter().map(|&t| d.push(t)).collect();
+        assert_eq!(text, " world a b");
+        assert_eq!(d.generated_text(), "world a b");
+    }
+
+    #[test]
+    fn special_tokens_are_left_out_of_the_text() {
+        let mut d = Detokenizer::new(test_tokenizer(), &[2]);
+        d.push(3);
+        d.push(0);
+        assert_eq!(d.generated_text(), "world");
+    }
+
+    #[test]
+    fn stop_sequence_across_deltas() {
+        let mut m = StopMatcher::new(vec!["ab c".into()]);
+        assert!(!m.push("xx a"));
+        assert!(!m.push("b"));
+        assert!(m.push(" cd"));
+    }
+
+    #[test]
+    fn no_stops_never_match() {
+        let mut m = StopMatcher::new(vec![]);
+        assert!(!m.push("anything"));
+    }
+}

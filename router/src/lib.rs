@@ -1,0 +1,15 @@
+//! Tessera's router: HTTP front door, validation, queue, KV block allocation and the
+//! continuous batching loop that drives the shards over gRPC.
+
+pub mod api;
+pub mod args;
+pub mod block_allocator;
+pub mod client;
+pub mod detokenize;
+pub mod error;
+pub mod infer;
+pub mod pb;
+pub mod queue;
+pub mod scheduler;
+pub mod server;
+pub mod validation;

@@ -1,0 +1,177 @@
+//! `text-generation-router`: connects to the shards, warms them up, serves HTTP.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::sync::Mutex;
+
+use text_generation_router::api::Info;
+use text_generation_router::args::LimitArgs;
+use text_generation_router::block_allocator::BlockAllocator;
+use text_generation_router::client::ShardedClient;
+use text_generation_router::infer::Infer;
+use text_generation_router::pb;
+use text_generation_router::queue::Queue;
+use text_generation_router::scheduler::{batching_loop, SchedulerConfig};
+use text_generation_router::server::{app, AppState};
+use text_generation_router::validation::Validation;
+
+#[derive(Parser, Debug)]
+#[command(name = "text-generation-router", version, about = "Tessera HTTP router")]
+struct Args {
+    #[command(flatten)]
+    limits: LimitArgs,
+    /// Address to listen on.
+    #[arg(long, env = "HOSTNAME", default_value = "0.0.0.0")]
+    hostname: String,
+    /// Port to listen on.
+    #[arg(long, short, env = "PORT", default_value_t = 3000)]
+    port: u16,
+    /// Unix socket of shard 0; the others are discovered from it.
+    #[arg(long, env = "MASTER_SHARD_UDS_PATH", default_value = "/tmp/tessera-server-0")]
+    master_shard_uds_path: String,
+    /// Model directory holding tokenizer.json.
+    #[arg(long, env = "TOKENIZER_DIR")]
+    tokenizer_dir: PathBuf,
+    /// Model name reported by /info.
+    #[arg(long, env = "MODEL_ID", default_value = "default")]
+    model_id: String,
+    /// Log as JSON lines.
+    #[arg(long, env = "JSON_OUTPUT")]
+    json_output: bool,
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json { b.json().init() } else { b.init() }
+}
+
+/// The largest prefill the router will ever send, as dummy requests.
+fn warmup_batch(limits: &LimitArgs, block_size: u32) -> pb::Batch {
+    let mut requests = vec![];
+    let mut left = limits.max_batch_prefill_tokens;
+    let mut next_block = 0u32;
+    while left > 0 {
+        let n = left.min(limits.max_input_tokens);
+        let blocks: Vec<u32> = (next_block..next_block + (n + 1).div_ceil(block_size)).collect();
+        next_block += blocks.len() as u32;
+        let slots = (0..n).map(|p| blocks[(p / block_size) as usize] * block_size + p % block_size).collect();
+        requests.push(pb::Request {
+            id: requests.len() as u64,
+            input_ids: vec![0; n as usize],
+            parameters: Some(pb::NextTokenChooserParameters { temperature: 1.0, top_p: 1.0, typical_p: 1.0, repetition_penalty: 1.0, ..Default::default() }),
+            stopping_parameters: Some(pb::StoppingCriteriaParameters { max_new_tokens: 1, ignore_eos_token: true }),
+            blocks,
+            slots,
+            ..Default::default()
+        });
+        left -= n;
+    }
+    pb::Batch { id: u64::MAX, size: requests.len() as u32, max_tokens: limits.max_batch_prefill_tokens, max_blocks: 0, requests }
+}
+
+async fn connect(path: &str) -> Result<ShardedClient, String> {
+    let mut last = String::new();
+    for _ in 0..600 {
+        match ShardedClient::connect_uds(path).await {
+            Ok(c) => return Ok(c),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("could not connect to shard at {path}: {last}"))
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    init_logging(args.json_output);
+    if let Err(e) = run(args).await {
+        tracing::error!("{e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    args.limits.check()?;
+    let tokenizer_path = args.tokenizer_dir.join("tokenizer.json");
+    let tokenizer = Arc::new(
+        tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| format!("loading {}: {e}", tokenizer_path.display()))?,
+    );
+    let mut client = connect(&args.master_shard_uds_path).await?;
+    let shard_info = client.info().await.map_err(|e| e.to_string())?;
+    tracing::info!(shards = client.num_shards(), ?shard_info, "connected");
+    let block_size = shard_info.block_size;
+    let num_blocks = client
+        .warmup(pb::WarmupRequest {
+            batch: Some(warmup_batch(&args.limits, block_size)),
+            max_input_tokens: args.limits.max_input_tokens,
+            max_prefill_tokens: args.limits.max_batch_prefill_tokens,
+            max_total_tokens: args.limits.max_total_tokens,
+            num_blocks: args.limits.max_batch_total_tokens.map_or(0, |t| t.div_ceil(block_size)),
+        })
+        .await
+        .map_err(|e| format!("warmup failed: {e}"))?;
+    if num_blocks * block_size < args.limits.max_total_tokens {
+        return Err(format!(
+            "the KV cache holds {} tokens, less than --max-total-tokens {}",
+            num_blocks * block_size,
+            args.limits.max_total_tokens
+        ));
+    }
+    tracing::info!(num_blocks, block_size, "warmup done");
+
+    let allocator = BlockAllocator::new(num_blocks, block_size);
+    let queue = Queue::new(allocator.clone());
+    let cfg = SchedulerConfig {
+        max_batch_prefill_tokens: args.limits.max_batch_prefill_tokens,
+        max_batch_size: args.limits.max_batch_size,
+    };
+    tokio::spawn(batching_loop(client.clone(), queue.clone(), cfg));
+
+    let info = Info {
+        model_id: args.model_id.clone(),
+        model_dtype: shard_info.dtype.clone(),
+        model_device_type: shard_info.device_type.clone(),
+        attention_backend: shard_info.attention_backend.clone(),
+        max_concurrent_requests: args.limits.max_concurrent_requests,
+        max_best_of: 1,
+        max_stop_sequences: args.limits.max_stop_sequences,
+        max_input_tokens: args.limits.max_input_tokens,
+        max_total_tokens: args.limits.max_total_tokens,
+        max_batch_prefill_tokens: args.limits.max_batch_prefill_tokens,
+        max_batch_total_tokens: num_blocks * block_size,
+        block_size,
+        kv_blocks_total: num_blocks,
+        kv_blocks_free: num_blocks,
+        queue_size: 0,
+        router: env!("CARGO_PKG_NAME").into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let validation = Validation::new(tokenizer.clone(), args.limits.clone());
+    let infer = Infer::new(validation, queue, tokenizer, args.limits.max_concurrent_requests);
+    let state = AppState { infer, allocator, client: Arc::new(Mutex::new(client)), info: Arc::new(info) };
+
+    let addr = format!("{}:{}", args.hostname, args.port);
+    let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| format!("binding {addr}: {e}"))?;
+    tracing::info!("listening on http://{addr}");
+    axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!("drained, exiting");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    tracing::info!("shutdown requested: finishing in-flight requests");
+}

@@ -1,0 +1,306 @@
+//! The waiting queue. One task owns it; the HTTP side appends, the batching loop asks for
+//! the next batch. Admission is FIFO within a prefill token budget and the free KV blocks.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::block_allocator::{BlockAllocation, BlockAllocator};
+use crate::error::InferError;
+use crate::pb;
+use crate::validation::ValidGenerateRequest;
+
+/// What the batching loop sends back to a request's response stream.
+#[derive(Debug, Clone)]
+pub enum ShardEvent {
+    /// One generated token; `finish` is set on the last one.
+    Token { id: u32, logprob: f32, finish: Option<pb::FinishReason>, seed: u64, queued: Instant, started: Instant },
+}
+
+pub type EventSender = mpsc::UnboundedSender<Result<ShardEvent, InferError>>;
+
+/// A request from the moment it is accepted until it finishes.
+#[derive(Debug)]
+pub struct Entry {
+    pub request: Arc<ValidGenerateRequest>,
+    pub events: EventSender,
+    pub queued: Instant,
+    pub started: Option<Instant>,
+    /// Set once admitted; dropping the entry frees the blocks.
+    pub allocation: Option<BlockAllocation>,
+}
+
+impl Entry {
+    pub fn new(request: ValidGenerateRequest, events: EventSender) -> Self {
+        Self { request: Arc::new(request), events, queued: Instant::now(), started: None, allocation: None }
+    }
+    /// The client is gone (disconnected, or its stream ended on a stop sequence).
+    pub fn is_cancelled(&self) -> bool {
+        self.events.is_closed()
+    }
+}
+
+/// Budget for one admission.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Most new requests to admit.
+    pub max_size: Option<usize>,
+    /// Most prompt tokens to prefill.
+    pub prefill_tokens: u32,
+}
+
+pub type NextBatch = Option<(Vec<(u64, Entry)>, pb::Batch)>;
+
+enum Command {
+    Append(Box<Entry>),
+    NextBatch { limits: BatchLimits, reply: oneshot::Sender<NextBatch> },
+    Len { reply: oneshot::Sender<usize> },
+}
+
+/// Handle to the queue task.
+#[derive(Clone)]
+pub struct Queue {
+    tx: mpsc::UnboundedSender<Command>,
+    /// Wakes the batching loop when something is appended.
+    pub notify: Arc<Notify>,
+}
+
+impl Queue {
+    pub fn new(allocator: BlockAllocator) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let notify = Arc::new(Notify::new());
+        tokio::spawn(run(State { entries: VecDeque::new(), next_request_id: 0, next_batch_id: 0, allocator }, rx));
+        Self { tx, notify }
+    }
+
+    pub fn append(&self, entry: Entry) {
+        // The queue task outlives every handle; a failed send means shutdown, and the entry's
+        // dropped sender tells its stream so.
+        let _ = self.tx.send(Command::Append(Box::new(entry)));
+        self.notify.notify_one();
+    }
+
+    pub async fn next_batch(&self, limits: BatchLimits) -> NextBatch {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::NextBatch { limits, reply }).ok()?;
+        rx.await.ok()?
+    }
+
+    pub async fn len(&self) -> usize {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::Len { reply }).is_err() {
+            return 0;
+        }
+        rx.await.unwrap_or(0)
+    }
+}
+
+struct State {
+    entries: VecDeque<(u64, Entry)>,
+    next_request_id: u64,
+    next_batch_id: u64,
+    allocator: BlockAllocator,
+}
+
+async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Command>) {
+    while let Some(cmd) = rx.recv().await {
+        match cmd {
+            Command::Append(entry) => {
+                let id = state.next_request_id;
+                state.next_request_id += 1;
+                state.entries.push_back((id, *entry));
+            }
+            Command::NextBatch { limits, reply } => {
+                let batch = state.next_batch(limits).await;
+                if let Err(Some((entries, _))) = reply.send(batch) {
+                    // The loop went away: put the requests back, blocks freed by the drop.
+                    for (id, mut e) in entries.into_iter().rev() {
+                        e.allocation = None;
+                        state.entries.push_front((id, e));
+                    }
+                }
+            }
+            Command::Len { reply } => {
+                let _ = reply.send(state.entries.len());
+            }
+        }
+    }
+}
+
+impl State {
+    async fn next_batch(&mut self, limits: BatchLimits) -> NextBatch {
+        let mut taken: Vec<(u64, Entry)> = Vec::new();
+        let mut prefill_tokens = 0u32;
+        while let Some((id, mut entry)) = self.entries.pop_front() {
+            if entry.is_cancelled() {
+                continue; // the client left while waiting
+            }
+            let input = entry.request.input_length();
+            if !taken.is_empty() && prefill_tokens + input > limits.prefill_tokens {
+                self.entries.push_front((id, entry));
+                break;
+            }
+            match self.allocator.allocate(entry.request.max_tokens()).await {
+                Some(a) => entry.allocation = Some(a),
+                None => {
+                    // FIFO: nobody jumps ahead of a request waiting for blocks.
+                    self.entries.push_front((id, entry));
+                    break;
+                }
+            }
+            prefill_tokens += input;
+            entry.started = Some(Instant::now());
+            taken.push((id, entry));
+            if limits.max_size.is_some_and(|m| taken.len() >= m) {
+                break;
+            }
+        }
+        if taken.is_empty() {
+            return None;
+        }
+        let requests: Vec<pb::Request> = taken.iter().map(|(id, e)| to_pb(*id, e)).collect();
+        let batch = pb::Batch {
+            id: self.next_batch_id,
+            size: requests.len() as u32,
+            max_tokens: taken.iter().map(|(_, e)| e.request.max_tokens()).sum(),
+            max_blocks: requests.iter().map(|r| r.blocks.len() as u32).max().unwrap_or(0),
+            requests,
+        };
+        self.next_batch_id += 1;
+        Some((taken, batch))
+    }
+}
+
+fn to_pb(id: u64, e: &Entry) -> pb::Request {
+    let r = &e.request;
+    let a = e.allocation.as_ref().expect("admitted entries hold an allocation");
+    pb::Request {
+        id,
+        input_ids: r.input_ids.to_vec(),
+        parameters: Some(pb::NextTokenChooserParameters {
+            temperature: r.parameters.temperature,
+            top_k: r.parameters.top_k,
+            top_p: r.parameters.top_p,
+            typical_p: 1.0,
+            do_sample: r.parameters.do_sample,
+            seed: r.parameters.seed,
+            repetition_penalty: r.parameters.repetition_penalty,
+            frequency_penalty: 0.0,
+            presence_penalty: 0.0,
+            watermark: false,
+        }),
+        stopping_parameters: Some(pb::StoppingCriteriaParameters {
+            max_new_tokens: r.stopping.max_new_tokens,
+            ignore_eos_token: r.stopping.ignore_eos_token,
+        }),
+        blocks: a.blocks.clone(),
+        slots: a.slots(r.input_length()),
+        adapter_id: None,
+        prefill_logprobs: false,
+        top_n_tokens: 0,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::validation::{ValidParameters, ValidStopping};
+
+    pub fn valid_request(input_len: usize, max_new_tokens: u32) -> ValidGenerateRequest {
+        ValidGenerateRequest {
+            inputs: "x".into(),
+            input_ids: Arc::new(vec![2; input_len]),
+            parameters: ValidParameters { temperature: 1.0, top_k: 0, top_p: 1.0, do_sample: false, seed: 0, repetition_penalty: 1.0 },
+            stopping: ValidStopping { max_new_tokens, stop_sequences: vec![], ignore_eos_token: false },
+            details: false,
+            return_full_text: false,
+            report_seed: false,
+        }
+    }
+
+    pub fn entry(input_len: usize, max_new_tokens: u32) -> (Entry, mpsc::UnboundedReceiver<Result<ShardEvent, InferError>>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Entry::new(valid_request(input_len, max_new_tokens), tx), rx)
+    }
+
+    const ALL: BatchLimits = BatchLimits { max_size: None, prefill_tokens: 1000 };
+
+    #[tokio::test]
+    async fn fifo_with_ids_and_slots() {
+        let q = Queue::new(BlockAllocator::new(100, 16));
+        let (e1, _r1) = entry(3, 5);
+        let (e2, _r2) = entry(20, 5);
+        q.append(e1);
+        q.append(e2);
+        let (entries, batch) = q.next_batch(ALL).await.unwrap();
+        assert_eq!(entries.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![0, 1]);
+        assert_eq!(batch.requests[0].blocks, vec![0]);
+        assert_eq!(batch.requests[0].slots, vec![0, 1, 2]);
+        assert_eq!(batch.requests[1].blocks, vec![1, 2]);
+        assert_eq!(batch.requests[1].slots.len(), 20);
+        assert_eq!(batch.size, 2);
+        assert!(q.next_batch(ALL).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn prefill_budget_splits_batches() {
+        let q = Queue::new(BlockAllocator::new(100, 16));
+        let (e1, _r1) = entry(10, 1);
+        let (e2, _r2) = entry(10, 1);
+        q.append(e1);
+        q.append(e2);
+        let (first, _) = q.next_batch(BatchLimits { max_size: None, prefill_tokens: 15 }).await.unwrap();
+        assert_eq!(first.len(), 1);
+        let (second, batch) = q.next_batch(BatchLimits { max_size: None, prefill_tokens: 15 }).await.unwrap();
+        assert_eq!(second.len(), 1);
+        assert_eq!(batch.id, 1);
+    }
+
+    #[tokio::test]
+    async fn waits_for_blocks_in_order() {
+        let alloc = BlockAllocator::new(2, 16);
+        let q = Queue::new(alloc.clone());
+        let (e1, _r1) = entry(20, 10); // 2 blocks
+        let (e2, _r2) = entry(1, 1); // 1 block
+        q.append(e1);
+        q.append(e2);
+        let (first, _) = q.next_batch(ALL).await.unwrap();
+        assert_eq!(first.len(), 1);
+        assert!(q.next_batch(ALL).await.is_none(), "no blocks left");
+        drop(first);
+        let (second, _) = q.next_batch(ALL).await.unwrap();
+        assert_eq!(second[0].0, 1);
+        drop(second);
+        assert_eq!(alloc.stats().await.free, 2);
+    }
+
+    #[tokio::test]
+    async fn cancelled_entries_are_skipped() {
+        let q = Queue::new(BlockAllocator::new(10, 16));
+        let (e1, r1) = entry(3, 1);
+        let (e2, _r2) = entry(3, 1);
+        q.append(e1);
+        q.append(e2);
+        drop(r1);
+        let (entries, _) = q.next_batch(ALL).await.unwrap();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].0, 1);
+        assert_eq!(q.len().await, 0);
+    }
+
+    #[tokio::test]
+    async fn max_size_caps_admission() {
+        let q = Queue::new(BlockAllocator::new(10, 16));
+        let mut keep = vec![];
+        for _ in 0..3 {
+            let (e, r) = entry(1, 1);
+            keep.push(r);
+            q.append(e);
+        }
+        let (entries, _) = q.next_batch(BatchLimits { max_size: Some(2), prefill_tokens: 100 }).await.unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(q.len().await, 1);
+    }
+}

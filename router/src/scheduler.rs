@@ -1,0 +1,360 @@
+//! The continuous batching loop. It owns the running batch and its entries: between decode
+//! steps it admits waiting requests (one prefill within the token budget) and merges them in;
+//! finished, failed and cancelled requests are filtered out and their blocks freed by drop.
+
+use std::collections::HashMap;
+use std::future::Future;
+
+use crate::client::{self, ClientError, ShardedClient};
+use crate::error::InferError;
+use crate::pb;
+use crate::queue::{BatchLimits, Entry, Queue, ShardEvent};
+
+/// What the loop needs from the shards; the real client, or a fake in tests.
+pub trait Shards: Send + 'static {
+    fn prefill(&mut self, batch: pb::Batch) -> impl Future<Output = client::Result<pb::PrefillResponse>> + Send;
+    fn decode(&mut self, batches: Vec<pb::CachedBatch>) -> impl Future<Output = client::Result<pb::DecodeResponse>> + Send;
+    fn filter_batch(&mut self, id: u64, keep: Vec<u64>) -> impl Future<Output = client::Result<Option<pb::CachedBatch>>> + Send;
+    fn clear_cache(&mut self, id: Option<u64>) -> impl Future<Output = client::Result<()>> + Send;
+}
+
+impl Shards for ShardedClient {
+    fn prefill(&mut self, batch: pb::Batch) -> impl Future<Output = client::Result<pb::PrefillResponse>> + Send {
+        ShardedClient::prefill(self, batch)
+    }
+    fn decode(&mut self, batches: Vec<pb::CachedBatch>) -> impl Future<Output = client::Result<pb::DecodeResponse>> + Send {
+        ShardedClient::decode(self, batches)
+    }
+    fn filter_batch(&mut self, id: u64, keep: Vec<u64>) -> impl Future<Output = client::Result<Option<pb::CachedBatch>>> + Send {
+        ShardedClient::filter_batch(self, id, keep)
+    }
+    fn clear_cache(&mut self, id: Option<u64>) -> impl Future<Output = client::Result<()>> + Send {
+        ShardedClient::clear_cache(self, id)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerConfig {
+    /// Prompt tokens per prefill.
+    pub max_batch_prefill_tokens: u32,
+    /// Requests per running batch.
+    pub max_batch_size: Option<usize>,
+}
+
+type Entries = HashMap<u64, Entry>;
+
+pub async fn batching_loop<S: Shards>(mut shards: S, queue: Queue, cfg: SchedulerConfig) {
+    loop {
+        queue.notify.notified().await;
+        while let Some((entries, batch)) = queue.next_batch(limits(&cfg, 0)).await {
+            let mut entries: Entries = entries.into_iter().collect();
+            let mut cached = prefill(&mut shards, batch, &mut entries).await;
+            while let Some(batch) = cached {
+                let mut batches = vec![batch];
+                let running = entries.len();
+                if cfg.max_batch_size.is_none_or(|m| running < m) {
+                    if let Some((new, new_batch)) = queue.next_batch(limits(&cfg, running)).await {
+                        let mut new: Entries = new.into_iter().collect();
+                        let new_cached = prefill(&mut shards, new_batch, &mut new).await;
+                        entries.extend(new);
+                        batches.extend(new_cached);
+                    }
+                }
+                let mut live = Vec::with_capacity(batches.len());
+                entries.retain(|_, e| !e.is_cancelled());
+                for b in batches {
+                    live.extend(update(&mut shards, Some(b), &mut entries).await);
+                }
+                cached = if live.is_empty() { None } else { decode(&mut shards, live, &mut entries).await };
+            }
+            debug_assert!(entries.is_empty() || entries.values().all(|e| e.is_cancelled()));
+        }
+    }
+}
+
+fn limits(cfg: &SchedulerConfig, running: usize) -> BatchLimits {
+    BatchLimits {
+        max_size: cfg.max_batch_size.map(|m| m.saturating_sub(running)),
+        prefill_tokens: cfg.max_batch_prefill_tokens,
+    }
+}
+
+async fn prefill<S: Shards>(shards: &mut S, batch: pb::Batch, entries: &mut Entries) -> Option<pb::CachedBatch> {
+    let id = batch.id;
+    match shards.prefill(batch).await {
+        Ok(resp) => {
+            send_generations(resp.generations, entries);
+            update(shards, resp.batch, entries).await
+        }
+        Err(e) => {
+            tracing::error!(batch = id, "prefill failed: {e}");
+            let _ = shards.clear_cache(Some(id)).await;
+            fail_all(entries, &e);
+            None
+        }
+    }
+}
+
+async fn decode<S: Shards>(shards: &mut S, batches: Vec<pb::CachedBatch>, entries: &mut Entries) -> Option<pb::CachedBatch> {
+    let ids: Vec<u64> = batches.iter().map(|b| b.id).collect();
+    match shards.decode(batches).await {
+        Ok(resp) => {
+            send_generations(resp.generations, entries);
+            update(shards, resp.batch, entries).await
+        }
+        Err(e) => {
+            tracing::error!(batches = ?ids, "decode failed: {e}");
+            for id in ids {
+                let _ = shards.clear_cache(Some(id)).await;
+            }
+            fail_all(entries, &e);
+            None
+        }
+    }
+}
+
+/// Keeps only the requests that still have an entry; drops the batch when none do.
+async fn update<S: Shards>(shards: &mut S, batch: Option<pb::CachedBatch>, entries: &mut Entries) -> Option<pb::CachedBatch> {
+    let batch = batch?;
+    let keep: Vec<u64> = batch.request_ids.iter().copied().filter(|id| entries.contains_key(id)).collect();
+    if keep.len() == batch.request_ids.len() {
+        return Some(batch);
+    }
+    if keep.is_empty() {
+        if let Err(e) = shards.clear_cache(Some(batch.id)).await {
+            tracing::warn!(batch = batch.id, "clear cache failed: {e}");
+        }
+        return None;
+    }
+    match shards.filter_batch(batch.id, keep.clone()).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(batch = batch.id, "filter failed: {e}");
+            let _ = shards.clear_cache(Some(batch.id)).await;
+            let mut failed: Entries = keep.iter().filter_map(|id| entries.remove_entry(id)).collect();
+            fail_all(&mut failed, &e);
+            None
+        }
+    }
+}
+
+/// Sends each generation to its request; finished or abandoned requests leave `entries`
+/// (their blocks are freed as the entry drops).
+fn send_generations(generations: Vec<pb::Generation>, entries: &mut Entries) {
+    for g in generations {
+        let Some(entry) = entries.get(&g.request_id) else { continue };
+        let tokens = g.tokens.unwrap_or_default();
+        let (Some(&id), Some(&logprob)) = (tokens.ids.first(), tokens.logprobs.first()) else {
+            let e = ClientError::Shard { code: pb::ErrorCode::Internal, message: "generation without a token".into(), request_ids: vec![] };
+            let mut failed: Entries = entries.remove_entry(&g.request_id).into_iter().collect();
+            fail_all(&mut failed, &e);
+            continue;
+        };
+        let finish = match pb::FinishReason::try_from(g.finish_reason) {
+            Ok(pb::FinishReason::Unspecified) | Err(_) => None,
+            Ok(f) => Some(f),
+        };
+        let event = ShardEvent::Token {
+            id,
+            logprob,
+            finish,
+            seed: g.seed,
+            queued: entry.queued,
+            started: entry.started.unwrap_or(entry.queued),
+        };
+        if entry.events.send(Ok(event)).is_err() || finish.is_some() {
+            entries.remove(&g.request_id);
+        }
+    }
+}
+
+fn fail_all(entries: &mut Entries, e: &ClientError) {
+    for (_, entry) in entries.drain() {
+        let _ = entry.events.send(Err(InferError::Generation(e.to_string())));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block_allocator::BlockAllocator;
+    use crate::queue::tests::entry;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    /// A fake shard: each request generates token ids input_len, input_len+1, ... and stops at max_new_tokens.
+    #[derive(Default)]
+    struct FakeState {
+        batches: HashMap<u64, Vec<(u64, u32, u32, u32)>>, // id -> (request id, next token, generated, max_new)
+        fail_prefill: bool,
+        steps: Vec<Vec<u64>>, // request ids of each decode step
+    }
+    #[derive(Clone, Default)]
+    struct Fake(Arc<Mutex<FakeState>>);
+
+    fn cached(id: u64, rows: &[(u64, u32, u32, u32)]) -> Option<pb::CachedBatch> {
+        Some(pb::CachedBatch { id, request_ids: rows.iter().map(|r| r.0).collect(), size: rows.len() as u32, max_tokens: 0 })
+    }
+    fn gens(rows: &mut [(u64, u32, u32, u32)]) -> Vec<pb::Generation> {
+        rows.iter_mut()
+            .map(|r| {
+                let tok = r.1;
+                r.1 += 1;
+                r.2 += 1;
+                let finish = if r.2 >= r.3 { pb::FinishReason::Length } else { pb::FinishReason::Unspecified };
+                pb::Generation {
+                    request_id: r.0,
+                    tokens: Some(pb::Tokens { ids: vec![tok], logprobs: vec![-0.5] }),
+                    finish_reason: finish as i32,
+                    ..Default::default()
+                }
+            })
+            .collect()
+    }
+
+    impl Shards for Fake {
+        async fn prefill(&mut self, batch: pb::Batch) -> client::Result<pb::PrefillResponse> {
+            let mut s = self.0.lock().unwrap();
+            if s.fail_prefill {
+                return Err(ClientError::Shard { code: pb::ErrorCode::OutOfMemory, message: "boom".into(), request_ids: vec![] });
+            }
+            let mut rows: Vec<_> = batch.requests.iter().map(|r| (r.id, r.input_ids.len() as u32, 0, r.stopping_parameters.as_ref().unwrap().max_new_tokens)).collect();
+            let generations = gens(&mut rows);
+            let c = cached(batch.id, &rows);
+            s.batches.insert(batch.id, rows);
+            Ok(pb::PrefillResponse { generations, batch: c, ..Default::default() })
+        }
+        async fn decode(&mut self, batches: Vec<pb::CachedBatch>) -> client::Result<pb::DecodeResponse> {
+            tokio::time::sleep(Duration::from_micros(500)).await; // a step takes time, as on a real shard
+            let mut s = self.0.lock().unwrap();
+            let mut rows = vec![];
+            for b in &batches {
+                rows.extend(s.batches.remove(&b.id).expect("decode of an unknown batch"));
+            }
+            s.steps.push(rows.iter().map(|r| r.0).collect());
+            let generations = gens(&mut rows);
+            let c = cached(batches[0].id, &rows);
+            s.batches.insert(batches[0].id, rows);
+            Ok(pb::DecodeResponse { generations, batch: c, ..Default::default() })
+        }
+        async fn filter_batch(&mut self, id: u64, keep: Vec<u64>) -> client::Result<Option<pb::CachedBatch>> {
+            let mut s = self.0.lock().unwrap();
+            let rows = s.batches.get_mut(&id).unwrap();
+            rows.retain(|r| keep.contains(&r.0));
+            Ok(cached(id, rows))
+        }
+        async fn clear_cache(&mut self, id: Option<u64>) -> client::Result<()> {
+            let mut s = self.0.lock().unwrap();
+            match id {
+                Some(id) => { s.batches.remove(&id); }
+                None => s.batches.clear(),
+            }
+            Ok(())
+        }
+    }
+
+    async fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<Result<ShardEvent, InferError>>) -> Result<Vec<u32>, InferError> {
+        let mut out = vec![];
+        while let Some(ev) = rx.recv().await {
+            let ShardEvent::Token { id, finish, .. } = ev?;
+            out.push(id);
+            if finish.is_some() {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn start(fake: Fake, blocks: u32) -> (Queue, BlockAllocator) {
+        let alloc = BlockAllocator::new(blocks, 16);
+        let queue = Queue::new(alloc.clone());
+        let cfg = SchedulerConfig { max_batch_prefill_tokens: 1000, max_batch_size: None };
+        tokio::spawn(batching_loop(fake, queue.clone(), cfg));
+        (queue, alloc)
+    }
+
+    #[tokio::test]
+    async fn every_request_gets_all_its_tokens_and_blocks_come_back() {
+        let fake = Fake::default();
+        let (queue, alloc) = start(fake.clone(), 64);
+        let mut rxs = vec![];
+        for (len, n) in [(3, 5), (7, 2), (1, 9)] {
+            let (e, rx) = entry(len, n);
+            queue.append(e);
+            rxs.push((len as u32, n, rx));
+        }
+        for (len, n, rx) in rxs {
+            let toks = collect(rx).await.unwrap();
+            assert_eq!(toks, (len..len + n).collect::<Vec<_>>());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(alloc.stats().await.free, 64);
+        assert!(fake.0.lock().unwrap().batches.is_empty(), "finished batches are cleared");
+    }
+
+    #[tokio::test]
+    async fn late_request_joins_the_running_batch() {
+        let fake = Fake::default();
+        let (queue, _alloc) = start(fake.clone(), 64);
+        let (long, long_rx) = entry(2, 50);
+        queue.append(long);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let (short, short_rx) = entry(2, 3);
+        queue.append(short);
+        let short_toks = collect(short_rx).await.unwrap();
+        assert_eq!(short_toks.len(), 3);
+        assert_eq!(collect(long_rx).await.unwrap().len(), 50);
+        let steps = fake.0.lock().unwrap().steps.clone();
+        assert!(steps.iter().any(|s| s.len() == 2), "both requests decoded in one step");
+    }
+
+    #[tokio::test]
+    async fn cancelled_request_is_filtered_and_freed() {
+        let fake = Fake::default();
+        let (queue, alloc) = start(fake.clone(), 64);
+        let (a, a_rx) = entry(2, 1000);
+        let (b, b_rx) = entry(2, 20);
+        queue.append(a);
+        queue.append(b);
+        drop(a_rx);
+        assert_eq!(collect(b_rx).await.unwrap().len(), 20);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(alloc.stats().await.free, 64);
+        let steps = fake.0.lock().unwrap().steps.clone();
+        assert!(steps.last().unwrap().len() == 1);
+    }
+
+    #[tokio::test]
+    async fn shard_error_fails_requests_and_frees_blocks() {
+        let fake = Fake::default();
+        fake.0.lock().unwrap().fail_prefill = true;
+        let (queue, alloc) = start(fake.clone(), 64);
+        let (e, rx) = entry(4, 4);
+        queue.append(e);
+        assert!(matches!(collect(rx).await, Err(InferError::Generation(_))));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(alloc.stats().await.free, 64);
+        // The loop keeps serving after a failure.
+        fake.0.lock().unwrap().fail_prefill = false;
+        let (e, rx) = entry(4, 4);
+        queue.append(e);
+        assert_eq!(collect(rx).await.unwrap().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn requests_wait_for_blocks_instead_of_failing() {
+        let fake = Fake::default();
+        let (queue, alloc) = start(fake.clone(), 2); // 32 tokens of KV
+        let mut rxs = vec![];
+        for _ in 0..4 {
+            let (e, rx) = entry(10, 10); // 20 tokens -> 2 blocks: one request at a time
+            queue.append(e);
+            rxs.push(rx);
+        }
+        for rx in rxs {
+            assert_eq!(collect(rx).await.unwrap().len(), 10);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(alloc.stats().await.free, 2);
+    }
+}

@@ -1,0 +1,290 @@
+//! Parse, don't validate: HTTP bodies become `ValidGenerateRequest`s here, and only those
+//! can enter the queue. Tokenization runs on the blocking pool, off the async runtime.
+
+use std::sync::Arc;
+
+use tokenizers::Tokenizer;
+
+use crate::api::GenerateRequest;
+use crate::args::LimitArgs;
+use crate::error::ValidationError;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidParameters {
+    pub temperature: f32,
+    pub top_k: u32,
+    pub top_p: f32,
+    pub do_sample: bool,
+    pub seed: u64,
+    pub repetition_penalty: f32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidStopping {
+    pub max_new_tokens: u32,
+    pub stop_sequences: Vec<String>,
+    pub ignore_eos_token: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ValidGenerateRequest {
+    /// The prompt text (after truncation), for `return_full_text`.
+    pub inputs: String,
+    pub input_ids: Arc<Vec<u32>>,
+    pub parameters: ValidParameters,
+    pub stopping: ValidStopping,
+    pub details: bool,
+    pub return_full_text: bool,
+    /// Whether the client passed a seed or sampling is on (then `details.seed` is reported).
+    pub report_seed: bool,
+}
+
+impl ValidGenerateRequest {
+    pub fn input_length(&self) -> u32 {
+        self.input_ids.len() as u32
+    }
+    /// Tokens the request can occupy in the KV cache at most.
+    pub fn max_tokens(&self) -> u32 {
+        self.input_length() + self.stopping.max_new_tokens
+    }
+}
+
+#[derive(Clone)]
+pub struct Validation {
+    tokenizer: Arc<Tokenizer>,
+    limits: Arc<LimitArgs>,
+}
+
+impl Validation {
+    pub fn new(tokenizer: Arc<Tokenizer>, limits: LimitArgs) -> Self {
+        Self { tokenizer, limits: Arc::new(limits) }
+    }
+
+    pub async fn validate(&self, req: GenerateRequest) -> Result<ValidGenerateRequest, ValidationError> {
+        let params = check_parameters(&req, &self.limits)?;
+        let tokenizer = self.tokenizer.clone();
+        let inputs = req.inputs.clone();
+        let truncate = params.truncate;
+        let (inputs, ids) = tokio::task::spawn_blocking(move || tokenize(&tokenizer, inputs, truncate))
+            .await
+            .map_err(|e| ValidationError::Tokenizer(e.to_string()))??;
+        finish(req, params, inputs, ids, &self.limits)
+    }
+}
+
+/// Parameter checks that need no tokens.
+struct Checked {
+    parameters: ValidParameters,
+    max_new_tokens: Option<u32>,
+    truncate: Option<usize>,
+}
+
+fn check_parameters(req: &GenerateRequest, limits: &LimitArgs) -> Result<Checked, ValidationError> {
+    let p = &req.parameters;
+    if req.inputs.is_empty() {
+        return Err(ValidationError::EmptyInput);
+    }
+    let max_new_tokens = match p.max_new_tokens {
+        Some(n) if n <= 0 => return Err(ValidationError::MaxNewTokens(n)),
+        Some(n) => Some(n.min(u32::MAX as i64) as u32),
+        None => None,
+    };
+    let temperature = p.temperature.unwrap_or(1.0);
+    if !(temperature > 0.0) || !temperature.is_finite() {
+        return Err(ValidationError::Temperature(temperature));
+    }
+    let top_p = p.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ValidationError::TopP(top_p));
+    }
+    let top_k = p.top_k.unwrap_or(0);
+    if top_k < 0 {
+        return Err(ValidationError::TopK(top_k));
+    }
+    let repetition_penalty = p.repetition_penalty.unwrap_or(1.0);
+    if !(repetition_penalty > 0.0) || !repetition_penalty.is_finite() {
+        return Err(ValidationError::RepetitionPenalty(repetition_penalty));
+    }
+    if p.stop.len() > limits.max_stop_sequences {
+        return Err(ValidationError::StopSequences(limits.max_stop_sequences, p.stop.len()));
+    }
+    if p.stop.iter().any(|s| s.is_empty()) {
+        return Err(ValidationError::EmptyStop);
+    }
+    let truncate = match p.truncate {
+        Some(t) if t <= 0 || t > limits.max_input_tokens as i64 => {
+            return Err(ValidationError::Truncate(t, limits.max_input_tokens))
+        }
+        Some(t) => Some(t as usize),
+        None => None,
+    };
+    // Parameters the shard does not apply yet are refused rather than silently ignored.
+    if p.typical_p.is_some_and(|v| v != 1.0) {
+        return Err(ValidationError::Unsupported("typical_p"));
+    }
+    if p.frequency_penalty.is_some_and(|v| v != 0.0) {
+        return Err(ValidationError::Unsupported("frequency_penalty"));
+    }
+    if p.presence_penalty.is_some_and(|v| v != 0.0) {
+        return Err(ValidationError::Unsupported("presence_penalty"));
+    }
+    if p.watermark {
+        return Err(ValidationError::Unsupported("watermark"));
+    }
+    if p.best_of.is_some_and(|b| b > 1) {
+        return Err(ValidationError::Unsupported("best_of"));
+    }
+    if p.top_n_tokens.is_some_and(|n| n > 0) {
+        return Err(ValidationError::Unsupported("top_n_tokens"));
+    }
+    if p.decoder_input_details {
+        return Err(ValidationError::Unsupported("decoder_input_details"));
+    }
+    if p.adapter_id.as_deref().is_some_and(|a| !a.is_empty()) {
+        return Err(ValidationError::Unsupported("adapter_id"));
+    }
+    // As in TGI: any warper turns sampling on.
+    let do_sample = p.do_sample.unwrap_or(false) || temperature != 1.0 || top_k > 0 || top_p < 1.0;
+    let seed = p.seed.unwrap_or_else(rand::random);
+    Ok(Checked {
+        parameters: ValidParameters { temperature, top_k: top_k as u32, top_p, do_sample, seed, repetition_penalty },
+        max_new_tokens,
+        truncate,
+    })
+}
+
+fn tokenize(tokenizer: &Tokenizer, inputs: String, truncate: Option<usize>) -> Result<(String, Vec<u32>), ValidationError> {
+    let enc = tokenizer.encode(inputs.as_str(), true).map_err(|e| ValidationError::Tokenizer(e.to_string()))?;
+    let ids = enc.get_ids();
+    match truncate {
+        Some(t) if ids.len() > t => {
+            let start = ids.len() - t;
+            let offset = enc.get_offsets()[start].0;
+            Ok((inputs[offset..].to_string(), ids[start..].to_vec()))
+        }
+        _ => Ok((inputs, ids.to_vec())),
+    }
+}
+
+fn finish(
+    req: GenerateRequest,
+    checked: Checked,
+    inputs: String,
+    ids: Vec<u32>,
+    limits: &LimitArgs,
+) -> Result<ValidGenerateRequest, ValidationError> {
+    let n = ids.len() as u32;
+    if n == 0 {
+        return Err(ValidationError::EmptyInput);
+    }
+    if n > limits.max_input_tokens {
+        return Err(ValidationError::InputLength(limits.max_input_tokens, n));
+    }
+    let max_new_tokens = checked.max_new_tokens.unwrap_or(limits.max_total_tokens - n);
+    if n as u64 + max_new_tokens as u64 > limits.max_total_tokens as u64 {
+        return Err(ValidationError::TotalTokens(limits.max_total_tokens, n, max_new_tokens));
+    }
+    let p = req.parameters;
+    let report_seed = checked.parameters.do_sample;
+    Ok(ValidGenerateRequest {
+        inputs,
+        input_ids: Arc::new(ids),
+        parameters: checked.parameters,
+        stopping: ValidStopping { max_new_tokens, stop_sequences: p.stop, ignore_eos_token: false },
+        details: p.details,
+        return_full_text: p.return_full_text.unwrap_or(false),
+        report_seed,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::api::GenerateParameters;
+
+    /// A word-level tokenizer over a tiny vocabulary, built in memory (no files, no network).
+    pub fn test_tokenizer() -> Arc<Tokenizer> {
+        let json = r###"{
+          "version": "1.0", "truncation": null, "padding": null, "added_tokens": [
+            {"id": 0, "content": "<eos>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
+          ],
+          "normalizer": null,
+          "pre_tokenizer": {"type": "Whitespace"},
+          "post_processor": null,
+          "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
+          "model": {"type": "WordLevel", "vocab": {"<eos>": 0, "<unk>": 1, "hello": 2, "world": 3, "a": 4, "b": 5, "stop": 6}, "unk_token": "<unk>"}
+        }"###;
+        Arc::new(Tokenizer::from_bytes(json.as_bytes()).unwrap())
+    }
+
+    fn validation(limits: LimitArgs) -> Validation {
+        Validation::new(test_tokenizer(), limits)
+    }
+
+    fn req(inputs: &str, parameters: GenerateParameters) -> GenerateRequest {
+        GenerateRequest { inputs: inputs.into(), parameters, stream: false }
+    }
+
+    #[tokio::test]
+    async fn valid_request_is_tokenized() {
+        let v = validation(LimitArgs::default());
+        let r = v.validate(req("hello world", GenerateParameters { max_new_tokens: Some(5), ..Default::default() })).await.unwrap();
+        assert_eq!(*r.input_ids, vec![2, 3]);
+        assert_eq!(r.stopping.max_new_tokens, 5);
+        assert!(!r.parameters.do_sample);
+    }
+
+    #[tokio::test]
+    async fn default_max_new_tokens_fills_total() {
+        let v = validation(LimitArgs { max_input_tokens: 10, max_total_tokens: 20, ..Default::default() });
+        let r = v.validate(req("hello world", GenerateParameters::default())).await.unwrap();
+        assert_eq!(r.stopping.max_new_tokens, 18);
+    }
+
+    #[tokio::test]
+    async fn rejects_bad_ranges() {
+        let v = validation(LimitArgs::default());
+        let cases: Vec<(GenerateParameters, ValidationError)> = vec![
+            (GenerateParameters { max_new_tokens: Some(0), ..Default::default() }, ValidationError::MaxNewTokens(0)),
+            (GenerateParameters { max_new_tokens: Some(-3), ..Default::default() }, ValidationError::MaxNewTokens(-3)),
+            (GenerateParameters { temperature: Some(0.0), ..Default::default() }, ValidationError::Temperature(0.0)),
+            (GenerateParameters { top_p: Some(1.5), ..Default::default() }, ValidationError::TopP(1.5)),
+            (GenerateParameters { top_p: Some(0.0), ..Default::default() }, ValidationError::TopP(0.0)),
+            (GenerateParameters { top_k: Some(-1), ..Default::default() }, ValidationError::TopK(-1)),
+            (GenerateParameters { repetition_penalty: Some(0.0), ..Default::default() }, ValidationError::RepetitionPenalty(0.0)),
+            (GenerateParameters { stop: vec!["".into()], ..Default::default() }, ValidationError::EmptyStop),
+            (GenerateParameters { stop: vec!["a".into(); 5], ..Default::default() }, ValidationError::StopSequences(4, 5)),
+            (GenerateParameters { best_of: Some(2), ..Default::default() }, ValidationError::Unsupported("best_of")),
+        ];
+        for (p, want) in cases {
+            assert_eq!(v.validate(req("hello", p)).await.unwrap_err(), want);
+        }
+    }
+
+    #[tokio::test]
+    async fn rejects_empty_and_too_long() {
+        let v = validation(LimitArgs { max_input_tokens: 2, max_total_tokens: 4, ..Default::default() });
+        assert_eq!(v.validate(req("", Default::default())).await.unwrap_err(), ValidationError::EmptyInput);
+        assert_eq!(v.validate(req("a b a", Default::default())).await.unwrap_err(), ValidationError::InputLength(2, 3));
+        let p = GenerateParameters { max_new_tokens: Some(3), ..Default::default() };
+        assert_eq!(v.validate(req("a b", p)).await.unwrap_err(), ValidationError::TotalTokens(4, 2, 3));
+    }
+
+    #[tokio::test]
+    async fn truncate_keeps_the_tail() {
+        let v = validation(LimitArgs::default());
+        let p = GenerateParameters { truncate: Some(1), max_new_tokens: Some(1), ..Default::default() };
+        let r = v.validate(req("hello world", p)).await.unwrap();
+        assert_eq!(*r.input_ids, vec![3]);
+        assert_eq!(r.inputs, "world");
+    }
+
+    #[tokio::test]
+    async fn warpers_turn_sampling_on() {
+        let v = validation(LimitArgs::default());
+        let p = GenerateParameters { temperature: Some(0.7), max_new_tokens: Some(1), ..Default::default() };
+        assert!(v.validate(req("hello", p)).await.unwrap().parameters.do_sample);
+        let p = GenerateParameters { seed: Some(7), max_new_tokens: Some(1), do_sample: Some(true), ..Default::default() };
+        assert_eq!(v.validate(req("hello", p)).await.unwrap().parameters.seed, 7);
+    }
+}

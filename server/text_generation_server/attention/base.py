@@ -1,0 +1,62 @@
+"""The attention backend interface.
+
+A backend is planned once per step (`plan`) from the step's ragged layout, then called once
+per layer (`forward`), which writes the new keys/values into the paged cache and attends over
+it. This is FlashInfer's plan-once / run-per-layer shape; the torch reference follows it too.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionInputs:
+    """The ragged layout of one step, built by the batch. All tensors on the model's device."""
+
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32, query token offsets per sequence, rebuilt each step
+    kv_lens: torch.Tensor  # [B] int32, tokens in the cache per sequence after this step's writes
+    block_tables: torch.Tensor  # [B, max_blocks] int32, KV block ids per sequence (0-padded)
+    slots: torch.Tensor  # [T] int64, cache slot for each new token (block * block_size + offset)
+    max_q: int  # longest query of the step
+    max_kv: int  # longest kv_len of the step
+    is_decode: bool  # every sequence has exactly one query token
+
+
+class AttentionBackend(ABC):
+    name: str = "abstract"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, sliding_window: int | None):
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.block_size = block_size
+        self.sliding_window = sliding_window
+
+    @abstractmethod
+    def plan(self, inputs: AttentionInputs) -> None:
+        """Prepare per-step state shared by all layers."""
+
+    @abstractmethod
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """q: [T, heads, dim]; k, v: [T, kv_heads, dim]; caches: [num_blocks, block_size, kv_heads, dim].
+        Writes k/v at the planned slots, returns [T, heads, dim]."""
+
+    # CUDA-graph hooks (decode). Backends that cannot be captured keep the defaults.
+    def supports_cuda_graphs(self) -> bool:
+        return False
+
+    def plan_for_capture(self, batch_size: int) -> None:
+        raise NotImplementedError(f"{self.name} backend does not support CUDA graphs")
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """Scatter new keys/values into the paged cache at their slots."""
+    nb, bs, h, d = k_cache.shape
+    k_cache.view(nb * bs, h, d).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(nb * bs, h, d).index_copy_(0, slots, v.to(v_cache.dtype))

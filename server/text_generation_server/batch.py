@@ -1,0 +1,212 @@
+"""A batch as the shard holds it between steps: per-row state on the device, bookkeeping on the host.
+
+Rows are requests. Filter keeps some rows; concatenate stacks batches row-wise. Every per-step
+input (positions, slots, layout) is derived from this state, so nothing is kept twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from text_generation_server.attention.base import AttentionInputs
+from text_generation_server.errors import ErrorCode, ShardError
+from text_generation_server.sampling.sampler import SamplingParams
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T] int64, device
+    positions: torch.Tensor  # [T] int64, device
+    attention: AttentionInputs
+    last_token_index: torch.Tensor  # [B] int64, device: row i's last token in the flattened step
+
+
+@dataclass
+class Batch:
+    id: int
+    request_ids: list[int]
+    block_tables: torch.Tensor  # [B, max_blocks] int32, device; rows padded with 0
+    num_blocks: np.ndarray  # [B] int64, host: blocks allocated per row
+    cache_lens: np.ndarray  # [B] int64, host: tokens in the KV cache per row
+    generated: np.ndarray  # [B] int64, host: tokens generated so far
+    max_new_tokens: np.ndarray  # [B] int64, host
+    ignore_eos: np.ndarray  # [B] bool, host
+    seeds: list[int]  # echoed in generations
+    last_tokens: torch.Tensor  # [B] int64, device: the token each row feeds next
+    sampling: SamplingParams
+    counts: torch.Tensor | None  # [B, vocab] int32, device: occurrences of each token (prompt + output); None if no row needs penalties
+    block_size: int
+    prompt_ids: list[list[int]] | None = None  # host, only between from_pb and the first step
+    prefill_slots: np.ndarray | None = None  # [T] int64, host, only between from_pb and the first step
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.num_blocks.sum()) * self.block_size
+
+    @classmethod
+    def from_pb(cls, pb, block_size: int, vocab_size: int, device: torch.device) -> "Batch":
+        reqs = list(pb.requests)
+        if not reqs:
+            raise ShardError(ErrorCode.INVALID_REQUEST, "empty batch")
+        for r in reqs:
+            if not r.input_ids:
+                raise ShardError(ErrorCode.INVALID_REQUEST, f"request {r.id} has no input tokens", [r.id])
+            if len(r.slots) != len(r.input_ids):
+                raise ShardError(ErrorCode.INVALID_REQUEST, f"request {r.id}: {len(r.slots)} slots for {len(r.input_ids)} tokens", [r.id])
+            if len(r.blocks) * block_size < len(r.input_ids):
+                raise ShardError(ErrorCode.INVALID_REQUEST, f"request {r.id}: block table too short for its prompt", [r.id])
+            if any(t >= vocab_size for t in r.input_ids):
+                raise ShardError(ErrorCode.INVALID_REQUEST, f"request {r.id}: token id out of vocabulary", [r.id])
+        width = max(len(r.blocks) for r in reqs)
+        tables = np.zeros((len(reqs), width), dtype=np.int32)
+        for i, r in enumerate(reqs):
+            tables[i, : len(r.blocks)] = r.blocks
+        sp = SamplingParams.from_rows([r.parameters for r in reqs], device)
+        b = cls(
+            id=pb.id,
+            request_ids=[r.id for r in reqs],
+            block_tables=torch.from_numpy(tables).to(device),
+            num_blocks=np.array([len(r.blocks) for r in reqs], dtype=np.int64),
+            cache_lens=np.zeros(len(reqs), dtype=np.int64),
+            generated=np.zeros(len(reqs), dtype=np.int64),
+            max_new_tokens=np.array([r.stopping_parameters.max_new_tokens for r in reqs], dtype=np.int64),
+            ignore_eos=np.array([r.stopping_parameters.ignore_eos_token for r in reqs], dtype=bool),
+            seeds=[int(r.parameters.seed) for r in reqs],
+            last_tokens=torch.zeros(len(reqs), dtype=torch.int64, device=device),
+            sampling=sp,
+            counts=None,
+            block_size=block_size,
+            prompt_ids=[list(r.input_ids) for r in reqs],
+            prefill_slots=np.concatenate([np.asarray(r.slots, dtype=np.int64) for r in reqs]),
+        )
+        if sp.any_penalty:
+            b.counts = torch.zeros((len(reqs), vocab_size), dtype=torch.int32, device=device)
+            rows = np.repeat(np.arange(len(reqs)), [len(p) for p in b.prompt_ids])
+            ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in b.prompt_ids])
+            b.counts.index_put_(
+                (torch.from_numpy(rows).to(device), torch.from_numpy(ids).to(device)),
+                torch.ones(len(ids), dtype=torch.int32, device=device), accumulate=True,
+            )
+        return b
+
+    # ---- per-step inputs -------------------------------------------------------------------
+
+    def prefill_inputs(self) -> StepInputs:
+        assert self.prompt_ids is not None, "prefill_inputs() after the first step"
+        dev = self.block_tables.device
+        lens = np.array([len(p) for p in self.prompt_ids], dtype=np.int64)
+        cu = np.zeros(len(lens) + 1, dtype=np.int64)
+        np.cumsum(lens, out=cu[1:])
+        positions = np.concatenate([np.arange(n) for n in lens])
+        ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in self.prompt_ids])
+        attn = AttentionInputs(
+            cu_seqlens_q=torch.from_numpy(cu.astype(np.int32)).to(dev),
+            kv_lens=torch.from_numpy(lens.astype(np.int32)).to(dev),
+            block_tables=self.block_tables,
+            slots=torch.from_numpy(self.prefill_slots).to(dev),
+            max_q=int(lens.max()),
+            max_kv=int(lens.max()),
+            is_decode=False,
+        )
+        return StepInputs(
+            torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev), attn,
+            torch.from_numpy(cu[1:] - 1).to(dev),
+        )
+
+    def decode_inputs(self) -> StepInputs:
+        dev = self.block_tables.device
+        bs = self.block_size
+        over = self.cache_lens >= self.num_blocks * bs
+        if over.any():
+            ids = [self.request_ids[i] for i in np.flatnonzero(over)]
+            raise ShardError(ErrorCode.INVALID_REQUEST, f"requests {ids} have no KV slot left for another token", ids)
+        pos = self.cache_lens
+        n = len(self)
+        positions = torch.from_numpy(pos).to(dev)
+        rows = torch.arange(n, device=dev)
+        slots = self.block_tables[rows, positions // bs].long() * bs + positions % bs
+        attn = AttentionInputs(
+            cu_seqlens_q=torch.arange(n + 1, dtype=torch.int32, device=dev),
+            kv_lens=(positions + 1).to(torch.int32),
+            block_tables=self.block_tables,
+            slots=slots,
+            max_q=1,
+            max_kv=int(pos.max()) + 1,
+            is_decode=True,
+        )
+        return StepInputs(self.last_tokens, positions, attn, rows)
+
+    def advance(self, next_ids: torch.Tensor, tokens_in: np.ndarray) -> None:
+        """Record this step's sampled tokens ([B] int64, device); tokens_in: [B] tokens written to the cache."""
+        self.cache_lens = self.cache_lens + tokens_in
+        self.generated = self.generated + 1
+        self.last_tokens = next_ids
+        self.prompt_ids = None
+        self.prefill_slots = None
+        if self.counts is not None:
+            self.counts[torch.arange(len(self), device=next_ids.device), next_ids] += 1
+
+    # ---- reshaping --------------------------------------------------------------------------
+
+    def filter(self, keep_ids: Sequence[int]) -> "Batch":
+        pos = {rid: i for i, rid in enumerate(self.request_ids)}
+        missing = [r for r in keep_ids if r not in pos]
+        if missing:
+            raise ShardError(ErrorCode.INVALID_REQUEST, f"batch {self.id} holds no requests {missing}", missing)
+        host = np.array([pos[r] for r in keep_ids], dtype=np.int64)
+        idx = torch.from_numpy(host).to(self.block_tables.device)
+        width = int(self.num_blocks[host].max()) if len(host) else 1
+        b = Batch(
+            id=self.id,
+            request_ids=list(keep_ids),
+            block_tables=self.block_tables[idx, :width],
+            num_blocks=self.num_blocks[host],
+            cache_lens=self.cache_lens[host],
+            generated=self.generated[host],
+            max_new_tokens=self.max_new_tokens[host],
+            ignore_eos=self.ignore_eos[host],
+            seeds=[self.seeds[i] for i in host],
+            last_tokens=self.last_tokens[idx],
+            sampling=self.sampling.select(idx, host),
+            counts=self.counts[idx] if self.counts is not None else None,
+            block_size=self.block_size,
+        )
+        return b
+
+    @classmethod
+    def concatenate(cls, batches: Sequence["Batch"]) -> "Batch":
+        if len(batches) == 1:
+            return batches[0]
+        dev = batches[0].block_tables.device
+        width = max(b.block_tables.shape[1] for b in batches)
+        tables = torch.cat([torch.nn.functional.pad(b.block_tables, (0, width - b.block_tables.shape[1])) for b in batches])
+        counts = None
+        if any(b.counts is not None for b in batches):
+            vocab = next(b.counts.shape[1] for b in batches if b.counts is not None)
+            counts = torch.cat([
+                b.counts if b.counts is not None else torch.zeros((len(b), vocab), dtype=torch.int32, device=dev)
+                for b in batches
+            ])
+        out = cls(
+            id=batches[0].id,
+            request_ids=[r for b in batches for r in b.request_ids],
+            block_tables=tables,
+            num_blocks=np.concatenate([b.num_blocks for b in batches]),
+            cache_lens=np.concatenate([b.cache_lens for b in batches]),
+            generated=np.concatenate([b.generated for b in batches]),
+            max_new_tokens=np.concatenate([b.max_new_tokens for b in batches]),
+            ignore_eos=np.concatenate([b.ignore_eos for b in batches]),
+            seeds=[s for b in batches for s in b.seeds],
+            last_tokens=torch.cat([b.last_tokens for b in batches]),
+            sampling=SamplingParams.concat([b.sampling for b in batches]),
+            counts=counts,
+            block_size=batches[0].block_size,
+        )
+        return out

@@ -1,0 +1,179 @@
+"""The model runner: owns the model, the KV cache, the attention backend and the cached batches.
+
+Every step is: build inputs from batch state -> plan attention once -> forward -> logits of
+each row's last token -> batched sampling -> one host sync -> token-level stopping.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from text_generation_server import env
+from text_generation_server.attention import make_backend
+from text_generation_server.batch import Batch, StepInputs
+from text_generation_server.cache.kv_cache import KVCache
+from text_generation_server.errors import ErrorCode, ShardError
+from text_generation_server.models import load_model
+from text_generation_server.models.forward_context import ForwardContext, forward_context
+from text_generation_server.sampling.sampler import sample
+
+log = logging.getLogger(__name__)
+
+FINISH_NONE, FINISH_LENGTH, FINISH_EOS = 0, 1, 2
+
+
+@dataclass
+class StepResult:
+    """One step's outcome per row, on the host."""
+
+    request_ids: list[int]
+    token_ids: np.ndarray  # [B] int64
+    logprobs: np.ndarray  # [B] float32
+    finish: np.ndarray  # [B] int: FINISH_*
+    seeds: list[int]
+    forward_ns: int
+    sample_ns: int
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_dir: Path
+    """Model directory: config.json + *.safetensors."""
+    dtype: torch.dtype
+    """Parameter and activation dtype."""
+    device: torch.device
+    """Where tensors live."""
+    block_size: int = 16
+    """Tokens per KV block (must match the router)."""
+    cuda_memory_fraction: float = 0.9
+    """Share of free GPU memory the KV cache may use after warmup."""
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        t0 = time.perf_counter()
+        self.model = load_model(cfg.model_dir, cfg.dtype, cfg.device)
+        mc = self.model.config
+        log.info("loaded %s (%d layers) in %.1fs on %s/%s", mc.architecture, mc.num_layers,
+                 time.perf_counter() - t0, cfg.device, cfg.dtype)
+        self.attention = make_backend(
+            cfg.device.type, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
+            block_size=cfg.block_size, sliding_window=mc.sliding_window,
+        )
+        self.eos = np.array(mc.eos_token_ids or [-1], dtype=np.int64)
+        self.cache: KVCache | None = None
+        self.batches: dict[int, Batch] = {}
+
+    # ---- memory --------------------------------------------------------------------------
+
+    def _alloc_cache(self, num_blocks: int) -> None:
+        mc = self.model.config
+        self.cache = None
+        self.cache = KVCache(mc.num_layers, num_blocks, self.cfg.block_size, mc.num_kv_heads, mc.head_dim,
+                             self.cfg.dtype, self.cfg.device)
+
+    def bytes_per_block(self) -> int:
+        mc = self.model.config
+        return KVCache.bytes_per_block(mc.num_layers, self.cfg.block_size, mc.num_kv_heads, mc.head_dim, self.cfg.dtype)
+
+    def warmup(self, pb_batch, num_blocks: int) -> int:
+        """Run the largest planned prefill on a scratch cache, then size the real cache."""
+        self.batches.clear()
+        scratch = max((max(r.blocks) for r in pb_batch.requests if r.blocks), default=0) + 1
+        self._alloc_cache(scratch)
+        try:
+            self._step(Batch.from_pb(pb_batch, self.cfg.block_size, self.model.config.vocab_size, self.cfg.device), prefill=True)
+        except torch.OutOfMemoryError as e:
+            raise ShardError(ErrorCode.OUT_OF_MEMORY, f"warmup prefill does not fit: {e}") from e
+        self.cache = None
+        if num_blocks <= 0:
+            if self.cfg.device.type == "cuda":
+                torch.cuda.empty_cache()
+                free, _ = torch.cuda.mem_get_info(self.cfg.device)
+                num_blocks = int(free * self.cfg.cuda_memory_fraction) // self.bytes_per_block()
+            else:
+                num_blocks = env.cpu_kv_cache_bytes() // self.bytes_per_block()
+        if num_blocks < scratch:
+            raise ShardError(ErrorCode.OUT_OF_MEMORY, f"only {num_blocks} KV blocks fit, the warmup batch needs {scratch}")
+        self._alloc_cache(num_blocks)
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.cfg.block_size,
+                 num_blocks * self.bytes_per_block() / 2**20)
+        return num_blocks
+
+    # ---- steps -----------------------------------------------------------------------------
+
+    def prefill(self, pb_batch) -> tuple[StepResult, Batch | None]:
+        self._require_cache()
+        if pb_batch.id in self.batches:
+            raise ShardError(ErrorCode.INVALID_REQUEST, f"batch {pb_batch.id} already exists")
+        batch = Batch.from_pb(pb_batch, self.cfg.block_size, self.model.config.vocab_size, self.cfg.device)
+        bad = [r.id for r in pb_batch.requests if max(r.blocks, default=0) >= self.cache.num_blocks]
+        if bad:
+            raise ShardError(ErrorCode.INVALID_REQUEST, f"requests {bad} name KV blocks beyond {self.cache.num_blocks}", bad)
+        result = self._step(batch, prefill=True)
+        return result, self._keep(batch)
+
+    def decode(self, batch_ids: list[int]) -> tuple[StepResult, Batch | None, int]:
+        self._require_cache()
+        t0 = time.perf_counter_ns()
+        missing = [b for b in batch_ids if b not in self.batches]
+        if missing:
+            raise ShardError(ErrorCode.BATCH_NOT_FOUND, f"batches {missing} not found")
+        parts = [self.batches.pop(b) for b in batch_ids]
+        batch = Batch.concatenate(parts)
+        concat_ns = time.perf_counter_ns() - t0
+        result = self._step(batch, prefill=False)
+        return result, self._keep(batch), concat_ns
+
+    def filter(self, batch_id: int, keep: list[int]) -> Batch | None:
+        if batch_id not in self.batches:
+            raise ShardError(ErrorCode.BATCH_NOT_FOUND, f"batch {batch_id} not found")
+        batch = self.batches.pop(batch_id)
+        if not keep:
+            return None
+        batch = batch.filter(keep)
+        self.batches[batch_id] = batch
+        return batch
+
+    def clear(self, batch_id: int | None) -> None:
+        if batch_id is None:
+            self.batches.clear()
+        else:
+            self.batches.pop(batch_id, None)
+
+    def _keep(self, batch: Batch) -> Batch | None:
+        if len(batch) == 0:
+            return None
+        self.batches[batch.id] = batch
+        return batch
+
+    def _require_cache(self) -> None:
+        if self.cache is None:
+            raise ShardError(ErrorCode.INVALID_REQUEST, "shard is not warmed up: call Warmup first")
+
+    def _step(self, batch: Batch, prefill: bool) -> StepResult:
+        t0 = time.perf_counter_ns()
+        inputs: StepInputs = batch.prefill_inputs() if prefill else batch.decode_inputs()
+        tokens_in = (np.array([len(p) for p in batch.prompt_ids]) if prefill else np.ones(len(batch), dtype=np.int64))
+        self.attention.plan(inputs.attention)
+        with forward_context(ForwardContext(self.attention)):
+            hidden = self.model.forward(inputs.input_ids, inputs.positions, self.cache.k, self.cache.v)
+        logits = self.model.compute_logits(hidden[inputs.last_token_index])
+        t1 = time.perf_counter_ns()
+        steps = torch.from_numpy(batch.generated).to(logits.device)
+        with torch.inference_mode():
+            ids, logprobs = sample(logits, batch.sampling, batch.counts, steps)
+            batch.advance(ids, tokens_in)
+        ids_h, lp_h = ids.cpu().numpy(), logprobs.float().cpu().numpy()  # the step's one host sync
+        t2 = time.perf_counter_ns()
+        finish = np.zeros(len(batch), dtype=np.int64)
+        finish[batch.generated >= batch.max_new_tokens] = FINISH_LENGTH
+        finish[np.isin(ids_h, self.eos) & ~batch.ignore_eos] = FINISH_EOS
+        return StepResult(list(batch.request_ids), ids_h, lp_h, finish, list(batch.seeds), t1 - t0, t2 - t1)

@@ -1,0 +1,30 @@
+"""Every environment variable the shard reads, in one place."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $TESSERA_CACHE, else $XDG_CACHE_HOME/tessera, else ~/.cache/tessera."""
+    if v := os.environ.get("TESSERA_CACHE"):
+        return Path(v)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tessera"
+
+
+def cpu_kv_cache_bytes() -> int:
+    """KV cache budget on CPU (TESSERA_CPU_KV_CACHE_MB, default 512 MiB)."""
+    raw = os.environ.get("TESSERA_CPU_KV_CACHE_MB", "512")
+    try:
+        mb = int(raw)
+    except ValueError:
+        raise ValueError(f"TESSERA_CPU_KV_CACHE_MB must be an integer, got {raw!r}") from None
+    if mb <= 0:
+        raise ValueError(f"TESSERA_CPU_KV_CACHE_MB must be positive, got {mb}")
+    return mb * 1024 * 1024
+
+
+def log_level() -> str:
+    return os.environ.get("LOG_LEVEL", "INFO").upper()

@@ -1,0 +1,51 @@
+"""Rotary position embeddings (HF "rotate half" layout), with linear and Llama-3 scaling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from text_generation_server.models.config import RopeConfig
+
+
+def inv_frequencies(rope: RopeConfig, dim: int) -> torch.Tensor:
+    """[dim // 2] float32: the per-pair rotation frequencies."""
+    inv = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if rope.kind == "linear":
+        return inv / rope.factor
+    if rope.kind == "llama3":
+        low_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+        high_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv
+
+
+class RotaryEmbedding:
+    """Precomputed cos/sin tables indexed by position."""
+
+    def __init__(self, rope: RopeConfig, dim: int, max_positions: int, device: torch.device, dtype: torch.dtype):
+        inv = inv_frequencies(rope, dim).to(device)
+        pos = torch.arange(max_positions, device=device, dtype=torch.int64).float()
+        freqs = pos[:, None] * inv[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = emb.cos().to(dtype)  # [max_positions, dim], device, fixed
+        self.sin = emb.sin().to(dtype)  # [max_positions, dim], device, fixed
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, heads, dim], k: [T, kv_heads, dim], positions: [T] int64."""
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,95 @@
+"""The Llama family: Llama 2/3 (incl. Llama-3 rope scaling), Mistral and Qwen2 configs.
+
+Tokens of all sequences of a step are flattened into one ragged [T] batch; attention reads the
+paged cache through the backend planned in the forward context.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from text_generation_server.layers.linear import Linear
+from text_generation_server.layers.norm import RMSNorm
+from text_generation_server.layers.rotary import RotaryEmbedding
+from text_generation_server.models.config import ModelConfig
+from text_generation_server.models.forward_context import get_forward_context
+from text_generation_server.weights.loader import Weights
+
+
+class Attention:
+    def __init__(self, cfg: ModelConfig, w: Weights, prefix: str, layer: int):
+        h, kvh, d, hid = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+        bias = cfg.qkv_bias
+
+        def proj(name: str, out: int, inp: int, with_bias: bool) -> Linear:
+            b = w.get(f"{prefix}.{name}.bias", (out,)) if with_bias else None
+            return Linear(w.get(f"{prefix}.{name}.weight", (out, inp)), b, name)
+
+        self.q_proj = proj("q_proj", h * d, hid, bias)
+        self.k_proj = proj("k_proj", kvh * d, hid, bias)
+        self.v_proj = proj("v_proj", kvh * d, hid, bias)
+        self.o_proj = proj("o_proj", hid, h * d, False)
+        self.layer, self.h, self.kvh, self.d = layer, h, kvh, d
+
+    def __call__(self, x, positions, rotary: RotaryEmbedding, k_cache, v_cache):
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.h, self.d)
+        k = self.k_proj(x).view(t, self.kvh, self.d)
+        v = self.v_proj(x).view(t, self.kvh, self.d)
+        q, k = rotary.apply(q, k, positions)
+        out = get_forward_context().attention.forward(q, k, v, k_cache, v_cache)
+        return self.o_proj(out.reshape(t, self.h * self.d))
+
+
+class MLP:
+    def __init__(self, cfg: ModelConfig, w: Weights, prefix: str):
+        hid, inter = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(w.get(f"{prefix}.gate_proj.weight", (inter, hid)), name="gate_proj")
+        self.up_proj = Linear(w.get(f"{prefix}.up_proj.weight", (inter, hid)), name="up_proj")
+        self.down_proj = Linear(w.get(f"{prefix}.down_proj.weight", (hid, inter)), name="down_proj")
+
+    def __call__(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer:
+    def __init__(self, cfg: ModelConfig, w: Weights, layer: int):
+        p = f"model.layers.{layer}"
+        self.input_layernorm = RMSNorm(w.get(f"{p}.input_layernorm.weight", (cfg.hidden_size,)), cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(
+            w.get(f"{p}.post_attention_layernorm.weight", (cfg.hidden_size,)), cfg.rms_norm_eps
+        )
+        self.self_attn = Attention(cfg, w, f"{p}.self_attn", layer)
+        self.mlp = MLP(cfg, w, f"{p}.mlp")
+
+
+class LlamaForCausalLM:
+    def __init__(self, cfg: ModelConfig, w: Weights):
+        self.config = cfg
+        self.device, self.dtype = w.device, w.dtype
+        self.embed_tokens = w.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
+        self.layers = [DecoderLayer(cfg, w, i) for i in range(cfg.num_layers)]
+        self.norm = RMSNorm(w.get("model.norm.weight", (cfg.hidden_size,)), cfg.rms_norm_eps)
+        if cfg.tie_word_embeddings and not w.has("lm_head.weight"):
+            self.lm_head = self.embed_tokens
+        else:
+            self.lm_head = w.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
+        self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, w.device, w.dtype)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_caches, v_caches) -> torch.Tensor:
+        """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
+        x = F.embedding(input_ids, self.embed_tokens)
+        for i, layer in enumerate(self.layers):
+            residual = x
+            x = layer.self_attn(layer.input_layernorm(x), positions, self.rotary, k_caches[i], v_caches[i])
+            x = residual + x
+            residual = x
+            x = residual + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] -> float32 logits [N, vocab]."""
+        return F.linear(hidden, self.lm_head).float()

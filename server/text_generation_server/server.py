@@ -1,0 +1,120 @@
+"""gRPC servicer: translates protobuf <-> engine calls. Thin on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from text_generation_server.engine import Engine, StepResult
+from text_generation_server.errors import ErrorCode, ShardError
+from text_generation_server.pb import generate_pb2 as pb
+from text_generation_server.pb import generate_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+def _cached(batch) -> pb.CachedBatch | None:
+    if batch is None:
+        return None
+    return pb.CachedBatch(id=batch.id, request_ids=batch.request_ids, size=len(batch), max_tokens=batch.max_tokens)
+
+
+def _generations(r: StepResult) -> list[pb.Generation]:
+    return [
+        pb.Generation(
+            request_id=rid,
+            tokens=pb.Tokens(ids=[int(r.token_ids[i])], logprobs=[float(r.logprobs[i])]),
+            finish_reason=int(r.finish[i]),
+            seed=r.seeds[i],
+        )
+        for i, rid in enumerate(r.request_ids)
+    ]
+
+
+class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
+    def __init__(self, engine: Engine, socket_paths: list[str]):
+        self.engine = engine
+        self.socket_paths = socket_paths
+        # Steps run in a worker thread (torch releases the GIL) so Health stays responsive;
+        # the lock keeps them one at a time.
+        self.lock = asyncio.Lock()
+
+    async def _run(self, context, fn, *args):
+        async with self.lock:
+            try:
+                return await asyncio.to_thread(fn, *args)
+            except ShardError as e:
+                err = ShardError_to_pb(e)
+            except Exception as e:  # noqa: BLE001 - every failure must reach the router typed
+                log.exception("shard step failed")
+                code = ErrorCode.OUT_OF_MEMORY if "out of memory" in str(e).lower() else ErrorCode.INTERNAL
+                err = pb.ShardError(code=int(code), message=f"{type(e).__name__}: {e}")
+        status = grpc.StatusCode.RESOURCE_EXHAUSTED if err.code == ErrorCode.OUT_OF_MEMORY else (
+            grpc.StatusCode.INVALID_ARGUMENT if err.code in (ErrorCode.INVALID_REQUEST, ErrorCode.BAD_ADAPTER,
+                                                             ErrorCode.ADAPTER_NOT_FOUND) else
+            grpc.StatusCode.NOT_FOUND if err.code == ErrorCode.BATCH_NOT_FOUND else grpc.StatusCode.INTERNAL)
+        await context.abort(status, err.message, trailing_metadata=(("tessera-error-bin", err.SerializeToString()),))
+
+    async def Info(self, request, context):
+        mc = self.engine.model.config
+        return pb.InfoResponse(
+            dtype=str(self.engine.cfg.dtype).removeprefix("torch."),
+            device_type=self.engine.cfg.device.type,
+            block_size=self.engine.cfg.block_size,
+            window_size=mc.sliding_window,
+            vocab_size=mc.vocab_size,
+            eos_token_ids=list(mc.eos_token_ids),
+            max_position_embeddings=mc.max_position_embeddings,
+            attention_backend=self.engine.attention.name,
+        )
+
+    async def Health(self, request, context):
+        return pb.HealthResponse()
+
+    async def ServiceDiscovery(self, request, context):
+        return pb.ServiceDiscoveryResponse(urls=self.socket_paths)
+
+    async def ClearCache(self, request, context):
+        self.engine.clear(request.id if request.HasField("id") else None)
+        return pb.ClearCacheResponse()
+
+    async def FilterBatch(self, request, context):
+        batch = await self._run(context, self.engine.filter, request.batch_id, list(request.request_ids))
+        return pb.FilterBatchResponse(batch=_cached(batch) or pb.CachedBatch(id=request.batch_id))
+
+    async def Warmup(self, request, context):
+        n = await self._run(context, self.engine.warmup, request.batch, request.num_blocks)
+        return pb.WarmupResponse(num_blocks=n)
+
+    async def Prefill(self, request, context):
+        t0 = time.perf_counter_ns()
+        result, batch = await self._run(context, self.engine.prefill, request.batch)
+        return pb.PrefillResponse(
+            generations=_generations(result), batch=_cached(batch), forward_ns=result.forward_ns,
+            decode_ns=result.sample_ns, total_ns=time.perf_counter_ns() - t0,
+        )
+
+    async def Decode(self, request, context):
+        t0 = time.perf_counter_ns()
+        result, batch, concat_ns = await self._run(context, self.engine.decode, [b.id for b in request.batches])
+        return pb.DecodeResponse(
+            generations=_generations(result), batch=_cached(batch), concat_ns=concat_ns,
+            forward_ns=result.forward_ns, decode_ns=result.sample_ns, total_ns=time.perf_counter_ns() - t0,
+        )
+
+
+def ShardError_to_pb(e: ShardError) -> pb.ShardError:  # noqa: N802 - reads as a conversion
+    return pb.ShardError(code=int(e.code), message=e.message, request_ids=e.request_ids)
+
+
+async def serve(engine: Engine, uds_path: str, socket_paths: list[str]) -> None:
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 256 * 1024 * 1024),
+                                      ("grpc.max_send_message_length", 256 * 1024 * 1024)])
+    pb_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationService(engine, socket_paths), server)
+    server.add_insecure_port(f"unix://{uds_path}")
+    await server.start()
+    log.info("shard listening on unix://%s", uds_path)
+    await server.wait_for_termination()
