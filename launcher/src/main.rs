@@ -1,1 +1,162 @@
-fn main() {}
+//! `text-generation-launcher`: the one command a user runs. Resolves the model, starts one
+//! shard per GPU and the router, and supervises them: any child dying stops the rest and exits
+//! non-zero; SIGTERM/SIGINT drain the router, then stop the shards, and exit 0.
+
+mod supervise;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use clap::Parser;
+use text_generation_router::args::LimitArgs;
+use tokio::process::Command;
+
+use crate::supervise::{wait_for_shard, Children};
+
+#[derive(Parser, Debug)]
+#[command(name = "text-generation-launcher", version, about = "Tessera: serve a language model over HTTP")]
+struct Args {
+    /// Model to serve: a local model directory (config.json + *.safetensors + tokenizer.json).
+    /// Unset: the embedded default, SmolLM2-135M-Instruct.
+    #[arg(long, env = "MODEL_ID")]
+    model_id: Option<String>,
+    /// HTTP port.
+    #[arg(long, short, env = "PORT", default_value_t = 3000)]
+    port: u16,
+    /// HTTP address to listen on.
+    #[arg(long, env = "TESSERA_HOSTNAME", default_value = "0.0.0.0")]
+    hostname: String,
+    /// Number of shards (one per GPU; 1 on CPU).
+    #[arg(long, env = "NUM_SHARD", default_value_t = 1)]
+    num_shard: usize,
+    /// Weights and activations dtype: float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA).
+    #[arg(long, env = "DTYPE")]
+    dtype: Option<String>,
+    #[command(flatten)]
+    limits: LimitArgs,
+    /// Share of free GPU memory the KV cache may take after warmup.
+    #[arg(long, env = "CUDA_MEMORY_FRACTION", default_value_t = 0.9)]
+    cuda_memory_fraction: f32,
+    /// Unix socket path prefix of the shards (each appends -RANK).
+    #[arg(long, env = "SHARD_UDS_PATH", default_value = "/tmp/tessera-server")]
+    shard_uds_path: String,
+    /// Shard executable.
+    #[arg(long, env = "SERVER_BIN", default_value = "text-generation-server")]
+    server_bin: String,
+    /// Router executable (default: next to this launcher, else on PATH).
+    #[arg(long, env = "ROUTER_BIN")]
+    router_bin: Option<PathBuf>,
+    /// Seconds to wait for the shards to load and report healthy.
+    #[arg(long, env = "SHARD_STARTUP_TIMEOUT", default_value_t = 600)]
+    shard_startup_timeout: u64,
+    /// Seconds in-flight requests get to finish on SIGTERM.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value_t = 60)]
+    shutdown_timeout: u64,
+    /// Log as JSON lines.
+    #[arg(long, env = "JSON_OUTPUT")]
+    json_output: bool,
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| "info".into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    if json { b.json().init() } else { b.init() }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = Args::parse();
+    init_logging(args.json_output);
+    let code = match run(args).await {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+/// The model directory: a local path as given, else the shard's `prepare-model` (which converts
+/// the embedded default once and caches it).
+async fn resolve_model(args: &Args) -> Result<PathBuf, String> {
+    if let Some(id) = &args.model_id {
+        let p = PathBuf::from(id);
+        if p.is_dir() {
+            return p.canonicalize().map_err(|e| format!("{id}: {e}"));
+        }
+    }
+    tracing::info!("resolving model {}", args.model_id.as_deref().unwrap_or("(default)"));
+    let mut cmd = Command::new(&args.server_bin);
+    cmd.arg("prepare-model").args(args.model_id.iter()).stdin(Stdio::null()).stderr(Stdio::inherit());
+    let out = cmd.output().await.map_err(|e| format!("running {} prepare-model: {e}", args.server_bin))?;
+    if !out.status.success() {
+        return Err(format!("{} prepare-model failed ({})", args.server_bin, out.status));
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = stdout.lines().last().unwrap_or("").trim();
+    Ok(PathBuf::from(dir))
+}
+
+fn router_bin(args: &Args) -> PathBuf {
+    if let Some(p) = &args.router_bin {
+        return p.clone();
+    }
+    let beside = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("text-generation-router")));
+    match beside {
+        Some(p) if p.is_file() => p,
+        _ => PathBuf::from("text-generation-router"),
+    }
+}
+
+async fn run(args: Args) -> Result<i32, String> {
+    args.limits.check()?;
+    if args.num_shard == 0 {
+        return Err("--num-shard must be at least 1".into());
+    }
+    let model_dir = resolve_model(&args).await?;
+    tracing::info!(model = %model_dir.display(), shards = args.num_shard, "starting");
+    let mut children = Children::new();
+
+    for rank in 0..args.num_shard {
+        let mut cmd = Command::new(&args.server_bin);
+        cmd.arg("serve")
+            .arg(&model_dir)
+            .arg(format!("--uds-path={}", args.shard_uds_path))
+            .arg(format!("--rank={rank}"))
+            .arg(format!("--world-size={}", args.num_shard))
+            .arg(format!("--cuda-memory-fraction={}", args.cuda_memory_fraction));
+        if let Some(d) = &args.dtype {
+            cmd.arg(format!("--dtype={d}"));
+        }
+        children.spawn(&format!("shard-{rank}"), cmd, true)?;
+    }
+    let deadline = Duration::from_secs(args.shard_startup_timeout);
+    for rank in 0..args.num_shard {
+        let path = format!("{}-{rank}", args.shard_uds_path);
+        tokio::select! {
+            r = wait_for_shard(&path, deadline) => r?,
+            exited = children.next_exit() => {
+                children.stop_all(Duration::from_secs(5)).await;
+                return Err(format!("{exited} before becoming healthy"));
+            }
+        }
+        tracing::info!(rank, "shard ready");
+    }
+
+    let mut cmd = Command::new(router_bin(&args));
+    cmd.arg(format!("--port={}", args.port))
+        .arg(format!("--hostname={}", args.hostname))
+        .arg(format!("--master-shard-uds-path={}-0", args.shard_uds_path))
+        .arg("--tokenizer-dir")
+        .arg(&model_dir)
+        .arg(format!("--model-id={}", args.model_id.as_deref().unwrap_or("HuggingFaceTB/SmolLM2-135M-Instruct")))
+        .args(args.limits.to_args());
+    if args.json_output {
+        cmd.arg("--json-output");
+    }
+    let router = children.spawn("router", cmd, false)?;
+    children.supervise(router, Duration::from_secs(args.shutdown_timeout)).await
+}

@@ -43,6 +43,24 @@ impl Default for LimitArgs {
 }
 
 impl LimitArgs {
+    /// The same limits as command-line arguments, for a child process.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec![
+            format!("--max-input-tokens={}", self.max_input_tokens),
+            format!("--max-total-tokens={}", self.max_total_tokens),
+            format!("--max-batch-prefill-tokens={}", self.max_batch_prefill_tokens),
+            format!("--max-concurrent-requests={}", self.max_concurrent_requests),
+            format!("--max-stop-sequences={}", self.max_stop_sequences),
+        ];
+        if let Some(t) = self.max_batch_total_tokens {
+            a.push(format!("--max-batch-total-tokens={t}"));
+        }
+        if let Some(b) = self.max_batch_size {
+            a.push(format!("--max-batch-size={b}"));
+        }
+        a
+    }
+
     /// Checks the limits against each other; the message names the flags.
     pub fn check(&self) -> Result<(), String> {
         if self.max_input_tokens == 0 {
@@ -78,6 +96,22 @@ impl LimitArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(clap::Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        limits: LimitArgs,
+    }
+
+    #[test]
+    fn to_args_round_trips() {
+        use clap::Parser;
+        let a = LimitArgs { max_batch_total_tokens: Some(9999), max_batch_size: Some(3), ..Default::default() };
+        let mut argv = vec!["x".to_string()];
+        argv.extend(a.to_args());
+        let b = Wrap::parse_from(argv).limits;
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+    }
 
     #[test]
     fn defaults_are_consistent() {

@@ -24,7 +24,7 @@ struct Args {
     #[command(flatten)]
     limits: LimitArgs,
     /// Address to listen on.
-    #[arg(long, env = "HOSTNAME", default_value = "0.0.0.0")]
+    #[arg(long, env = "TESSERA_HOSTNAME", default_value = "0.0.0.0")]
     hostname: String,
     /// Port to listen on.
     #[arg(long, short, env = "PORT", default_value_t = 3000)]
@@ -45,7 +45,8 @@ struct Args {
 
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| "info".into());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     if json { b.json().init() } else { b.init() }
 }
 

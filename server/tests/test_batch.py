@@ -1,0 +1,102 @@
+"""Shard-side batch state: concatenation and filtering keep every row's generation intact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import batch
+from text_generation_server.errors import ShardError
+
+
+def run_alone(eng, prompt, n, bid, first_block):
+    b, _ = batch(bid, [prompt], n, first_block=first_block, first_id=bid * 100)
+    res, _ = eng.prefill(b)
+    out = [int(res.token_ids[0])]
+    for _ in range(n - 1):
+        res, _, _ = eng.decode([bid])
+        out.append(int(res.token_ids[0]))
+    eng.clear(bid)
+    return out
+
+
+def test_concatenate_and_filter_match_running_alone(engine_factory):
+    eng, _ = engine_factory("llama")
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, 97, (n,), generator=g).tolist() for n in (4, 11, 6)]
+    n = 8
+    alone = [run_alone(eng, p, n, 10 + i, 0) for i, p in enumerate(prompts)]
+
+    # Batch A = prompts 0, 1; batch B (prefilled two steps later) = prompt 2; then merge.
+    a, nb = batch(1, prompts[:2], n, first_id=0)
+    b, _ = batch(2, prompts[2:], n, first_block=nb, first_id=2)
+    got = {0: [], 1: [], 2: []}
+
+    def record(res):
+        for rid, t in zip(res.request_ids, res.token_ids):
+            got[rid].append(int(t))
+
+    res, _ = eng.prefill(a)
+    record(res)
+    res, _, _ = eng.decode([1])
+    record(res)
+    res, _ = eng.prefill(b)
+    record(res)
+    # Drop request 1 after 4 tokens, keep going with 0 and 2.
+    res, cached, _ = eng.decode([1, 2])
+    record(res)
+    assert cached.request_ids == [0, 1, 2]
+    res, _, _ = eng.decode([1])
+    record(res)
+    kept = eng.filter(1, [2, 0])
+    assert kept.request_ids == [2, 0]
+    while len(got[0]) < n:
+        res, _, _ = eng.decode([1])
+        record(res)
+    assert got[0] == alone[0]
+    assert got[1] == alone[1][: len(got[1])]
+    assert got[2] == alone[2][: len(got[2])]
+
+
+def test_seeded_sampling_is_batch_independent(engine_factory):
+    eng, _ = engine_factory("qwen2")
+    prompts = [[5, 6, 7], [9, 10]]
+    b1, nb = batch(1, prompts, 6, do_sample=True, temperature=0.9, seed=123)
+    res, _ = eng.prefill(b1)
+    first = [list(res.token_ids)]
+    for _ in range(5):
+        first.append(list(eng.decode([1])[0].token_ids))
+    b2, _ = batch(2, prompts[1:], 6, first_block=nb, do_sample=True, temperature=0.9, seed=123)
+    res, _ = eng.prefill(b2)
+    second = [res.token_ids[0]]
+    for _ in range(5):
+        second.append(eng.decode([2])[0].token_ids[0])
+    assert [r[1] for r in first] == second
+
+
+def test_unknown_batch_and_request_are_typed_errors(engine_factory):
+    eng, _ = engine_factory("llama")
+    with pytest.raises(ShardError) as e:
+        eng.decode([42])
+    assert e.value.code.name == "BATCH_NOT_FOUND"
+    b, _ = batch(1, [[3, 4]], 2)
+    eng.prefill(b)
+    with pytest.raises(ShardError) as e:
+        eng.filter(1, [77])
+    assert e.value.code.name == "INVALID_REQUEST"
+
+
+def test_running_past_the_block_table_is_refused(engine_factory):
+    eng, _ = engine_factory("llama")
+    b, _ = batch(1, [[3, 4, 5]], 1)  # 4 slots: prompt 3 + 1 generated
+    eng.prefill(b)
+    eng.decode([1])  # writes the 4th slot
+    with pytest.raises(ShardError, match="no KV slot"):
+        eng.decode([1])
+
+
+def test_bad_prefill_inputs_are_refused(engine_factory):
+    eng, _ = engine_factory("llama")
+    b, _ = batch(1, [[3, 400]], 2)  # token id beyond the vocabulary
+    with pytest.raises(ShardError, match="vocabulary"):
+        eng.prefill(b)

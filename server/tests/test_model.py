@@ -1,0 +1,79 @@
+"""Our Llama-family model against transformers on the same random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import batch
+
+KINDS = ["llama", "llama3", "qwen2", "mistral"]
+
+
+def ref_greedy(ref, ids: list[int], n: int) -> list[int]:
+    out = ref.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefill_logits_match_transformers(engine_factory, kind):
+    eng, ref = engine_factory(kind)
+    torch.manual_seed(1)
+    ids = torch.randint(2, 97, (37,)).tolist()
+    pb_batch, _ = batch(1, [ids], 1)
+    from text_generation_server.batch import Batch
+    from text_generation_server.models.forward_context import ForwardContext, forward_context
+
+    b = Batch.from_pb(pb_batch, eng.cfg.block_size, 97, torch.device("cpu"))
+    inputs = b.prefill_inputs()
+    eng.attention.plan(inputs.attention)
+    with forward_context(ForwardContext(eng.attention)):
+        hidden = eng.model.forward(inputs.input_ids, inputs.positions, eng.cache.k, eng.cache.v)
+    ours = eng.model.compute_logits(hidden)
+    with torch.no_grad():
+        theirs = ref(torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_decode_matches_transformers_alone_and_batched(engine_factory, kind):
+    eng, ref = engine_factory(kind)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, 97, (n,), generator=g).tolist() for n in (5, 17, 9)]
+    n = 12
+    want = [ref_greedy(ref, p, n) for p in prompts]
+    pb_batch, _ = batch(1, prompts, n)
+    res, _ = eng.prefill(pb_batch)
+    got = [[int(t)] for t in res.token_ids]
+    for _ in range(n - 1):
+        res, _, _ = eng.decode([1])
+        for row, t in enumerate(res.token_ids):
+            got[row].append(int(t))
+    assert got == want
+    assert list(res.finish) == [1, 1, 1]  # LENGTH on the last step
+
+
+def test_config_errors_name_the_field(tmp_path):
+    from text_generation_server.models.config import ConfigError, ModelConfig
+
+    with pytest.raises(ConfigError, match="hidden_size"):
+        ModelConfig.from_dict({"vocab_size": 10})
+    with pytest.raises(ConfigError, match="yarn"):
+        ModelConfig.from_dict({"vocab_size": 10, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+                               "num_attention_heads": 2, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+
+
+def test_wrong_weight_shape_is_a_clear_error(tmp_path, engine_factory):
+    import json
+
+    from text_generation_server.models import load_model
+    from text_generation_server.weights.loader import WeightError
+    from conftest import write_tiny
+
+    path, _ = write_tiny(tmp_path, "llama")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["intermediate_size"] = 100
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(WeightError, match="gate_proj"):
+        load_model(path, torch.float32, torch.device("cpu"))
