@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use clap::Parser;
-use text_generation_router::args::LimitArgs;
+use text_generation_router::args::{LimitArgs, ServiceArgs};
 use tokio::process::Command;
 
 use crate::supervise::{wait_for_shard, Children};
@@ -35,6 +35,8 @@ struct Args {
     dtype: Option<String>,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    service: ServiceArgs,
     /// Share of free GPU memory the KV cache may take after warmup.
     #[arg(long, env = "CUDA_MEMORY_FRACTION", default_value_t = 0.9)]
     cuda_memory_fraction: f32,
@@ -153,10 +155,13 @@ async fn run(args: Args) -> Result<i32, String> {
         .arg("--tokenizer-dir")
         .arg(&model_dir)
         .arg(format!("--model-id={}", args.model_id.as_deref().unwrap_or("HuggingFaceTB/SmolLM2-135M-Instruct")))
+        .arg(format!("--shutdown-timeout={}", args.shutdown_timeout))
         .args(args.limits.to_args());
+    let (service_args, service_env) = args.service.to_args();
+    cmd.args(service_args).envs(service_env);
     if args.json_output {
         cmd.arg("--json-output");
     }
     let router = children.spawn("router", cmd, false)?;
-    children.supervise(router, Duration::from_secs(args.shutdown_timeout)).await
+    children.supervise(router, Duration::from_secs(args.shutdown_timeout + 10)).await
 }

@@ -1,48 +1,83 @@
-//! HTTP request and response bodies, in TGI's field names.
+//! TGI-compatible HTTP bodies (field names as TGI's), with their OpenAPI schemas.
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// `parameters` of a TGI generate request. Numbers are parsed wide so that out-of-range
 /// values reach validation and get a precise message.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct GenerateParameters {
+    /// Tokens to generate at most (default: up to --max-total-tokens).
+    #[schema(minimum = 1, example = 20)]
     pub max_new_tokens: Option<i64>,
+    /// Sample instead of greedy decoding.
     pub do_sample: Option<bool>,
+    /// Softmax temperature (> 0).
+    #[schema(exclusive_minimum = 0.0, example = 0.7)]
     pub temperature: Option<f32>,
+    /// Keep the k most likely tokens.
+    #[schema(minimum = 0, example = 50)]
     pub top_k: Option<i64>,
+    /// Nucleus sampling mass, in (0, 1].
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0, example = 0.95)]
     pub top_p: Option<f32>,
+    /// Typical sampling mass, in (0, 1].
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub typical_p: Option<f32>,
+    /// Penalty on tokens already present (> 0; 1 = none).
+    #[schema(exclusive_minimum = 0.0, example = 1.1)]
     pub repetition_penalty: Option<f32>,
+    /// Subtracted per earlier occurrence in the output, in [-2, 2].
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub frequency_penalty: Option<f32>,
+    /// Subtracted once a token occurred in the output, in [-2, 2].
+    #[schema(minimum = -2.0, maximum = 2.0)]
     pub presence_penalty: Option<f32>,
+    /// Random seed of the sampler.
+    #[schema(minimum = 0)]
     pub seed: Option<u64>,
+    /// Stop generating when any of these appears.
     #[serde(default)]
     pub stop: Vec<String>,
+    /// Keep only the last `truncate` prompt tokens.
+    #[schema(minimum = 1)]
     pub truncate: Option<i64>,
+    /// Prepend the prompt to the generated text.
     #[serde(default)]
     pub return_full_text: Option<bool>,
+    /// Return details (tokens, logprobs, finish reason).
     #[serde(default)]
     pub details: bool,
+    /// Return the prompt tokens with their logprobs.
     #[serde(default)]
     pub decoder_input_details: bool,
+    /// Return the n most likely alternatives of each token.
+    #[schema(minimum = 0, maximum = 5)]
     pub top_n_tokens: Option<u32>,
+    /// Generate this many sequences and return the most likely.
+    #[schema(minimum = 1, maximum = 2)]
     pub best_of: Option<u32>,
+    /// Watermark the output (Kirchenbauer et al.).
     #[serde(default)]
     pub watermark: bool,
+    /// LoRA adapter to use.
     pub adapter_id: Option<String>,
 }
 
-/// Body of `POST /generate` and `POST /generate_stream`.
-#[derive(Debug, Clone, Deserialize)]
+/// Body of `POST /generate`, `POST /generate_stream` and `POST /`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct GenerateRequest {
+    /// The prompt.
+    #[schema(example = "What is Deep Learning?")]
     pub inputs: String,
     #[serde(default)]
     pub parameters: GenerateParameters,
+    /// `POST /` only: stream server-sent events.
     #[serde(default)]
     pub stream: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
     Length,
@@ -50,7 +85,7 @@ pub enum FinishReason {
     StopSequence,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Token {
     pub id: u32,
     pub text: String,
@@ -58,23 +93,47 @@ pub struct Token {
     pub special: bool,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A prompt token; the first has no logprob.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PrefillToken {
+    pub id: u32,
+    pub text: String,
+    pub logprob: Option<f32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct BestOfSequence {
+    pub generated_text: String,
+    pub finish_reason: FinishReason,
+    pub generated_tokens: u32,
+    pub seed: Option<u64>,
+    pub prefill: Vec<PrefillToken>,
+    pub tokens: Vec<Token>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top_tokens: Vec<Vec<Token>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Details {
     pub finish_reason: FinishReason,
     pub generated_tokens: u32,
     pub seed: Option<u64>,
-    pub prefill: Vec<Token>,
+    pub prefill: Vec<PrefillToken>,
     pub tokens: Vec<Token>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub top_tokens: Vec<Vec<Token>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub best_of_sequences: Option<Vec<BestOfSequence>>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct GenerateResponse {
     pub generated_text: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub details: Option<Details>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct StreamDetails {
     pub finish_reason: FinishReason,
     pub generated_tokens: u32,
@@ -83,17 +142,27 @@ pub struct StreamDetails {
 }
 
 /// One server-sent event of `/generate_stream`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct StreamResponse {
     pub index: u32,
     pub token: Token,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub top_tokens: Vec<Token>,
     pub generated_text: Option<String>,
     pub details: Option<StreamDetails>,
 }
 
+/// One token of `POST /tokenize`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SimpleToken {
+    pub id: u32,
+    pub text: String,
+    pub start: usize,
+    pub stop: usize,
+}
+
 /// `GET /info`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Info {
     pub model_id: String,
     pub model_dtype: String,
@@ -106,6 +175,7 @@ pub struct Info {
     pub max_total_tokens: u32,
     pub max_batch_prefill_tokens: u32,
     pub max_batch_total_tokens: u32,
+    pub max_top_n_tokens: u32,
     pub block_size: u32,
     pub kv_blocks_total: u32,
     pub kv_blocks_free: u32,

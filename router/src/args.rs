@@ -26,6 +26,45 @@ pub struct LimitArgs {
     /// Most requests per running batch; unset: bounded by KV blocks only.
     #[arg(long, env = "MAX_BATCH_SIZE")]
     pub max_batch_size: Option<usize>,
+    /// Most sequences per request (`best_of`, OpenAI `n`).
+    #[arg(long, env = "MAX_BEST_OF", default_value_t = 2)]
+    pub max_best_of: u32,
+    /// Most alternatives per token (`top_n_tokens`, OpenAI `top_logprobs`/`logprobs`).
+    #[arg(long, env = "MAX_TOP_N_TOKENS", default_value_t = 5)]
+    pub max_top_n_tokens: u32,
+    /// Largest request body accepted, in bytes (413 beyond).
+    #[arg(long, env = "PAYLOAD_LIMIT", default_value_t = 2_000_000)]
+    pub payload_limit: usize,
+}
+
+/// Service settings shared by the launcher and the router.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServiceArgs {
+    /// Bearer token required on every route but /health.
+    #[arg(long, env = "API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// OpenTelemetry collector (OTLP over HTTP, e.g. http://127.0.0.1:4318) to send traces to.
+    #[arg(long, env = "OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Service name of the traces.
+    #[arg(long, env = "OTLP_SERVICE_NAME", default_value = "tessera")]
+    pub otlp_service_name: String,
+}
+
+impl ServiceArgs {
+    /// The same settings as (argument, environment) for a child process; the API key goes
+    /// through the environment so it does not show in `ps`.
+    pub fn to_args(&self) -> (Vec<String>, Vec<(String, String)>) {
+        let mut args = vec![format!("--otlp-service-name={}", self.otlp_service_name)];
+        let mut env = vec![];
+        if let Some(e) = &self.otlp_endpoint {
+            args.push(format!("--otlp-endpoint={e}"));
+        }
+        if let Some(k) = &self.api_key {
+            env.push(("API_KEY".to_string(), k.clone()));
+        }
+        (args, env)
+    }
 }
 
 impl Default for LimitArgs {
@@ -38,6 +77,9 @@ impl Default for LimitArgs {
             max_concurrent_requests: 128,
             max_stop_sequences: 4,
             max_batch_size: None,
+            max_best_of: 2,
+            max_top_n_tokens: 5,
+            payload_limit: 2_000_000,
         }
     }
 }
@@ -51,6 +93,9 @@ impl LimitArgs {
             format!("--max-batch-prefill-tokens={}", self.max_batch_prefill_tokens),
             format!("--max-concurrent-requests={}", self.max_concurrent_requests),
             format!("--max-stop-sequences={}", self.max_stop_sequences),
+            format!("--max-best-of={}", self.max_best_of),
+            format!("--max-top-n-tokens={}", self.max_top_n_tokens),
+            format!("--payload-limit={}", self.payload_limit),
         ];
         if let Some(t) = self.max_batch_total_tokens {
             a.push(format!("--max-batch-total-tokens={t}"));
@@ -85,6 +130,9 @@ impl LimitArgs {
                     self.max_total_tokens
                 ));
             }
+        }
+        if self.max_best_of == 0 {
+            return Err("--max-best-of must be at least 1".into());
         }
         if self.max_concurrent_requests == 0 {
             return Err("--max-concurrent-requests must be positive".into());

@@ -103,6 +103,7 @@ impl FreeList {
 }
 
 async fn run(mut list: FreeList, mut rx: mpsc::UnboundedReceiver<Command>) {
+    crate::metrics::kv_blocks(list.free.len() as u32, list.total);
     while let Some(cmd) = rx.recv().await {
         match cmd {
             Command::Allocate { tokens, reply } => {
@@ -110,11 +111,15 @@ async fn run(mut list: FreeList, mut rx: mpsc::UnboundedReceiver<Command>) {
                     if let Err(Some(blocks)) = reply.send(Some(blocks)) {
                         list.release(blocks); // the asker went away
                     }
+                    crate::metrics::kv_blocks(list.free.len() as u32, list.total);
                 } else {
                     let _ = reply.send(None);
                 }
             }
-            Command::Free { blocks } => list.release(blocks),
+            Command::Free { blocks } => {
+                list.release(blocks);
+                crate::metrics::kv_blocks(list.free.len() as u32, list.total);
+            }
             Command::Stats { reply } => {
                 let _ = reply.send(BlockStats { free: list.free.len() as u32, total: list.total });
             }

@@ -62,10 +62,10 @@ impl StopMatcher {
         Self { stops, text: String::new(), longest }
     }
 
-    /// Appends text; true once any stop sequence has appeared.
-    pub fn push(&mut self, delta: &str) -> bool {
+    /// Appends text; Some(stop) once a stop sequence has appeared.
+    pub fn push(&mut self, delta: &str) -> Option<&str> {
         if self.stops.is_empty() || delta.is_empty() {
-            return false;
+            return None;
         }
         self.text.push_str(delta);
         // Only the tail can hold a new match: the delta plus a stop's length before it.
@@ -74,7 +74,61 @@ impl StopMatcher {
             start -= 1;
         }
         let tail = &self.text[start..];
-        self.stops.iter().any(|s| tail.contains(s.as_str()))
+        self.stops.iter().find(|s| tail.contains(s.as_str())).map(|s| s.as_str())
+    }
+
+    /// Byte offset of the earliest stop sequence in `text`.
+    pub fn first_match(&self, text: &str) -> Option<usize> {
+        self.stops.iter().filter_map(|s| text.find(s.as_str())).min()
+    }
+}
+
+/// Streams text while holding back any tail that could still become a stop sequence, and
+/// cuts the text before the stop sequence (OpenAI semantics: the stop is not returned).
+pub struct StopTrimmer {
+    stops: Vec<String>,
+    pending: String,
+    done: bool,
+}
+
+impl StopTrimmer {
+    pub fn new(stops: Vec<String>) -> Self {
+        Self { stops, pending: String::new(), done: false }
+    }
+
+    /// Text that can be sent now.
+    pub fn push(&mut self, delta: &str) -> String {
+        if self.done {
+            return String::new();
+        }
+        self.pending.push_str(delta);
+        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+            self.done = true;
+            let out = self.pending[..at].to_string();
+            self.pending.clear();
+            return out;
+        }
+        // Hold back the longest tail that is a prefix of some stop sequence.
+        let mut keep = 0;
+        for s in &self.stops {
+            for (i, _) in self.pending.char_indices() {
+                let tail = &self.pending[i..];
+                if s.starts_with(tail) {
+                    keep = keep.max(tail.len());
+                    break;
+                }
+            }
+        }
+        let cut = self.pending.len() - keep;
+        let out = self.pending[..cut].to_string();
+        self.pending.drain(..cut);
+        out
+    }
+
+    /// What is left at the end of the generation.
+    pub fn finish(&mut self) -> String {
+        self.done = true;
+        std::mem::take(&mut self.pending)
     }
 }
 
@@ -102,14 +156,28 @@ mod tests {
     #[test]
     fn stop_sequence_across_deltas() {
         let mut m = StopMatcher::new(vec!["ab c".into()]);
-        assert!(!m.push("xx a"));
-        assert!(!m.push("b"));
-        assert!(m.push(" cd"));
+        assert!(m.push("xx a").is_none());
+        assert!(m.push("b").is_none());
+        assert_eq!(m.push(" cd"), Some("ab c"));
+        assert_eq!(m.first_match("xx ab cd"), Some(3));
     }
 
     #[test]
     fn no_stops_never_match() {
         let mut m = StopMatcher::new(vec![]);
-        assert!(!m.push("anything"));
+        assert!(m.push("anything").is_none());
+    }
+
+    #[test]
+    fn trimmer_holds_back_possible_stops_and_cuts_before_them() {
+        let mut t = StopTrimmer::new(vec!["END".into()]);
+        assert_eq!(t.push("hello E"), "hello ");
+        assert_eq!(t.push("x"), "Ex");
+        assert_eq!(t.push(" EN"), " ");
+        assert_eq!(t.push("D more"), "");
+        assert_eq!(t.push("ignored"), "");
+        let mut t = StopTrimmer::new(vec!["END".into()]);
+        assert_eq!(t.push("abc E"), "abc ");
+        assert_eq!(t.finish(), "E");
     }
 }

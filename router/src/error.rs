@@ -5,6 +5,18 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
+use crate::client::ClientError;
+use crate::pb::ErrorCode as ShardCode;
+
+impl From<&ClientError> for InferError {
+    fn from(e: &ClientError) -> Self {
+        match e {
+            ClientError::Shard { code, message, .. } => InferError::Shard { code: *code, message: message.clone() },
+            ClientError::Connection(m) => InferError::Generation(format!("shard unreachable: {m}")),
+        }
+    }
+}
+
 /// A request that does not pass validation.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
 pub enum ValidationError {
@@ -20,6 +32,24 @@ pub enum ValidationError {
     TopK(i64),
     #[error("`repetition_penalty` must be strictly positive, got {0}")]
     RepetitionPenalty(f32),
+    #[error("`typical_p` must be > 0.0 and <= 1.0, got {0}")]
+    TypicalP(f32),
+    #[error("`frequency_penalty` must be >= -2.0 and <= 2.0, got {0}")]
+    FrequencyPenalty(f32),
+    #[error("`presence_penalty` must be >= -2.0 and <= 2.0, got {0}")]
+    PresencePenalty(f32),
+    #[error("`top_n_tokens` must be <= {0}, got {1}")]
+    TopNTokens(u32, u32),
+    #[error("`best_of` must be > 0 and <= {0}, got {1}")]
+    BestOf(u32, u32),
+    #[error("`best_of` > 1 requires sampling (`do_sample`, or a temperature/top_k/top_p/typical_p)")]
+    BestOfSampling,
+    #[error("`seed` must not be set when `best_of` > 1")]
+    BestOfSeed,
+    #[error("`{0}` is not supported with streaming")]
+    NotWithStream(&'static str),
+    #[error("{0}")]
+    Template(String),
     #[error("`truncate` must be strictly positive and at most {1}, got {0}")]
     Truncate(i64, u32),
     #[error("`inputs` must have at most {0} tokens, got {1}")]
@@ -45,6 +75,8 @@ pub enum InferError {
     Overloaded,
     #[error("request failed during generation: {0}")]
     Generation(String),
+    #[error("{message}")]
+    Shard { code: crate::pb::ErrorCode, message: String },
     #[error("request dropped by the scheduler without an answer")]
     Dropped,
     #[error("the server is not ready: {0}")]
@@ -62,10 +94,16 @@ pub enum RequestError {
     ContentType,
     #[error("not found: {0}")]
     NotFound(String),
+    #[error("request body larger than the {0}-byte limit")]
+    PayloadTooLarge(usize),
+    #[error("missing or wrong API key (send `Authorization: Bearer <key>`)")]
+    Unauthorized,
+    #[error("the server is shutting down; not accepting new requests")]
+    Draining,
 }
 
 /// The JSON body of every error response and SSE error event.
-#[derive(Debug, Serialize, serde::Deserialize)]
+#[derive(Debug, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: String,
     pub error_type: String,
@@ -90,6 +128,12 @@ impl ErrorKind for InferError {
             InferError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             InferError::Generation(_) | InferError::Dropped => StatusCode::FAILED_DEPENDENCY,
             InferError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            InferError::Shard { code, .. } => match code {
+                ShardCode::OutOfMemory => StatusCode::SERVICE_UNAVAILABLE,
+                ShardCode::InvalidRequest | ShardCode::BadAdapter => StatusCode::UNPROCESSABLE_ENTITY,
+                ShardCode::AdapterNotFound => StatusCode::UNPROCESSABLE_ENTITY,
+                _ => StatusCode::FAILED_DEPENDENCY,
+            },
         }
     }
     fn error_type(&self) -> &'static str {
@@ -99,7 +143,20 @@ impl ErrorKind for InferError {
             InferError::Generation(_) => "generation",
             InferError::Dropped => "dropped",
             InferError::NotReady(_) => "unavailable",
+            InferError::Shard { code, .. } => match code {
+                ShardCode::OutOfMemory => "out_of_memory",
+                ShardCode::InvalidRequest => "validation",
+                ShardCode::AdapterNotFound => "adapter_not_found",
+                ShardCode::BadAdapter => "bad_adapter",
+                _ => "generation",
+            },
         }
+    }
+}
+
+impl InferError {
+    pub fn error_type_name(&self) -> &'static str {
+        self.error_type()
     }
 }
 
@@ -110,6 +167,9 @@ impl ErrorKind for RequestError {
             RequestError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             RequestError::ContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             RequestError::NotFound(_) => StatusCode::NOT_FOUND,
+            RequestError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            RequestError::Unauthorized => StatusCode::UNAUTHORIZED,
+            RequestError::Draining => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
     fn error_type(&self) -> &'static str {
@@ -118,6 +178,9 @@ impl ErrorKind for RequestError {
             RequestError::Invalid(_) => "validation",
             RequestError::ContentType => "malformed",
             RequestError::NotFound(_) => "not_found",
+            RequestError::PayloadTooLarge(_) => "payload_too_large",
+            RequestError::Unauthorized => "authentication",
+            RequestError::Draining => "unavailable",
         }
     }
 }
@@ -144,6 +207,17 @@ mod tests {
         assert_eq!(InferError::Overloaded.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(InferError::Generation("x".into()).status(), StatusCode::FAILED_DEPENDENCY);
         assert_eq!(RequestError::Malformed("x".into()).status(), StatusCode::BAD_REQUEST);
+        assert_eq!(RequestError::PayloadTooLarge(1).status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(RequestError::Unauthorized.status(), StatusCode::UNAUTHORIZED);
+    }
+
+    #[test]
+    fn shard_codes_map_to_distinct_statuses() {
+        let e = |code| InferError::from(&ClientError::Shard { code, message: "m".into(), request_ids: vec![] });
+        assert_eq!(e(ShardCode::OutOfMemory).status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e(ShardCode::InvalidRequest).status(), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(e(ShardCode::Internal).status(), StatusCode::FAILED_DEPENDENCY);
+        assert_eq!(e(ShardCode::OutOfMemory).error_type(), "out_of_memory");
     }
 
     #[test]

@@ -9,9 +9,10 @@ use futures::{Stream, StreamExt};
 use tokenizers::Tokenizer;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use crate::api::{FinishReason, GenerateRequest, Token};
+use crate::api::{FinishReason, GenerateRequest, PrefillToken, Token};
 use crate::detokenize::{Detokenizer, StopMatcher};
 use crate::error::InferError;
+use crate::metrics as m;
 use crate::pb;
 use crate::queue::{Entry, Queue, ShardEvent};
 use crate::validation::{ValidGenerateRequest, Validation};
@@ -19,8 +20,8 @@ use crate::validation::{ValidGenerateRequest, Validation};
 /// One event of a response stream.
 #[derive(Debug, Clone)]
 pub enum InferStreamEvent {
-    Token(Token),
-    End { token: Token, generated_text: String, details: EndDetails },
+    Token { token: Token, top_tokens: Vec<Token> },
+    End { token: Token, top_tokens: Vec<Token>, generated_text: String, details: EndDetails },
 }
 
 #[derive(Debug, Clone)]
@@ -29,10 +30,20 @@ pub struct EndDetails {
     pub generated_tokens: u32,
     pub seed: Option<u64>,
     pub input_length: u32,
+    pub prefill: Vec<PrefillToken>,
     pub tokens: Vec<Token>,
+    pub top_tokens: Vec<Vec<Token>>,
+    /// Where a stop sequence starts in the generated text (OpenAI routes cut there).
+    pub stop_at: Option<usize>,
     pub queued: Instant,
     pub started: Instant,
     pub finished: Instant,
+}
+
+impl EndDetails {
+    pub fn logprob_sum(&self) -> f32 {
+        self.tokens.iter().map(|t| t.logprob).sum()
+    }
 }
 
 /// A whole response, for non-streaming routes.
@@ -41,6 +52,8 @@ pub struct InferResponse {
     pub generated_text: String,
     pub details: EndDetails,
 }
+
+pub type ResponseStream = std::pin::Pin<Box<dyn Stream<Item = Result<InferStreamEvent, InferError>> + Send>>;
 
 #[derive(Clone)]
 pub struct Infer {
@@ -60,31 +73,100 @@ impl Infer {
     pub fn queue(&self) -> &Queue {
         &self.queue
     }
+    pub fn validation(&self) -> &Validation {
+        &self.validation
+    }
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+    /// Requests in flight (admitted by the concurrency limit, not yet answered).
+    pub fn in_flight(&self, max: usize) -> usize {
+        max - self.limit.available_permits()
+    }
 
     /// Validates and enqueues; the stream holds the concurrency permit until it ends.
-    pub async fn generate_stream(
-        &self,
-        req: GenerateRequest,
-    ) -> Result<(Arc<ValidGenerateRequest>, impl Stream<Item = Result<InferStreamEvent, InferError>> + Send + 'static), InferError> {
-        let permit = self.limit.clone().try_acquire_owned().map_err(|_| InferError::Overloaded)?;
+    pub async fn generate_stream(&self, req: GenerateRequest) -> Result<(Arc<ValidGenerateRequest>, ResponseStream), InferError> {
+        let permit = self.permit()?;
         let valid = self.validation.validate(req).await?;
+        Ok(self.enqueue(valid, permit))
+    }
+
+    fn permit(&self) -> Result<OwnedSemaphorePermit, InferError> {
+        self.limit.clone().try_acquire_owned().map_err(|_| {
+            m::request_failed("overloaded");
+            InferError::Overloaded
+        })
+    }
+
+    fn enqueue(&self, valid: ValidGenerateRequest, permit: OwnedSemaphorePermit) -> (Arc<ValidGenerateRequest>, ResponseStream) {
         let (tx, rx) = mpsc::unbounded_channel();
         let entry = Entry::new(valid, tx);
         let request = entry.request.clone();
+        m::request_started(&request);
         self.queue.append(entry);
-        Ok((request.clone(), response_stream(rx, request, self.tokenizer.clone(), self.special.clone(), permit)))
+        let stream = response_stream(rx, request.clone(), self.tokenizer.clone(), self.special.clone(), permit);
+        (request, Box::pin(stream))
     }
 
-    pub async fn generate(&self, req: GenerateRequest) -> Result<InferResponse, InferError> {
-        let (_, stream) = self.generate_stream(req).await?;
-        futures::pin_mut!(stream);
-        while let Some(ev) = stream.next().await {
-            if let InferStreamEvent::End { generated_text, details, .. } = ev? {
-                return Ok(InferResponse { generated_text, details });
-            }
+    /// One whole response; with `best_of` > 1, the most likely of that many sequences, the
+    /// others in `best_of_sequences`.
+    pub async fn generate(&self, req: GenerateRequest) -> Result<(InferResponse, Vec<InferResponse>), InferError> {
+        let mut all = self.generate_n(req, None).await?;
+        if all.len() == 1 {
+            return Ok((all.remove(0), vec![]));
         }
-        Err(InferError::Dropped)
+        let best = all
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.details.logprob_sum().total_cmp(&b.1.details.logprob_sum()))
+            .map(|(i, _)| i)
+            .unwrap_or(0);
+        let best = all.remove(best);
+        Ok((best, all))
     }
+
+    /// `n` independent sequences for one prompt (`n` = None: the request's `best_of`), each with
+    /// its own seed, generated concurrently in the same batches.
+    pub async fn generate_n(&self, req: GenerateRequest, n: Option<u32>) -> Result<Vec<InferResponse>, InferError> {
+        let streams = self.generate_streams(req, n).await?;
+        let all = futures::future::join_all(streams.into_iter().map(|(_, s)| collect(s))).await;
+        all.into_iter().collect()
+    }
+
+    /// Like `generate_n`, as streams.
+    pub async fn generate_streams(&self, req: GenerateRequest, n: Option<u32>) -> Result<Vec<(Arc<ValidGenerateRequest>, ResponseStream)>, InferError> {
+        let valid = self.validation.validate(req).await?;
+        // `best_of` was checked by validation; OpenAI's `n` may repeat a greedy request.
+        let n = n.unwrap_or(valid.best_of).max(1);
+        let mut permits = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            permits.push(self.permit()?);
+        }
+        let base_seed = valid.parameters.seed;
+        Ok(permits
+            .into_iter()
+            .enumerate()
+            .map(|(i, permit)| {
+                let mut v = valid.clone();
+                v.parameters.seed = base_seed.wrapping_add(i as u64);
+                self.enqueue(v, permit)
+            })
+            .collect())
+    }
+}
+
+async fn collect(mut stream: ResponseStream) -> Result<InferResponse, InferError> {
+    while let Some(ev) = stream.next().await {
+        if let InferStreamEvent::End { generated_text, details, .. } = ev? {
+            return Ok(InferResponse { generated_text, details });
+        }
+    }
+    Err(InferError::Dropped)
+}
+
+/// Decodes ids one by one (for top tokens and prompt tokens).
+fn token_texts(tokenizer: &Tokenizer, ids: &[u32]) -> Vec<String> {
+    ids.iter().map(|&id| tokenizer.decode(&[id], false).unwrap_or_default()).collect()
 }
 
 fn response_stream(
@@ -96,18 +178,41 @@ fn response_stream(
 ) -> impl Stream<Item = Result<InferStreamEvent, InferError>> + Send + 'static {
     async_stream::stream! {
         let _permit = permit;
-        let mut detok = Detokenizer::new(tokenizer, &request.input_ids);
+        let mut timer = m::RequestTimer::new();
+        let mut detok = Detokenizer::new(tokenizer.clone(), &request.input_ids);
         let mut stops = StopMatcher::new(request.stopping.stop_sequences.clone());
         let mut tokens: Vec<Token> = Vec::new();
+        let mut top_tokens: Vec<Vec<Token>> = Vec::new();
+        let mut prefill_tokens: Vec<PrefillToken> = Vec::new();
         while let Some(event) = rx.recv().await {
-            let ShardEvent::Token { id, logprob, finish, seed, queued, started } = match event {
+            let ShardEvent::Token { id, logprob, finish, seed, top, prefill, queued, started } = match event {
                 Ok(e) => e,
-                Err(e) => { yield Err(e); return; }
+                Err(e) => {
+                    m::request_failed(e.error_type_name());
+                    yield Err(e);
+                    return;
+                }
             };
+            timer.token(queued, started);
+            if let Some(p) = prefill {
+                let texts = token_texts(&tokenizer, &p.ids);
+                prefill_tokens = p.ids.iter().zip(p.logprobs.iter()).zip(texts)
+                    .map(|((&id, &lp), text)| PrefillToken { id, text, logprob: (!lp.is_nan()).then_some(lp) })
+                    .collect();
+            }
+            let top: Vec<Token> = top.map(|t| {
+                let texts = token_texts(&tokenizer, &t.ids);
+                t.ids.iter().zip(t.logprobs.iter()).zip(texts)
+                    .map(|((&id, &logprob), text)| Token { id, text, logprob, special: special.contains(&id) })
+                    .collect()
+            }).unwrap_or_default();
             let text = detok.push(id);
-            let stopped = stops.push(&text);
+            let stopped = stops.push(&text).is_some();
             let token = Token { id, text, logprob, special: special.contains(&id) };
             tokens.push(token.clone());
+            if request.top_n_tokens > 0 {
+                top_tokens.push(top.clone());
+            }
             let reason = match finish {
                 Some(pb::FinishReason::EosToken) => Some(FinishReason::EosToken),
                 _ if stopped => Some(FinishReason::StopSequence),
@@ -115,10 +220,11 @@ fn response_stream(
                 None => None,
             };
             let Some(finish_reason) = reason else {
-                yield Ok(InferStreamEvent::Token(token));
+                yield Ok(InferStreamEvent::Token { token, top_tokens: top });
                 continue;
             };
             let mut generated_text = detok.generated_text();
+            let stop_at = if stopped { stops.first_match(&generated_text) } else { None };
             if request.return_full_text {
                 generated_text = format!("{}{}", request.inputs, generated_text);
             }
@@ -127,14 +233,19 @@ fn response_stream(
                 generated_tokens: tokens.len() as u32,
                 seed: request.report_seed.then_some(seed),
                 input_length: request.input_length(),
-                tokens,
+                prefill: std::mem::take(&mut prefill_tokens),
+                tokens: std::mem::take(&mut tokens),
+                top_tokens: std::mem::take(&mut top_tokens),
+                stop_at,
                 queued,
                 started,
                 finished: Instant::now(),
             };
-            yield Ok(InferStreamEvent::End { token, generated_text, details });
+            timer.finish(&details);
+            yield Ok(InferStreamEvent::End { token, top_tokens: top, generated_text, details });
             return; // dropping `rx` tells the loop to filter this request out
         }
+        m::request_failed("dropped");
         yield Err(InferError::Dropped);
     }
 }

@@ -2,6 +2,9 @@
 //! continuous batching loop that drives the shards over gRPC.
 
 pub mod api;
+pub mod chat;
+pub mod metrics;
+pub mod openai;
 pub mod args;
 pub mod block_allocator;
 pub mod client;

@@ -1,6 +1,7 @@
 //! `text-generation-router`: connects to the shards, warms them up, serves HTTP.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,7 +9,8 @@ use clap::Parser;
 use tokio::sync::Mutex;
 
 use text_generation_router::api::Info;
-use text_generation_router::args::LimitArgs;
+use text_generation_router::args::{LimitArgs, ServiceArgs};
+use text_generation_router::chat::ChatTemplate;
 use text_generation_router::block_allocator::BlockAllocator;
 use text_generation_router::client::ShardedClient;
 use text_generation_router::infer::Infer;
@@ -23,6 +25,11 @@ use text_generation_router::validation::Validation;
 struct Args {
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    service: ServiceArgs,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value_t = 60)]
+    shutdown_timeout: u64,
     /// Address to listen on.
     #[arg(long, env = "TESSERA_HOSTNAME", default_value = "0.0.0.0")]
     hostname: String,
@@ -139,12 +146,13 @@ async fn run(args: Args) -> Result<(), String> {
         model_device_type: shard_info.device_type.clone(),
         attention_backend: shard_info.attention_backend.clone(),
         max_concurrent_requests: args.limits.max_concurrent_requests,
-        max_best_of: 1,
+        max_best_of: args.limits.max_best_of,
         max_stop_sequences: args.limits.max_stop_sequences,
         max_input_tokens: args.limits.max_input_tokens,
         max_total_tokens: args.limits.max_total_tokens,
         max_batch_prefill_tokens: args.limits.max_batch_prefill_tokens,
         max_batch_total_tokens: num_blocks * block_size,
+        max_top_n_tokens: args.limits.max_top_n_tokens,
         block_size,
         kv_blocks_total: num_blocks,
         kv_blocks_free: num_blocks,
@@ -152,18 +160,49 @@ async fn run(args: Args) -> Result<(), String> {
         router: env!("CARGO_PKG_NAME").into(),
         version: env!("CARGO_PKG_VERSION").into(),
     };
+    let chat_template = ChatTemplate::load(&args.tokenizer_dir)?.map(Arc::new);
+    if chat_template.is_none() {
+        tracing::warn!("the model has no chat template: /v1/chat/completions will answer 422");
+    }
+    let metrics = match text_generation_router::metrics::install() {
+        Ok(h) => Some(h),
+        Err(e) => {
+            tracing::warn!("metrics disabled: {e}");
+            None
+        }
+    };
     let validation = Validation::new(tokenizer.clone(), args.limits.clone());
     let infer = Infer::new(validation, queue, tokenizer, args.limits.max_concurrent_requests);
-    let state = AppState { infer, allocator, client: Arc::new(Mutex::new(client)), info: Arc::new(info) };
+    let draining = Arc::new(AtomicBool::new(false));
+    let state = AppState {
+        infer: infer.clone(),
+        allocator,
+        client: Arc::new(Mutex::new(client)),
+        info: Arc::new(info),
+        chat_template,
+        metrics,
+        api_key: args.service.api_key.clone().map(Arc::new),
+        payload_limit: args.limits.payload_limit,
+        draining: draining.clone(),
+    };
 
     let addr = format!("{}:{}", args.hostname, args.port);
     let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| format!("binding {addr}: {e}"))?;
     tracing::info!("listening on http://{addr}");
-    axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())?;
-    tracing::info!("drained, exiting");
+    let max = args.limits.max_concurrent_requests;
+    let drain = Duration::from_secs(args.shutdown_timeout);
+    let shutdown = async move {
+        shutdown_signal().await;
+        // New work gets 503 from here on; in-flight requests run to the end (or the timeout).
+        draining.store(true, Ordering::SeqCst);
+        let end = std::time::Instant::now() + drain;
+        while infer.in_flight(max) > 0 && std::time::Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!(left = infer.in_flight(max), "drained");
+    };
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string())?;
+    tracing::info!("exiting");
     Ok(())
 }
 

@@ -16,7 +16,18 @@ use crate::validation::ValidGenerateRequest;
 #[derive(Debug, Clone)]
 pub enum ShardEvent {
     /// One generated token; `finish` is set on the last one.
-    Token { id: u32, logprob: f32, finish: Option<pb::FinishReason>, seed: u64, queued: Instant, started: Instant },
+    Token {
+        id: u32,
+        logprob: f32,
+        finish: Option<pb::FinishReason>,
+        seed: u64,
+        /// Best alternatives of this token (when asked for).
+        top: Option<pb::Tokens>,
+        /// Prompt tokens with logprobs (first token only, when asked for).
+        prefill: Option<pb::Tokens>,
+        queued: Instant,
+        started: Instant,
+    },
 }
 
 pub type EventSender = mpsc::UnboundedSender<Result<ShardEvent, InferError>>;
@@ -111,9 +122,11 @@ async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Command>) {
                 let id = state.next_request_id;
                 state.next_request_id += 1;
                 state.entries.push_back((id, *entry));
+                crate::metrics::queue_size(state.entries.len());
             }
             Command::NextBatch { limits, reply } => {
                 let batch = state.next_batch(limits).await;
+                crate::metrics::queue_size(state.entries.len());
                 if let Err(Some((entries, _))) = reply.send(batch) {
                     // The loop went away: put the requests back, blocks freed by the drop.
                     for (id, mut e) in entries.into_iter().rev() {
@@ -183,13 +196,13 @@ fn to_pb(id: u64, e: &Entry) -> pb::Request {
             temperature: r.parameters.temperature,
             top_k: r.parameters.top_k,
             top_p: r.parameters.top_p,
-            typical_p: 1.0,
+            typical_p: r.parameters.typical_p,
             do_sample: r.parameters.do_sample,
             seed: r.parameters.seed,
             repetition_penalty: r.parameters.repetition_penalty,
-            frequency_penalty: 0.0,
-            presence_penalty: 0.0,
-            watermark: false,
+            frequency_penalty: r.parameters.frequency_penalty,
+            presence_penalty: r.parameters.presence_penalty,
+            watermark: r.parameters.watermark,
         }),
         stopping_parameters: Some(pb::StoppingCriteriaParameters {
             max_new_tokens: r.stopping.max_new_tokens,
@@ -198,8 +211,8 @@ fn to_pb(id: u64, e: &Entry) -> pb::Request {
         blocks: a.blocks.clone(),
         slots: a.slots(r.input_length()),
         adapter_id: None,
-        prefill_logprobs: false,
-        top_n_tokens: 0,
+        prefill_logprobs: r.decoder_input_details,
+        top_n_tokens: r.top_n_tokens,
     }
 }
 
@@ -212,10 +225,24 @@ pub(crate) mod tests {
         ValidGenerateRequest {
             inputs: "x".into(),
             input_ids: Arc::new(vec![2; input_len]),
-            parameters: ValidParameters { temperature: 1.0, top_k: 0, top_p: 1.0, do_sample: false, seed: 0, repetition_penalty: 1.0 },
+            parameters: ValidParameters {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 1.0,
+                typical_p: 1.0,
+                do_sample: false,
+                seed: 0,
+                repetition_penalty: 1.0,
+                frequency_penalty: 0.0,
+                presence_penalty: 0.0,
+                watermark: false,
+            },
             stopping: ValidStopping { max_new_tokens, stop_sequences: vec![], ignore_eos_token: false },
             details: false,
             return_full_text: false,
+            decoder_input_details: false,
+            top_n_tokens: 0,
+            best_of: 1,
             report_seed: false,
         }
     }

@@ -68,6 +68,7 @@ pub async fn batching_loop<S: Shards>(mut shards: S, queue: Queue, cfg: Schedule
                 cached = if live.is_empty() { None } else { decode(&mut shards, live, &mut entries).await };
             }
             debug_assert!(entries.is_empty() || entries.values().all(|e| e.is_cancelled()));
+            crate::metrics::batch_size(0);
         }
     }
 }
@@ -81,7 +82,10 @@ fn limits(cfg: &SchedulerConfig, running: usize) -> BatchLimits {
 
 async fn prefill<S: Shards>(shards: &mut S, batch: pb::Batch, entries: &mut Entries) -> Option<pb::CachedBatch> {
     let id = batch.id;
-    match shards.prefill(batch).await {
+    let t0 = std::time::Instant::now();
+    let result = shards.prefill(batch).await;
+    crate::metrics::prefill_duration(t0.elapsed());
+    match result {
         Ok(resp) => {
             send_generations(resp.generations, entries);
             update(shards, resp.batch, entries).await
@@ -97,7 +101,11 @@ async fn prefill<S: Shards>(shards: &mut S, batch: pb::Batch, entries: &mut Entr
 
 async fn decode<S: Shards>(shards: &mut S, batches: Vec<pb::CachedBatch>, entries: &mut Entries) -> Option<pb::CachedBatch> {
     let ids: Vec<u64> = batches.iter().map(|b| b.id).collect();
-    match shards.decode(batches).await {
+    crate::metrics::batch_size(entries.len());
+    let t0 = std::time::Instant::now();
+    let result = shards.decode(batches).await;
+    crate::metrics::decode_duration(t0.elapsed());
+    match result {
         Ok(resp) => {
             send_generations(resp.generations, entries);
             update(shards, resp.batch, entries).await
@@ -143,6 +151,14 @@ async fn update<S: Shards>(shards: &mut S, batch: Option<pb::CachedBatch>, entri
 fn send_generations(generations: Vec<pb::Generation>, entries: &mut Entries) {
     for g in generations {
         let Some(entry) = entries.get(&g.request_id) else { continue };
+        if let Some(err) = g.error {
+            // This request alone failed; the rest of the batch goes on.
+            let code = pb::ErrorCode::try_from(err.code).unwrap_or(pb::ErrorCode::Internal);
+            let e = ClientError::Shard { code, message: err.message, request_ids: err.request_ids };
+            let mut failed: Entries = entries.remove_entry(&g.request_id).into_iter().collect();
+            fail_all(&mut failed, &e);
+            continue;
+        }
         let tokens = g.tokens.unwrap_or_default();
         let (Some(&id), Some(&logprob)) = (tokens.ids.first(), tokens.logprobs.first()) else {
             let e = ClientError::Shard { code: pb::ErrorCode::Internal, message: "generation without a token".into(), request_ids: vec![] };
@@ -159,6 +175,8 @@ fn send_generations(generations: Vec<pb::Generation>, entries: &mut Entries) {
             logprob,
             finish,
             seed: g.seed,
+            top: g.top_tokens.into_iter().next(),
+            prefill: g.prefill_tokens.filter(|t| !t.ids.is_empty()),
             queued: entry.queued,
             started: entry.started.unwrap_or(entry.queued),
         };
@@ -170,7 +188,7 @@ fn send_generations(generations: Vec<pb::Generation>, entries: &mut Entries) {
 
 fn fail_all(entries: &mut Entries, e: &ClientError) {
     for (_, entry) in entries.drain() {
-        let _ = entry.events.send(Err(InferError::Generation(e.to_string())));
+        let _ = entry.events.send(Err(InferError::from(e)));
     }
 }
 
@@ -331,7 +349,7 @@ mod tests {
         let (queue, alloc) = start(fake.clone(), 64);
         let (e, rx) = entry(4, 4);
         queue.append(e);
-        assert!(matches!(collect(rx).await, Err(InferError::Generation(_))));
+        assert!(matches!(collect(rx).await, Err(InferError::Shard { code: pb::ErrorCode::OutOfMemory, .. })));
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(alloc.stats().await.free, 64);
         // The loop keeps serving after a failure.

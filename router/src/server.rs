@@ -1,24 +1,33 @@
 //! HTTP routes (axum). Handlers are thin: parse the body, call `Infer`, shape the answer.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::Mutex;
+use utoipa::OpenApi;
 
-use crate::api::{Details, GenerateRequest, GenerateResponse, Info, StreamDetails, StreamResponse};
+use crate::api::{
+    BestOfSequence, Details, FinishReason, GenerateParameters, GenerateRequest, GenerateResponse, Info, PrefillToken,
+    SimpleToken, StreamDetails, StreamResponse, Token,
+};
 use crate::block_allocator::BlockAllocator;
+use crate::chat::ChatTemplate;
 use crate::client::ShardedClient;
-use crate::error::{ErrorKind, RequestError};
-use crate::infer::{EndDetails, Infer, InferStreamEvent};
+use crate::error::{ErrorBody, ErrorKind, InferError, RequestError, ValidationError};
+use crate::infer::{EndDetails, Infer, InferResponse, InferStreamEvent};
+use crate::openai;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -26,54 +35,152 @@ pub struct AppState {
     pub allocator: BlockAllocator,
     pub client: Arc<Mutex<ShardedClient>>,
     pub info: Arc<Info>,
+    pub chat_template: Option<Arc<ChatTemplate>>,
+    pub metrics: Option<PrometheusHandle>,
+    pub api_key: Option<Arc<String>>,
+    pub payload_limit: usize,
+    /// Set on SIGTERM: new work gets 503 while in-flight requests finish.
+    pub draining: Arc<AtomicBool>,
 }
 
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Tessera", description = "TGI- and OpenAI-compatible text generation server"),
+    paths(compat_generate, generate, generate_stream, tokenize, health, info, metrics,
+          openai::completions, openai::chat_completions, openai::models),
+    components(schemas(GenerateRequest, GenerateParameters, GenerateResponse, Details, BestOfSequence, PrefillToken,
+                        Token, FinishReason, StreamResponse, StreamDetails, SimpleToken, Info, ErrorBody,
+                        openai::CompletionRequest, openai::CompletionResponse, openai::ChatCompletionRequest,
+                        openai::ChatCompletionResponse, openai::ChatCompletionChunk, openai::ModelList)),
+    tags((name = "Text Generation Inference", description = "TGI routes"), (name = "OpenAI", description = "OpenAI-compatible routes"))
+)]
+pub struct ApiDoc;
+
 pub fn app(state: AppState) -> Router {
+    let limit = state.payload_limit;
     Router::new()
+        .route("/", post(compat_generate))
         .route("/generate", post(generate))
         .route("/generate_stream", post(generate_stream))
+        .route("/tokenize", post(tokenize))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/models", get(openai::models))
         .route("/health", get(health))
         .route("/info", get(info))
+        .route("/metrics", get(metrics))
+        .route("/api-doc/openapi.json", get(openapi))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
 
-fn parse(payload: Result<Json<GenerateRequest>, JsonRejection>) -> Result<GenerateRequest, RequestError> {
+/// API key on every route but /health; while draining, new POSTs get 503.
+async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path != "/health" {
+        if let Some(key) = &s.api_key {
+            let ok = req
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .is_some_and(|v| constant_time_eq(v.trim().as_bytes(), key.as_bytes()));
+            if !ok {
+                return RequestError::Unauthorized.into_response();
+            }
+        }
+    }
+    if s.draining.load(Ordering::SeqCst) && req.method() == Method::POST {
+        return RequestError::Draining.into_response();
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Turns a JSON extraction result into the body or our error (400 syntax, 422 shape, 413 size).
+pub fn parse_json<T>(payload: Result<Json<T>, JsonRejection>, limit: usize) -> Result<T, RequestError> {
     match payload {
         Ok(Json(r)) => Ok(r),
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(RequestError::PayloadTooLarge(limit)),
         Err(JsonRejection::JsonDataError(e)) => Err(RequestError::Invalid(e.body_text())),
         Err(JsonRejection::MissingJsonContentType(_)) => Err(RequestError::ContentType),
         Err(e) => Err(RequestError::Malformed(e.body_text())),
     }
 }
 
-async fn generate(State(s): State<AppState>, payload: Result<Json<GenerateRequest>, JsonRejection>) -> Response {
-    let req = match parse(payload) {
+fn details(r: &InferResponse, best_of: Vec<InferResponse>) -> Details {
+    let d = &r.details;
+    Details {
+        finish_reason: d.finish_reason,
+        generated_tokens: d.generated_tokens,
+        seed: d.seed,
+        prefill: d.prefill.clone(),
+        tokens: d.tokens.clone(),
+        top_tokens: d.top_tokens.clone(),
+        best_of_sequences: (!best_of.is_empty()).then(|| {
+            best_of
+                .into_iter()
+                .map(|o| BestOfSequence {
+                    generated_text: o.generated_text,
+                    finish_reason: o.details.finish_reason,
+                    generated_tokens: o.details.generated_tokens,
+                    seed: o.details.seed,
+                    prefill: o.details.prefill,
+                    tokens: o.details.tokens,
+                    top_tokens: o.details.top_tokens,
+                })
+                .collect()
+        }),
+    }
+}
+
+async fn generate_inner(s: &AppState, req: GenerateRequest) -> Result<(HeaderMap, GenerateResponse), InferError> {
+    let want_details = req.parameters.details || req.parameters.decoder_input_details;
+    let (best, others) = s.infer.generate(req).await?;
+    let headers = timing_headers(&best.details);
+    let details = want_details.then(|| details(&best, others));
+    Ok((headers, GenerateResponse { generated_text: best.generated_text, details }))
+}
+
+/// `POST /` (TGI compatibility): `stream` picks SSE; otherwise a one-element list.
+#[utoipa::path(post, path = "/", tag = "Text Generation Inference", request_body = GenerateRequest,
+    responses((status = 200, description = "A list with one generation, or SSE events when stream", body = Vec<GenerateResponse>),
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 413, body = ErrorBody),
+              (status = 422, body = ErrorBody), (status = 424, body = ErrorBody), (status = 429, body = ErrorBody),
+              (status = 503, body = ErrorBody)))]
+async fn compat_generate(State(s): State<AppState>, payload: Result<Json<GenerateRequest>, JsonRejection>) -> Response {
+    let req = match parse_json(payload, s.payload_limit) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    match s.infer.generate(req).await {
-        Ok(r) => {
-            let headers = timing_headers(&r.details);
-            let details = r.details;
-            let body = GenerateResponse {
-                generated_text: r.generated_text,
-                details: s_details(&details),
-            };
-            (headers, Json(body)).into_response()
-        }
+    if req.stream {
+        return stream_response(s, req).await;
+    }
+    match generate_inner(&s, req).await {
+        Ok((h, body)) => (h, Json(vec![body])).into_response(),
         Err(e) => e.into_response(),
     }
 }
 
-fn s_details(d: &EndDetails) -> Option<Details> {
-    Some(Details {
-        finish_reason: d.finish_reason,
-        generated_tokens: d.generated_tokens,
-        seed: d.seed,
-        prefill: vec![],
-        tokens: d.tokens.clone(),
-    })
+/// `POST /generate`
+#[utoipa::path(post, path = "/generate", tag = "Text Generation Inference", request_body = GenerateRequest,
+    responses((status = 200, body = GenerateResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 413, body = ErrorBody), (status = 422, body = ErrorBody), (status = 424, body = ErrorBody),
+              (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn generate(State(s): State<AppState>, payload: Result<Json<GenerateRequest>, JsonRejection>) -> Response {
+    let req = match parse_json(payload, s.payload_limit) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    match generate_inner(&s, req).await {
+        Ok((h, body)) => (h, Json(body)).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 /// TGI's timing headers.
@@ -88,9 +195,11 @@ fn timing_headers(d: &EndDetails) -> HeaderMap {
             h.insert(k, v);
         }
     };
-    put("x-compute-type", "gpu+optimized".into());
+    put("x-compute-type", "1-shard".into());
     put("x-compute-time", format!("{:.6}", total.as_secs_f64()));
+    put("x-compute-characters", "0".into());
     put("x-total-time", total.as_millis().to_string());
+    put("x-validation-time", "0".into());
     put("x-queue-time", queue.as_millis().to_string());
     put("x-inference-time", inference.as_millis().to_string());
     put("x-time-per-token", per_token.as_millis().to_string());
@@ -99,11 +208,26 @@ fn timing_headers(d: &EndDetails) -> HeaderMap {
     h
 }
 
+/// `POST /generate_stream`
+#[utoipa::path(post, path = "/generate_stream", tag = "Text Generation Inference", request_body = GenerateRequest,
+    responses((status = 200, description = "Server-sent events, one StreamResponse per token", body = StreamResponse,
+               content_type = "text/event-stream"),
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 413, body = ErrorBody),
+              (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 async fn generate_stream(State(s): State<AppState>, payload: Result<Json<GenerateRequest>, JsonRejection>) -> Response {
-    let req = match parse(payload) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
+    match parse_json(payload, s.payload_limit) {
+        Ok(r) => stream_response(s, r).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn stream_response(s: AppState, req: GenerateRequest) -> Response {
+    if req.parameters.best_of.is_some_and(|b| b > 1) {
+        return InferError::from(ValidationError::NotWithStream("best_of")).into_response();
+    }
+    if req.parameters.decoder_input_details {
+        return InferError::from(ValidationError::NotWithStream("decoder_input_details")).into_response();
+    }
     let want_details = req.parameters.details;
     let (_request, stream) = match s.infer.generate_stream(req).await {
         Ok(x) => x,
@@ -113,13 +237,13 @@ async fn generate_stream(State(s): State<AppState>, payload: Result<Json<Generat
     let events = stream.map(move |ev| -> Result<Event, Infallible> {
         index += 1;
         let event = match ev {
-            Ok(InferStreamEvent::Token(token)) => {
-                StreamResponse { index, token, top_tokens: vec![], generated_text: None, details: None }
+            Ok(InferStreamEvent::Token { token, top_tokens }) => {
+                StreamResponse { index, token, top_tokens, generated_text: None, details: None }
             }
-            Ok(InferStreamEvent::End { token, generated_text, details }) => StreamResponse {
+            Ok(InferStreamEvent::End { token, top_tokens, generated_text, details }) => StreamResponse {
                 index,
                 token,
-                top_tokens: vec![],
+                top_tokens,
                 generated_text: Some(generated_text),
                 details: want_details.then_some(StreamDetails {
                     finish_reason: details.finish_reason,
@@ -135,13 +259,51 @@ async fn generate_stream(State(s): State<AppState>, payload: Result<Json<Generat
     Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response()
 }
 
-async fn health(State(s): State<AppState>) -> Response {
-    match s.client.lock().await.health().await {
-        Ok(()) => StatusCode::OK.into_response(),
-        Err(e) => crate::error::InferError::NotReady(e.to_string()).into_response(),
+/// `POST /tokenize`: the prompt's tokens with their character spans.
+#[utoipa::path(post, path = "/tokenize", tag = "Text Generation Inference", request_body = GenerateRequest,
+    responses((status = 200, body = Vec<SimpleToken>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 413, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+async fn tokenize(State(s): State<AppState>, payload: Result<Json<GenerateRequest>, JsonRejection>) -> Response {
+    let req = match parse_json(payload, s.payload_limit) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let inputs = req.inputs.clone();
+    match s.infer.validation().encode(req.inputs).await {
+        Ok(enc) => {
+            let tokens: Vec<SimpleToken> = enc
+                .get_ids()
+                .iter()
+                .zip(enc.get_offsets())
+                .map(|(&id, &(start, stop))| SimpleToken {
+                    id,
+                    text: inputs.get(start..stop).unwrap_or("").to_string(),
+                    start,
+                    stop,
+                })
+                .collect();
+            Json(tokens).into_response()
+        }
+        Err(e) => InferError::from(e).into_response(),
     }
 }
 
+/// `GET /health`: 200 when every shard answers; 503 while draining or when a shard does not.
+#[utoipa::path(get, path = "/health", tag = "Text Generation Inference",
+    responses((status = 200, description = "Ready"), (status = 503, body = ErrorBody)))]
+async fn health(State(s): State<AppState>) -> Response {
+    if s.draining.load(Ordering::SeqCst) {
+        return RequestError::Draining.into_response();
+    }
+    match s.client.lock().await.health().await {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => InferError::NotReady(e.to_string()).into_response(),
+    }
+}
+
+/// `GET /info`
+#[utoipa::path(get, path = "/info", tag = "Text Generation Inference", responses((status = 200, body = Info),
+    (status = 401, body = ErrorBody)))]
 async fn info(State(s): State<AppState>) -> Json<Info> {
     let stats = s.allocator.stats().await;
     let mut info = (*s.info).clone();
@@ -149,6 +311,21 @@ async fn info(State(s): State<AppState>) -> Json<Info> {
     info.kv_blocks_free = stats.free;
     info.queue_size = s.infer.queue().len().await;
     Json(info)
+}
+
+/// `GET /metrics`: Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "Text Generation Inference",
+    responses((status = 200, description = "Prometheus metrics", body = String, content_type = "text/plain"),
+              (status = 401, body = ErrorBody)))]
+async fn metrics(State(s): State<AppState>) -> Response {
+    match &s.metrics {
+        Some(h) => ([("content-type", "text/plain; version=0.0.4")], h.render()).into_response(),
+        None => RequestError::NotFound("/metrics (no recorder installed)".into()).into_response(),
+    }
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {

@@ -14,9 +14,13 @@ pub struct ValidParameters {
     pub temperature: f32,
     pub top_k: u32,
     pub top_p: f32,
+    pub typical_p: f32,
     pub do_sample: bool,
     pub seed: u64,
     pub repetition_penalty: f32,
+    pub frequency_penalty: f32,
+    pub presence_penalty: f32,
+    pub watermark: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -35,7 +39,13 @@ pub struct ValidGenerateRequest {
     pub stopping: ValidStopping,
     pub details: bool,
     pub return_full_text: bool,
-    /// Whether the client passed a seed or sampling is on (then `details.seed` is reported).
+    /// Prompt tokens with logprobs in the details.
+    pub decoder_input_details: bool,
+    /// Alternatives per generated token.
+    pub top_n_tokens: u32,
+    /// Sequences to generate; the best is returned (1 = plain).
+    pub best_of: u32,
+    /// Whether `details.seed` is reported (sampling is on).
     pub report_seed: bool,
 }
 
@@ -60,15 +70,31 @@ impl Validation {
         Self { tokenizer, limits: Arc::new(limits) }
     }
 
+    pub fn limits(&self) -> &LimitArgs {
+        &self.limits
+    }
+
     pub async fn validate(&self, req: GenerateRequest) -> Result<ValidGenerateRequest, ValidationError> {
-        let params = check_parameters(&req, &self.limits)?;
+        let checked = check_parameters(&req, &self.limits)?;
+        let (inputs, ids) = self.tokenize(req.inputs.clone(), checked.truncate).await?;
+        finish(req, checked, inputs, ids, &self.limits)
+    }
+
+    /// Tokenizes on the blocking pool; with `truncate`, keeps the last tokens (and their text).
+    pub async fn tokenize(&self, inputs: String, truncate: Option<usize>) -> Result<(String, Vec<u32>), ValidationError> {
         let tokenizer = self.tokenizer.clone();
-        let inputs = req.inputs.clone();
-        let truncate = params.truncate;
-        let (inputs, ids) = tokio::task::spawn_blocking(move || tokenize(&tokenizer, inputs, truncate))
+        tokio::task::spawn_blocking(move || tokenize(&tokenizer, inputs, truncate))
             .await
-            .map_err(|e| ValidationError::Tokenizer(e.to_string()))??;
-        finish(req, params, inputs, ids, &self.limits)
+            .map_err(|e| ValidationError::Tokenizer(e.to_string()))?
+    }
+
+    /// Token ids with their text spans, for `/tokenize`.
+    pub async fn encode(&self, inputs: String) -> Result<tokenizers::Encoding, ValidationError> {
+        let tokenizer = self.tokenizer.clone();
+        tokio::task::spawn_blocking(move || tokenizer.encode(inputs.as_str(), true))
+            .await
+            .map_err(|e| ValidationError::Tokenizer(e.to_string()))?
+            .map_err(|e| ValidationError::Tokenizer(e.to_string()))
     }
 }
 
@@ -77,6 +103,17 @@ struct Checked {
     parameters: ValidParameters,
     max_new_tokens: Option<u32>,
     truncate: Option<usize>,
+    best_of: u32,
+    top_n_tokens: u32,
+}
+
+fn in_range(v: Option<f32>, neutral: f32, ok: impl Fn(f32) -> bool, err: impl Fn(f32) -> ValidationError) -> Result<f32, ValidationError> {
+    let v = v.unwrap_or(neutral);
+    if v.is_finite() && ok(v) {
+        Ok(v)
+    } else {
+        Err(err(v))
+    }
 }
 
 fn check_parameters(req: &GenerateRequest, limits: &LimitArgs) -> Result<Checked, ValidationError> {
@@ -89,21 +126,15 @@ fn check_parameters(req: &GenerateRequest, limits: &LimitArgs) -> Result<Checked
         Some(n) => Some(n.min(u32::MAX as i64) as u32),
         None => None,
     };
-    let temperature = p.temperature.unwrap_or(1.0);
-    if !(temperature > 0.0) || !temperature.is_finite() {
-        return Err(ValidationError::Temperature(temperature));
-    }
-    let top_p = p.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ValidationError::TopP(top_p));
-    }
+    let temperature = in_range(p.temperature, 1.0, |v| v > 0.0, ValidationError::Temperature)?;
+    let top_p = in_range(p.top_p, 1.0, |v| v > 0.0 && v <= 1.0, ValidationError::TopP)?;
+    let typical_p = in_range(p.typical_p, 1.0, |v| v > 0.0 && v <= 1.0, ValidationError::TypicalP)?;
+    let repetition_penalty = in_range(p.repetition_penalty, 1.0, |v| v > 0.0, ValidationError::RepetitionPenalty)?;
+    let frequency_penalty = in_range(p.frequency_penalty, 0.0, |v| (-2.0..=2.0).contains(&v), ValidationError::FrequencyPenalty)?;
+    let presence_penalty = in_range(p.presence_penalty, 0.0, |v| (-2.0..=2.0).contains(&v), ValidationError::PresencePenalty)?;
     let top_k = p.top_k.unwrap_or(0);
     if top_k < 0 {
         return Err(ValidationError::TopK(top_k));
-    }
-    let repetition_penalty = p.repetition_penalty.unwrap_or(1.0);
-    if !(repetition_penalty > 0.0) || !repetition_penalty.is_finite() {
-        return Err(ValidationError::RepetitionPenalty(repetition_penalty));
     }
     if p.stop.len() > limits.max_stop_sequences {
         return Err(ValidationError::StopSequences(limits.max_stop_sequences, p.stop.len()));
@@ -118,38 +149,43 @@ fn check_parameters(req: &GenerateRequest, limits: &LimitArgs) -> Result<Checked
         Some(t) => Some(t as usize),
         None => None,
     };
-    // Parameters the shard does not apply yet are refused rather than silently ignored.
-    if p.typical_p.is_some_and(|v| v != 1.0) {
-        return Err(ValidationError::Unsupported("typical_p"));
-    }
-    if p.frequency_penalty.is_some_and(|v| v != 0.0) {
-        return Err(ValidationError::Unsupported("frequency_penalty"));
-    }
-    if p.presence_penalty.is_some_and(|v| v != 0.0) {
-        return Err(ValidationError::Unsupported("presence_penalty"));
-    }
-    if p.watermark {
-        return Err(ValidationError::Unsupported("watermark"));
-    }
-    if p.best_of.is_some_and(|b| b > 1) {
-        return Err(ValidationError::Unsupported("best_of"));
-    }
-    if p.top_n_tokens.is_some_and(|n| n > 0) {
-        return Err(ValidationError::Unsupported("top_n_tokens"));
-    }
-    if p.decoder_input_details {
-        return Err(ValidationError::Unsupported("decoder_input_details"));
+    let top_n_tokens = p.top_n_tokens.unwrap_or(0);
+    if top_n_tokens > limits.max_top_n_tokens {
+        return Err(ValidationError::TopNTokens(limits.max_top_n_tokens, top_n_tokens));
     }
     if p.adapter_id.as_deref().is_some_and(|a| !a.is_empty()) {
         return Err(ValidationError::Unsupported("adapter_id"));
     }
     // As in TGI: any warper turns sampling on.
-    let do_sample = p.do_sample.unwrap_or(false) || temperature != 1.0 || top_k > 0 || top_p < 1.0;
+    let do_sample = p.do_sample.unwrap_or(false) || temperature != 1.0 || top_k > 0 || top_p < 1.0 || typical_p < 1.0;
+    let best_of = p.best_of.unwrap_or(1);
+    if best_of == 0 || best_of > limits.max_best_of {
+        return Err(ValidationError::BestOf(limits.max_best_of, best_of));
+    }
+    if best_of > 1 && !do_sample {
+        return Err(ValidationError::BestOfSampling);
+    }
+    if best_of > 1 && p.seed.is_some() {
+        return Err(ValidationError::BestOfSeed);
+    }
     let seed = p.seed.unwrap_or_else(rand::random);
     Ok(Checked {
-        parameters: ValidParameters { temperature, top_k: top_k as u32, top_p, do_sample, seed, repetition_penalty },
+        parameters: ValidParameters {
+            temperature,
+            top_k: top_k.min(u32::MAX as i64) as u32,
+            top_p,
+            typical_p,
+            do_sample,
+            seed,
+            repetition_penalty,
+            frequency_penalty,
+            presence_penalty,
+            watermark: p.watermark,
+        },
         max_new_tokens,
         truncate,
+        best_of,
+        top_n_tokens,
     })
 }
 
@@ -193,6 +229,9 @@ fn finish(
         stopping: ValidStopping { max_new_tokens, stop_sequences: p.stop, ignore_eos_token: false },
         details: p.details,
         return_full_text: p.return_full_text.unwrap_or(false),
+        decoder_input_details: p.decoder_input_details,
+        top_n_tokens: checked.top_n_tokens,
+        best_of: checked.best_of,
         report_seed,
     })
 }
@@ -254,11 +293,26 @@ pub(crate) mod tests {
             (GenerateParameters { repetition_penalty: Some(0.0), ..Default::default() }, ValidationError::RepetitionPenalty(0.0)),
             (GenerateParameters { stop: vec!["".into()], ..Default::default() }, ValidationError::EmptyStop),
             (GenerateParameters { stop: vec!["a".into(); 5], ..Default::default() }, ValidationError::StopSequences(4, 5)),
-            (GenerateParameters { best_of: Some(2), ..Default::default() }, ValidationError::Unsupported("best_of")),
+            (GenerateParameters { best_of: Some(2), ..Default::default() }, ValidationError::BestOfSampling),
+            (GenerateParameters { best_of: Some(3), do_sample: Some(true), ..Default::default() }, ValidationError::BestOf(2, 3)),
+            (GenerateParameters { best_of: Some(2), do_sample: Some(true), seed: Some(1), ..Default::default() }, ValidationError::BestOfSeed),
+            (GenerateParameters { typical_p: Some(0.0), ..Default::default() }, ValidationError::TypicalP(0.0)),
+            (GenerateParameters { frequency_penalty: Some(2.5), ..Default::default() }, ValidationError::FrequencyPenalty(2.5)),
+            (GenerateParameters { presence_penalty: Some(-3.0), ..Default::default() }, ValidationError::PresencePenalty(-3.0)),
+            (GenerateParameters { top_n_tokens: Some(6), ..Default::default() }, ValidationError::TopNTokens(5, 6)),
         ];
         for (p, want) in cases {
             assert_eq!(v.validate(req("hello", p)).await.unwrap_err(), want);
         }
+    }
+
+    #[tokio::test]
+    async fn rejects_non_finite_numbers() {
+        let v = validation(LimitArgs::default());
+        let p = GenerateParameters { temperature: Some(f32::NAN), ..Default::default() };
+        assert!(matches!(v.validate(req("hello", p)).await, Err(ValidationError::Temperature(_))));
+        let p = GenerateParameters { top_p: Some(f32::INFINITY), ..Default::default() };
+        assert!(matches!(v.validate(req("hello", p)).await, Err(ValidationError::TopP(_))));
     }
 
     #[tokio::test]

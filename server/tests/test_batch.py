@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -95,8 +96,34 @@ def test_running_past_the_block_table_is_refused(engine_factory):
         eng.decode([1])
 
 
-def test_bad_prefill_inputs_are_refused(engine_factory):
+def test_bad_request_fails_alone(engine_factory):
     eng, _ = engine_factory("llama")
-    b, _ = batch(1, [[3, 400]], 2)  # token id beyond the vocabulary
-    with pytest.raises(ShardError, match="vocabulary"):
-        eng.prefill(b)
+    b, _ = batch(1, [[3, 400], [3, 4, 5]], 2)  # request 0 has a token id beyond the vocabulary
+    res, cached = eng.prefill(b)
+    assert res.request_ids == [1]
+    assert cached.request_ids == [1]
+    assert res.failed == [(0, "token id out of vocabulary")]
+    b, _ = batch(2, [[3, 400]], 2, first_id=5)
+    res, cached = eng.prefill(b)
+    assert cached is None and res.failed[0][0] == 5
+
+
+def test_prompt_logprobs_and_top_n(engine_factory):
+    from text_generation_server.pb import generate_pb2 as pb
+
+    eng, ref = engine_factory("llama")
+    prompt = [5, 9, 11, 4]
+    b, _ = batch(1, [prompt, [7, 8]], 2)
+    b.requests[0].prefill_logprobs = True
+    b.requests[0].top_n_tokens = 3
+    res, _ = eng.prefill(b)
+    ids, lps = res.prefill[0]
+    assert ids == prompt and np.isnan(lps[0])
+    with torch.no_grad():
+        want = torch.log_softmax(ref(torch.tensor([prompt])).logits[0].float(), -1)
+    for t in range(1, len(prompt)):
+        assert abs(lps[t] - want[t - 1, prompt[t]].item()) < 1e-4
+    assert 1 not in res.prefill
+    top = res.top_ids[0, :3]
+    assert top[0] == res.token_ids[0]  # greedy: the best alternative is the token itself
+    assert list(res.top_logprobs[0, :3]) == sorted(res.top_logprobs[0, :3], reverse=True)

@@ -25,7 +25,7 @@ def test_prefill_logits_match_transformers(engine_factory, kind):
     from text_generation_server.batch import Batch
     from text_generation_server.models.forward_context import ForwardContext, forward_context
 
-    b = Batch.from_pb(pb_batch, eng.cfg.block_size, 97, torch.device("cpu"))
+    b = Batch.from_pb(pb_batch.id, list(pb_batch.requests), eng.cfg.block_size, 97, torch.device("cpu"))
     inputs = b.prefill_inputs()
     eng.attention.plan(inputs.attention)
     with forward_context(ForwardContext(eng.attention)):

@@ -7,44 +7,70 @@ from types import SimpleNamespace
 import torch
 
 from text_generation_server.sampling import noise
-from text_generation_server.sampling.sampler import SamplingParams, sample
+from text_generation_server.sampling.sampler import SamplingParams, filter_typical, sample
+
+NEUTRAL = dict(temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0, frequency_penalty=0.0,
+               presence_penalty=0.0, do_sample=False, watermark=False, seed=0)
 
 
 def params(n, **kw):
-    base = dict(temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, do_sample=False, seed=0)
-    base.update(kw)
-    return [SimpleNamespace(**base) for _ in range(n)]
+    return [SimpleNamespace(**{**NEUTRAL, **kw}) for _ in range(n)]
 
 
-def run(logits, rows, counts=None, step=0):
+def run(logits, rows, counts=None, out_counts=None, step=0, prev=None):
     sp = SamplingParams.from_rows(rows, torch.device("cpu"))
-    return sample(logits, sp, counts, torch.full((len(rows),), step, dtype=torch.int64))
+    steps = torch.full((len(rows),), step, dtype=torch.int64)
+    return sample(logits, sp, steps, counts, out_counts, prev).ids
 
 
 def test_greedy_is_argmax_with_logprob():
     logits = torch.randn(3, 50)
-    ids, lp = run(logits, params(3))
-    assert torch.equal(ids, logits.argmax(-1))
-    torch.testing.assert_close(lp, logits.log_softmax(-1).gather(1, ids[:, None])[:, 0])
+    sp = SamplingParams.from_rows(params(3), torch.device("cpu"))
+    out = sample(logits, sp, torch.zeros(3, dtype=torch.int64))
+    assert torch.equal(out.ids, logits.argmax(-1))
+    torch.testing.assert_close(out.logprobs, logits.log_softmax(-1).gather(1, out.ids[:, None])[:, 0])
 
 
 def test_top_k_one_is_greedy_even_when_sampling():
     logits = torch.randn(4, 50)
-    ids, _ = run(logits, params(4, do_sample=True, top_k=1, seed=3))
-    assert torch.equal(ids, logits.argmax(-1))
+    assert torch.equal(run(logits, params(4, do_sample=True, top_k=1, seed=3)), logits.argmax(-1))
+
+
+def test_top_k_keeps_only_k_tokens():
+    logits = torch.zeros(1, 50)
+    logits[0, :5] = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
+    seen = {run(logits, params(1, do_sample=True, top_k=2, temperature=5.0, seed=1), step=s).item() for s in range(300)}
+    assert seen == {0, 1}
 
 
 def test_tiny_top_p_is_greedy():
     logits = torch.randn(4, 50) * 5
-    ids, _ = run(logits, params(4, do_sample=True, top_p=1e-6, seed=5))
-    assert torch.equal(ids, logits.argmax(-1))
+    assert torch.equal(run(logits, params(4, do_sample=True, top_p=1e-6, seed=5)), logits.argmax(-1))
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    seen = {run(logits, params(1, do_sample=True, top_p=0.7, seed=2), step=s).item() for s in range(400)}
+    assert seen == {0, 1}
+
+
+def test_typical_p_keeps_tokens_near_the_entropy():
+    # A flat distribution over many tokens plus one likelier token: the likely one is atypical
+    # (its surprisal is far below the entropy), so a typical set of half the mass leaves it out.
+    logits = torch.cat([torch.tensor([[3.0]]), torch.zeros(1, 5000)], dim=1)
+    filtered = filter_typical(logits, torch.tensor([0.5]))
+    kept = torch.isfinite(filtered[0])
+    assert not kept[0]
+    assert logits.softmax(-1)[0][kept].sum() >= 0.5
+    unchanged = filter_typical(logits, torch.tensor([1.0]))
+    assert torch.equal(unchanged, logits)
 
 
 def test_seed_reproduces_and_differs():
     logits = torch.zeros(1, 1000)  # uniform: the draw is all noise
-    a = [run(logits, params(1, do_sample=True, seed=42), step=s)[0].item() for s in range(8)]
-    b = [run(logits, params(1, do_sample=True, seed=42), step=s)[0].item() for s in range(8)]
-    c = [run(logits, params(1, do_sample=True, seed=43), step=s)[0].item() for s in range(8)]
+    a = [run(logits, params(1, do_sample=True, seed=42), step=s).item() for s in range(8)]
+    b = [run(logits, params(1, do_sample=True, seed=42), step=s).item() for s in range(8)]
+    c = [run(logits, params(1, do_sample=True, seed=43), step=s).item() for s in range(8)]
     assert a == b
     assert a != c
     assert len(set(a)) > 1, "different steps draw differently"
@@ -54,33 +80,54 @@ def test_row_result_does_not_depend_on_batch_neighbours():
     logits = torch.randn(3, 100)
     rows = params(3, do_sample=True, temperature=0.8, seed=7)
     rows[1] = SimpleNamespace(**{**vars(rows[1]), "seed": 9})
-    together, _ = run(logits, rows)
-    alone, _ = run(logits[2:3], rows[2:3])
-    assert together[2] == alone[0]
+    assert run(logits, rows)[2] == run(logits[2:3], rows[2:3])[0]
 
 
 def test_sampling_follows_the_distribution():
-    torch.manual_seed(0)
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
     counts = torch.zeros(3)
     for s in range(3000):
-        counts[run(logits, params(1, do_sample=True, seed=11), step=s)[0]] += 1
+        counts[run(logits, params(1, do_sample=True, seed=11), step=s)] += 1
     torch.testing.assert_close(counts / 3000, torch.tensor([0.7, 0.2, 0.1]), atol=0.03, rtol=0)
 
 
-def test_low_temperature_sharpens():
+def test_low_temperature_sharpens_high_flattens():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
-    hits = sum(run(logits, params(1, do_sample=True, temperature=0.05, seed=1), step=s)[0].item() == 0 for s in range(200))
-    assert hits >= 198
+    cold = sum(run(logits, params(1, do_sample=True, temperature=0.05, seed=1), step=s).item() == 0 for s in range(300))
+    hot = sum(run(logits, params(1, do_sample=True, temperature=5.0, seed=1), step=s).item() == 0 for s in range(300))
+    assert cold >= 295
+    assert hot < 150
 
 
 def test_repetition_penalty_demotes_seen_tokens():
     logits = torch.tensor([[2.0, 1.9, -1.0]])
     counts = torch.tensor([[1, 0, 0]], dtype=torch.int32)
-    ids, _ = run(logits, params(1, repetition_penalty=1.2), counts)
-    assert ids.item() == 1  # 2.0 / 1.2 < 1.9
-    ids, _ = run(logits, params(1, repetition_penalty=1.0), counts)
-    assert ids.item() == 0
+    assert run(logits, params(1, repetition_penalty=1.2), counts).item() == 1  # 2.0 / 1.2 < 1.9
+    assert run(logits, params(1), counts).item() == 0
+
+
+def test_frequency_and_presence_penalties_use_output_counts():
+    logits = torch.tensor([[2.0, 1.5, 0.0]])
+    out_counts = torch.tensor([[2, 0, 0]], dtype=torch.int32)
+    assert run(logits, params(1, frequency_penalty=0.3), out_counts=out_counts).item() == 1  # 2.0 - 0.6 < 1.5
+    assert run(logits, params(1, frequency_penalty=0.2), out_counts=out_counts).item() == 0  # 2.0 - 0.4 > 1.5
+    assert run(logits, params(1, frequency_penalty=0.3), out_counts=out_counts * 0).item() == 0
+    assert run(logits, params(1, presence_penalty=0.6), out_counts=out_counts).item() == 1  # 2.0 - 0.6 < 1.5
+    assert run(logits, params(1, frequency_penalty=-1.0), out_counts=torch.tensor([[0, 1, 0]], dtype=torch.int32)).item() == 1
+
+
+def test_watermark_biases_a_green_list_seeded_by_the_previous_token():
+    logits = torch.zeros(2, 1000)
+    prev = torch.tensor([17, 17])
+    rows = params(2, watermark=True)
+    rows[1] = SimpleNamespace(**{**vars(rows[1]), "watermark": False})
+    sp = SamplingParams.from_rows(rows, torch.device("cpu"))
+    out = sample(logits, sp, torch.zeros(2, dtype=torch.int64), prev_tokens=prev)
+    green = out.distribution[0] > out.distribution[0].min() + 1
+    assert 400 < green.sum() < 600  # about gamma of the vocabulary
+    assert torch.allclose(out.distribution[1], out.distribution[1][0])  # unwatermarked row untouched
+    other = sample(logits, sp, torch.zeros(2, dtype=torch.int64), prev_tokens=torch.tensor([18, 18]))
+    assert not torch.equal(green, other.distribution[0] > other.distribution[0].min() + 1)
 
 
 def test_uniform_noise_in_range():

@@ -35,13 +35,19 @@ class Batch:
     generated: np.ndarray  # [B] int64, host: tokens generated so far
     max_new_tokens: np.ndarray  # [B] int64, host
     ignore_eos: np.ndarray  # [B] bool, host
-    seeds: list[int]  # echoed in generations
+    top_n: np.ndarray  # [B] int64, host: alternatives to return per token
     last_tokens: torch.Tensor  # [B] int64, device: the token each row feeds next
     sampling: SamplingParams
-    counts: torch.Tensor | None  # [B, vocab] int32, device: occurrences of each token (prompt + output); None if no row needs penalties
+    counts: torch.Tensor | None  # [B, vocab] int32, device: prompt + output occurrences; None unless a row has a repetition penalty
+    out_counts: torch.Tensor | None  # [B, vocab] int32, device: output occurrences; None unless a row has a frequency/presence penalty
     block_size: int
     prompt_ids: list[list[int]] | None = None  # host, only between from_pb and the first step
     prefill_slots: np.ndarray | None = None  # [T] int64, host, only between from_pb and the first step
+    prefill_logprobs: np.ndarray | None = None  # [B] bool, host, only between from_pb and the first step
+
+    @property
+    def seeds(self) -> np.ndarray:
+        return self.sampling.host["seed"]
 
     def __len__(self) -> int:
         return len(self.request_ids)
@@ -51,26 +57,18 @@ class Batch:
         return int(self.num_blocks.sum()) * self.block_size
 
     @classmethod
-    def from_pb(cls, pb, block_size: int, vocab_size: int, device: torch.device) -> "Batch":
-        reqs = list(pb.requests)
+    def from_pb(cls, batch_id: int, reqs: Sequence, block_size: int, vocab_size: int, device: torch.device) -> "Batch":
+        """reqs: pb.Request objects already checked with `check_request`."""
         if not reqs:
             raise ShardError(ErrorCode.INVALID_REQUEST, "empty batch")
-        for r in reqs:
-            if not r.input_ids:
-                raise ShardError(ErrorCode.INVALID_REQUEST, f"request {r.id} has no input tokens", [r.id])
-            if len(r.slots) != len(r.input_ids):
-                raise ShardError(ErrorCode.INVALID_REQUEST, f"request {r.id}: {len(r.slots)} slots for {len(r.input_ids)} tokens", [r.id])
-            if len(r.blocks) * block_size < len(r.input_ids):
-                raise ShardError(ErrorCode.INVALID_REQUEST, f"request {r.id}: block table too short for its prompt", [r.id])
-            if any(t >= vocab_size for t in r.input_ids):
-                raise ShardError(ErrorCode.INVALID_REQUEST, f"request {r.id}: token id out of vocabulary", [r.id])
         width = max(len(r.blocks) for r in reqs)
         tables = np.zeros((len(reqs), width), dtype=np.int32)
         for i, r in enumerate(reqs):
             tables[i, : len(r.blocks)] = r.blocks
         sp = SamplingParams.from_rows([r.parameters for r in reqs], device)
+        prompts = [list(r.input_ids) for r in reqs]
         b = cls(
-            id=pb.id,
+            id=batch_id,
             request_ids=[r.id for r in reqs],
             block_tables=torch.from_numpy(tables).to(device),
             num_blocks=np.array([len(r.blocks) for r in reqs], dtype=np.int64),
@@ -78,22 +76,26 @@ class Batch:
             generated=np.zeros(len(reqs), dtype=np.int64),
             max_new_tokens=np.array([r.stopping_parameters.max_new_tokens for r in reqs], dtype=np.int64),
             ignore_eos=np.array([r.stopping_parameters.ignore_eos_token for r in reqs], dtype=bool),
-            seeds=[int(r.parameters.seed) for r in reqs],
+            top_n=np.array([r.top_n_tokens for r in reqs], dtype=np.int64),
             last_tokens=torch.zeros(len(reqs), dtype=torch.int64, device=device),
             sampling=sp,
             counts=None,
+            out_counts=None,
             block_size=block_size,
-            prompt_ids=[list(r.input_ids) for r in reqs],
+            prompt_ids=prompts,
             prefill_slots=np.concatenate([np.asarray(r.slots, dtype=np.int64) for r in reqs]),
+            prefill_logprobs=np.array([r.prefill_logprobs for r in reqs], dtype=bool),
         )
-        if sp.any_penalty:
+        if sp.needs_prompt_counts:
             b.counts = torch.zeros((len(reqs), vocab_size), dtype=torch.int32, device=device)
-            rows = np.repeat(np.arange(len(reqs)), [len(p) for p in b.prompt_ids])
-            ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in b.prompt_ids])
+            rows = np.repeat(np.arange(len(reqs)), [len(p) for p in prompts])
+            ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in prompts])
             b.counts.index_put_(
                 (torch.from_numpy(rows).to(device), torch.from_numpy(ids).to(device)),
                 torch.ones(len(ids), dtype=torch.int32, device=device), accumulate=True,
             )
+        if sp.needs_output_counts:
+            b.out_counts = torch.zeros((len(reqs), vocab_size), dtype=torch.int32, device=device)
         return b
 
     # ---- per-step inputs -------------------------------------------------------------------
@@ -150,8 +152,12 @@ class Batch:
         self.last_tokens = next_ids
         self.prompt_ids = None
         self.prefill_slots = None
+        self.prefill_logprobs = None
+        rows = torch.arange(len(self), device=next_ids.device)
         if self.counts is not None:
-            self.counts[torch.arange(len(self), device=next_ids.device), next_ids] += 1
+            self.counts[rows, next_ids] += 1
+        if self.out_counts is not None:
+            self.out_counts[rows, next_ids] += 1
 
     # ---- reshaping --------------------------------------------------------------------------
 
@@ -172,10 +178,11 @@ class Batch:
             generated=self.generated[host],
             max_new_tokens=self.max_new_tokens[host],
             ignore_eos=self.ignore_eos[host],
-            seeds=[self.seeds[i] for i in host],
+            top_n=self.top_n[host],
             last_tokens=self.last_tokens[idx],
-            sampling=self.sampling.select(idx, host),
+            sampling=self.sampling.select(host, idx.device),
             counts=self.counts[idx] if self.counts is not None else None,
+            out_counts=self.out_counts[idx] if self.out_counts is not None else None,
             block_size=self.block_size,
         )
         return b
@@ -187,13 +194,8 @@ class Batch:
         dev = batches[0].block_tables.device
         width = max(b.block_tables.shape[1] for b in batches)
         tables = torch.cat([torch.nn.functional.pad(b.block_tables, (0, width - b.block_tables.shape[1])) for b in batches])
-        counts = None
-        if any(b.counts is not None for b in batches):
-            vocab = next(b.counts.shape[1] for b in batches if b.counts is not None)
-            counts = torch.cat([
-                b.counts if b.counts is not None else torch.zeros((len(b), vocab), dtype=torch.int32, device=dev)
-                for b in batches
-            ])
+        counts = _cat_optional([b.counts for b in batches], [len(b) for b in batches], dev)
+        out_counts = _cat_optional([b.out_counts for b in batches], [len(b) for b in batches], dev)
         out = cls(
             id=batches[0].id,
             request_ids=[r for b in batches for r in b.request_ids],
@@ -203,10 +205,35 @@ class Batch:
             generated=np.concatenate([b.generated for b in batches]),
             max_new_tokens=np.concatenate([b.max_new_tokens for b in batches]),
             ignore_eos=np.concatenate([b.ignore_eos for b in batches]),
-            seeds=[s for b in batches for s in b.seeds],
+            top_n=np.concatenate([b.top_n for b in batches]),
             last_tokens=torch.cat([b.last_tokens for b in batches]),
-            sampling=SamplingParams.concat([b.sampling for b in batches]),
+            sampling=SamplingParams.concat([b.sampling for b in batches], dev),
             counts=counts,
+            out_counts=out_counts,
             block_size=batches[0].block_size,
         )
         return out
+
+
+def _cat_optional(parts: list[torch.Tensor | None], sizes: list[int], device: torch.device) -> torch.Tensor | None:
+    """Row-concatenate [n, V] tensors where some batches have none (their rows get zeros)."""
+    if all(p is None for p in parts):
+        return None
+    vocab = next(p.shape[1] for p in parts if p is not None)
+    return torch.cat([p if p is not None else torch.zeros((n, vocab), dtype=torch.int32, device=device)
+                      for p, n in zip(parts, sizes)])
+
+
+def check_request(r, block_size: int, vocab_size: int, num_blocks: int) -> str | None:
+    """Why a new request cannot run, or None. Checked per request so one bad request fails alone."""
+    if not r.input_ids:
+        return "no input tokens"
+    if len(r.slots) != len(r.input_ids):
+        return f"{len(r.slots)} slots for {len(r.input_ids)} tokens"
+    if len(r.blocks) * block_size < len(r.input_ids) + max(r.stopping_parameters.max_new_tokens, 1) - 1:
+        return "block table too short for prompt + max_new_tokens"
+    if max(r.blocks) >= num_blocks:
+        return f"block ids beyond the cache's {num_blocks} blocks"
+    if max(r.input_ids) >= vocab_size:
+        return "token id out of vocabulary"
+    return None

@@ -16,7 +16,7 @@ import torch
 
 from text_generation_server import env
 from text_generation_server.attention import make_backend
-from text_generation_server.batch import Batch, StepInputs
+from text_generation_server.batch import Batch, StepInputs, check_request
 from text_generation_server.cache.kv_cache import KVCache
 from text_generation_server.errors import ErrorCode, ShardError
 from text_generation_server.models import load_model
@@ -36,9 +36,14 @@ class StepResult:
     token_ids: np.ndarray  # [B] int64
     logprobs: np.ndarray  # [B] float32
     finish: np.ndarray  # [B] int: FINISH_*
-    seeds: list[int]
+    seeds: np.ndarray  # [B] int64
+    top_n: np.ndarray  # [B] int64: alternatives wanted per row
+    top_ids: np.ndarray | None  # [B, max top_n] int64, best first
+    top_logprobs: np.ndarray | None  # [B, max top_n] float32
+    prefill: dict[int, tuple[list[int], list[float]]]  # row -> (prompt ids, logprobs; first is NaN)
     forward_ns: int
     sample_ns: int
+    failed: list[tuple[int, str]] = ()  # (request id, why) of requests refused before running
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,8 @@ class Engine:
         scratch = max((max(r.blocks) for r in pb_batch.requests if r.blocks), default=0) + 1
         self._alloc_cache(scratch)
         try:
-            self._step(Batch.from_pb(pb_batch, self.cfg.block_size, self.model.config.vocab_size, self.cfg.device), prefill=True)
+            reqs = list(pb_batch.requests)
+            self._step(Batch.from_pb(pb_batch.id, reqs, self.cfg.block_size, self.model.config.vocab_size, self.cfg.device), prefill=True)
         except torch.OutOfMemoryError as e:
             raise ShardError(ErrorCode.OUT_OF_MEMORY, f"warmup prefill does not fit: {e}") from e
         self.cache = None
@@ -113,11 +119,19 @@ class Engine:
         self._require_cache()
         if pb_batch.id in self.batches:
             raise ShardError(ErrorCode.INVALID_REQUEST, f"batch {pb_batch.id} already exists")
-        batch = Batch.from_pb(pb_batch, self.cfg.block_size, self.model.config.vocab_size, self.cfg.device)
-        bad = [r.id for r in pb_batch.requests if max(r.blocks, default=0) >= self.cache.num_blocks]
-        if bad:
-            raise ShardError(ErrorCode.INVALID_REQUEST, f"requests {bad} name KV blocks beyond {self.cache.num_blocks}", bad)
+        vocab = self.model.config.vocab_size
+        good, failed = [], []
+        for r in pb_batch.requests:
+            why = check_request(r, self.cfg.block_size, vocab, self.cache.num_blocks)
+            if why is None:
+                good.append(r)
+            else:
+                failed.append((r.id, why))
+        if not good:
+            return _empty_result(failed), None
+        batch = Batch.from_pb(pb_batch.id, good, self.cfg.block_size, vocab, self.cfg.device)
         result = self._step(batch, prefill=True)
+        result.failed = failed
         return result, self._keep(batch)
 
     def decode(self, batch_ids: list[int]) -> tuple[StepResult, Batch | None, int]:
@@ -162,18 +176,52 @@ class Engine:
         t0 = time.perf_counter_ns()
         inputs: StepInputs = batch.prefill_inputs() if prefill else batch.decode_inputs()
         tokens_in = (np.array([len(p) for p in batch.prompt_ids]) if prefill else np.ones(len(batch), dtype=np.int64))
+        want_prefill = np.flatnonzero(batch.prefill_logprobs) if prefill else np.zeros(0, dtype=np.int64)
+        prompts = batch.prompt_ids
         self.attention.plan(inputs.attention)
         with forward_context(ForwardContext(self.attention)):
             hidden = self.model.forward(inputs.input_ids, inputs.positions, self.cache.k, self.cache.v)
         logits = self.model.compute_logits(hidden[inputs.last_token_index])
+        prefill_lp = self._prompt_logprobs(hidden, inputs, prompts, want_prefill) if len(want_prefill) else {}
         t1 = time.perf_counter_ns()
         steps = torch.from_numpy(batch.generated).to(logits.device)
+        prev = inputs.input_ids[inputs.last_token_index]
+        max_n = int(batch.top_n.max(initial=0))
         with torch.inference_mode():
-            ids, logprobs = sample(logits, batch.sampling, batch.counts, steps)
-            batch.advance(ids, tokens_in)
-        ids_h, lp_h = ids.cpu().numpy(), logprobs.float().cpu().numpy()  # the step's one host sync
+            out = sample(logits, batch.sampling, steps, batch.counts, batch.out_counts, prev)
+            batch.advance(out.ids, tokens_in)
+            top = torch.topk(out.distribution, max_n, dim=-1) if max_n else None
+        # The step's one host sync: everything the response needs comes over together.
+        ids_h, lp_h = out.ids.cpu().numpy(), out.logprobs.float().cpu().numpy()
+        top_ids = top.indices.cpu().numpy() if top is not None else None
+        top_lp = top.values.float().cpu().numpy() if top is not None else None
         t2 = time.perf_counter_ns()
         finish = np.zeros(len(batch), dtype=np.int64)
         finish[batch.generated >= batch.max_new_tokens] = FINISH_LENGTH
         finish[np.isin(ids_h, self.eos) & ~batch.ignore_eos] = FINISH_EOS
-        return StepResult(list(batch.request_ids), ids_h, lp_h, finish, list(batch.seeds), t1 - t0, t2 - t1)
+        return StepResult(list(batch.request_ids), ids_h, lp_h, finish, batch.seeds.copy(), batch.top_n.copy(),
+                          top_ids, top_lp, prefill_lp, t1 - t0, t2 - t1)
+
+    def _prompt_logprobs(self, hidden, inputs: StepInputs, prompts, rows) -> dict[int, tuple[list[int], list[float]]]:
+        """Logprob of each prompt token given the ones before it, for the rows that asked."""
+        cu = inputs.attention.cu_seqlens_q.cpu().numpy()
+        index = np.concatenate([np.arange(cu[r], cu[r + 1] - 1) for r in rows])
+        targets = np.concatenate([np.asarray(prompts[r][1:], dtype=np.int64) for r in rows])
+        out: dict[int, tuple[list[int], list[float]]] = {}
+        if len(index):
+            dev = hidden.device
+            lp = torch.log_softmax(self.model.compute_logits(hidden[torch.from_numpy(index).to(dev)]), dim=-1)
+            vals = lp.gather(1, torch.from_numpy(targets).to(dev)[:, None])[:, 0].cpu().numpy()
+        else:
+            vals = np.zeros(0, dtype=np.float32)
+        at = 0
+        for r in rows:
+            n = len(prompts[r]) - 1
+            out[int(r)] = (list(prompts[r]), [float("nan")] + vals[at:at + n].tolist())
+            at += n
+        return out
+
+
+def _empty_result(failed: list[tuple[int, str]]) -> StepResult:
+    z = np.zeros(0, dtype=np.int64)
+    return StepResult([], z, z.astype(np.float32), z, z, z, None, None, {}, 0, 0, failed)

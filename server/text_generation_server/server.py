@@ -23,15 +23,25 @@ def _cached(batch) -> pb.CachedBatch | None:
 
 
 def _generations(r: StepResult) -> list[pb.Generation]:
-    return [
-        pb.Generation(
+    out = []
+    for i, rid in enumerate(r.request_ids):
+        g = pb.Generation(
             request_id=rid,
             tokens=pb.Tokens(ids=[int(r.token_ids[i])], logprobs=[float(r.logprobs[i])]),
             finish_reason=int(r.finish[i]),
-            seed=r.seeds[i],
+            seed=int(r.seeds[i]),
         )
-        for i, rid in enumerate(r.request_ids)
-    ]
+        n = int(r.top_n[i])
+        if n and r.top_ids is not None:
+            g.top_tokens.append(pb.Tokens(ids=r.top_ids[i, :n].tolist(), logprobs=r.top_logprobs[i, :n].tolist()))
+        if i in r.prefill:
+            ids, lps = r.prefill[i]
+            g.prefill_tokens.CopyFrom(pb.Tokens(ids=ids, logprobs=lps))
+        out.append(g)
+    for rid, why in r.failed:
+        out.append(pb.Generation(request_id=rid, error=pb.ShardError(
+            code=int(ErrorCode.INVALID_REQUEST), message=why, request_ids=[rid])))
+    return out
 
 
 class TextGenerationService(pb_grpc.TextGenerationServiceServicer):

@@ -1,0 +1,137 @@
+//! Chat templates from the model's tokenizer_config.json (or chat_template.jinja), rendered in
+//! Rust with minijinja and Python-compatible string methods.
+
+use std::path::Path;
+
+use minijinja::{context, Environment, Error, ErrorKind};
+use serde::Serialize;
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+/// A message as templates expect it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TemplateMessage {
+    pub role: String,
+    pub content: String,
+}
+
+fn token_string(v: Option<&serde_json::Value>) -> String {
+    match v {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).unwrap_or("").to_string(),
+        _ => String::new(),
+    }
+}
+
+impl ChatTemplate {
+    /// The model's chat template, if it has one.
+    pub fn load(model_dir: &Path) -> Result<Option<Self>, String> {
+        let cfg: serde_json::Value = match std::fs::read_to_string(model_dir.join("tokenizer_config.json")) {
+            Ok(s) => serde_json::from_str(&s).map_err(|e| format!("tokenizer_config.json: {e}"))?,
+            Err(_) => serde_json::Value::Null,
+        };
+        let source = match cfg.get("chat_template") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            // A list of named templates: take "default".
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+            _ => std::fs::read_to_string(model_dir.join("chat_template.jinja")).ok(),
+        };
+        let Some(source) = source else { return Ok(None) };
+        Self::new(source, token_string(cfg.get("bos_token")), token_string(cfg.get("eos_token"))).map(Some)
+    }
+
+    pub fn new(source: String, bos_token: String, eos_token: String) -> Result<Self, String> {
+        let mut env = Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
+            Err(Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_function("strftime_now", strftime_now);
+        env.add_template_owned("chat", source).map_err(|e| format!("chat template: {e}"))?;
+        Ok(Self { env, bos_token, eos_token })
+    }
+
+    pub fn apply(&self, messages: &[TemplateMessage], add_generation_prompt: bool) -> Result<String, String> {
+        let tmpl = self.env.get_template("chat").map_err(|e| e.to_string())?;
+        tmpl.render(context! {
+            messages => messages,
+            add_generation_prompt => add_generation_prompt,
+            bos_token => self.bos_token,
+            eos_token => self.eos_token,
+        })
+        .map_err(|e| format!("chat template: {e}"))
+    }
+}
+
+/// `strftime_now(fmt)` as Llama 3.x templates call it; supports %d %b %B %Y %m.
+fn strftime_now(fmt: String) -> String {
+    let days = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() / 86400).unwrap_or(0) as i64;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const NAMES: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
+    let name = NAMES[(month - 1) as usize];
+    fmt.replace("%d", &format!("{day:02}"))
+        .replace("%m", &format!("{month:02}"))
+        .replace("%Y", &year.to_string())
+        .replace("%B", name)
+        .replace("%b", &name[..3])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nBe nice<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+    fn msg(role: &str, content: &str) -> TemplateMessage {
+        TemplateMessage { role: role.into(), content: content.into() }
+    }
+
+    #[test]
+    fn renders_chatml_with_generation_prompt() {
+        let t = ChatTemplate::new(CHATML.into(), "".into(), "<|im_end|>".into()).unwrap();
+        let out = t.apply(&[msg("user", "Hi")], true).unwrap();
+        assert_eq!(out, "<|im_start|>system\nBe nice<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+    }
+
+    #[test]
+    fn python_methods_and_raise_exception() {
+        let src = "{% if messages[0]['role'] == 'bad' %}{{ raise_exception('no bad roles') }}{% endif %}{{ bos_token }}{{ messages[0]['content'].strip().upper() }}";
+        let t = ChatTemplate::new(src.into(), "<s>".into(), "</s>".into()).unwrap();
+        assert_eq!(t.apply(&[msg("user", "  hi  ")], false).unwrap(), "<s>HI");
+        assert!(t.apply(&[msg("bad", "x")], false).unwrap_err().contains("no bad roles"));
+    }
+
+    #[test]
+    fn loads_from_tokenizer_config_or_jinja_file() {
+        let dir = std::env::temp_dir().join(format!("tessera-chat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tokenizer_config.json"), r#"{"bos_token": {"content": "<s>"}, "eos_token": "</s>"}"#).unwrap();
+        assert!(ChatTemplate::load(&dir).unwrap().is_none());
+        std::fs::write(dir.join("chat_template.jinja"), "{{ bos_token }}{{ messages[0].content }}{{ eos_token }}").unwrap();
+        let t = ChatTemplate::load(&dir).unwrap().unwrap();
+        assert_eq!(t.apply(&[msg("user", "x")], false).unwrap(), "<s>x</s>");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn strftime_formats_a_date() {
+        let s = strftime_now("%d %b %Y".into());
+        assert_eq!(s.len(), 11, "{s}");
+    }
+}

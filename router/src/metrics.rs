@@ -1,0 +1,116 @@
+//! Prometheus metrics, all named `tessera_*`. Recording is cheap (atomics); `/metrics` renders.
+
+use std::time::{Duration, Instant};
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::infer::EndDetails;
+use crate::validation::ValidGenerateRequest;
+
+/// Installs the global recorder; returns the handle `/metrics` renders from.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let seconds = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+    let tokens = [1.0, 4.0, 16.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0];
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_tokens".into()), &tokens))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full("tessera_batch_size_hist".into()), &tokens))
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("tessera_requests_total", "Requests answered, by status (success or error type)");
+    describe_gauge!("tessera_queue_size", "Requests waiting to be admitted");
+    describe_gauge!("tessera_batch_size", "Requests in the running batch");
+    describe_gauge!("tessera_kv_blocks_free", "Free KV cache blocks");
+    describe_gauge!("tessera_kv_blocks_total", "KV cache blocks");
+    describe_histogram!("tessera_request_duration_seconds", Unit::Seconds, "Whole request, queue included");
+    describe_histogram!("tessera_request_queue_duration_seconds", Unit::Seconds, "Time waiting in the queue");
+    describe_histogram!("tessera_request_inference_duration_seconds", Unit::Seconds, "Admission to last token");
+    describe_histogram!("tessera_time_to_first_token_seconds", Unit::Seconds, "Arrival to first token");
+    describe_histogram!("tessera_inter_token_latency_seconds", Unit::Seconds, "Between consecutive tokens");
+    describe_histogram!("tessera_batch_prefill_duration_seconds", Unit::Seconds, "One prefill call");
+    describe_histogram!("tessera_batch_decode_duration_seconds", Unit::Seconds, "One decode call");
+    describe_histogram!("tessera_request_input_tokens", "Prompt tokens per request");
+    describe_histogram!("tessera_request_generated_tokens", "Generated tokens per request");
+    describe_counter!("tessera_input_tokens_total", "Prompt tokens of all requests");
+    describe_counter!("tessera_generated_tokens_total", "Generated tokens of all requests");
+}
+
+pub fn request_started(r: &ValidGenerateRequest) {
+    histogram!("tessera_request_input_tokens").record(r.input_length() as f64);
+    counter!("tessera_input_tokens_total").increment(r.input_length() as u64);
+}
+
+pub fn request_failed(error_type: &str) {
+    counter!("tessera_requests_total", "status" => error_type.to_string()).increment(1);
+}
+
+pub fn queue_size(n: usize) {
+    gauge!("tessera_queue_size").set(n as f64);
+}
+
+pub fn batch_size(n: usize) {
+    gauge!("tessera_batch_size").set(n as f64);
+}
+
+pub fn kv_blocks(free: u32, total: u32) {
+    gauge!("tessera_kv_blocks_free").set(free as f64);
+    gauge!("tessera_kv_blocks_total").set(total as f64);
+}
+
+pub fn prefill_duration(d: Duration) {
+    histogram!("tessera_batch_prefill_duration_seconds").record(d.as_secs_f64());
+}
+
+pub fn decode_duration(d: Duration) {
+    histogram!("tessera_batch_decode_duration_seconds").record(d.as_secs_f64());
+}
+
+/// Per-request token timing.
+pub struct RequestTimer {
+    last: Option<Instant>,
+}
+
+impl RequestTimer {
+    pub fn new() -> Self {
+        Self { last: None }
+    }
+
+    pub fn token(&mut self, queued: Instant, _started: Instant) {
+        let now = Instant::now();
+        match self.last {
+            None => histogram!("tessera_time_to_first_token_seconds").record(now.duration_since(queued).as_secs_f64()),
+            Some(prev) => histogram!("tessera_inter_token_latency_seconds").record(now.duration_since(prev).as_secs_f64()),
+        }
+        self.last = Some(now);
+        counter!("tessera_generated_tokens_total").increment(1);
+    }
+
+    pub fn finish(&self, d: &EndDetails) {
+        histogram!("tessera_request_duration_seconds").record(d.finished.duration_since(d.queued).as_secs_f64());
+        histogram!("tessera_request_queue_duration_seconds").record(d.started.duration_since(d.queued).as_secs_f64());
+        histogram!("tessera_request_inference_duration_seconds").record(d.finished.duration_since(d.started).as_secs_f64());
+        histogram!("tessera_request_generated_tokens").record(d.generated_tokens as f64);
+        counter!("tessera_requests_total", "status" => "success").increment(1);
+    }
+}
+
+impl Default for RequestTimer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
