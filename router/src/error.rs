@@ -185,14 +185,18 @@ impl ErrorKind for RequestError {
     }
 }
 
+// Every error answered as a response is counted here (errors inside streams are counted where
+// the stream ends).
 impl IntoResponse for InferError {
     fn into_response(self) -> Response {
+        crate::metrics::request_failed(self.error_type());
         (self.status(), Json(self.body())).into_response()
     }
 }
 
 impl IntoResponse for RequestError {
     fn into_response(self) -> Response {
+        crate::metrics::request_failed(self.error_type());
         (self.status(), Json(self.body())).into_response()
     }
 }

@@ -92,10 +92,7 @@ impl Infer {
     }
 
     fn permit(&self) -> Result<OwnedSemaphorePermit, InferError> {
-        self.limit.clone().try_acquire_owned().map_err(|_| {
-            m::request_failed("overloaded");
-            InferError::Overloaded
-        })
+        self.limit.clone().try_acquire_owned().map_err(|_| InferError::Overloaded)
     }
 
     fn enqueue(&self, valid: ValidGenerateRequest, permit: OwnedSemaphorePermit) -> (Arc<ValidGenerateRequest>, ResponseStream) {
