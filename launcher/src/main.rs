@@ -133,6 +133,9 @@ async fn run(args: Args) -> Result<i32, String> {
         if let Some(d) = &args.dtype {
             cmd.arg(format!("--dtype={d}"));
         }
+        if let Some(ep) = &args.service.otlp_endpoint {
+            cmd.arg(format!("--otlp-endpoint={ep}")).arg(format!("--otlp-service-name={}", args.service.otlp_service_name));
+        }
         children.spawn(&format!("shard-{rank}"), cmd, true)?;
     }
     let deadline = Duration::from_secs(args.shard_startup_timeout);

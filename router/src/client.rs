@@ -89,12 +89,23 @@ impl ShardClient {
     pub async fn warmup(&mut self, req: pb::WarmupRequest) -> Result<u32> {
         Ok(self.stub.warmup(req).await?.into_inner().num_blocks)
     }
-    pub async fn prefill(&mut self, batch: pb::Batch) -> Result<pb::PrefillResponse> {
-        Ok(self.stub.prefill(pb::PrefillRequest { batch: Some(batch) }).await?.into_inner())
+    pub async fn prefill(&mut self, batch: pb::Batch, trace: Option<String>) -> Result<pb::PrefillResponse> {
+        let req = traced(pb::PrefillRequest { batch: Some(batch) }, trace);
+        Ok(self.stub.prefill(req).await?.into_inner())
     }
-    pub async fn decode(&mut self, batches: Vec<pb::CachedBatch>) -> Result<pb::DecodeResponse> {
-        Ok(self.stub.decode(pb::DecodeRequest { batches }).await?.into_inner())
+    pub async fn decode(&mut self, batches: Vec<pb::CachedBatch>, trace: Option<String>) -> Result<pb::DecodeResponse> {
+        let req = traced(pb::DecodeRequest { batches }, trace);
+        Ok(self.stub.decode(req).await?.into_inner())
     }
+}
+
+/// A request carrying the caller's trace context as W3C `traceparent` metadata.
+fn traced<T>(msg: T, trace: Option<String>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(tp) = trace.and_then(|t| t.parse().ok()) {
+        req.metadata_mut().insert("traceparent", tp);
+    }
+    req
 }
 
 /// Every shard of the model.
@@ -154,10 +165,10 @@ impl ShardedClient {
         }
         Ok(n)
     }
-    pub async fn prefill(&mut self, batch: pb::Batch) -> Result<pb::PrefillResponse> {
-        fan_out!(self, |c| c.prefill(batch.clone()))
+    pub async fn prefill(&mut self, batch: pb::Batch, trace: Option<String>) -> Result<pb::PrefillResponse> {
+        fan_out!(self, |c| c.prefill(batch.clone(), trace.clone()))
     }
-    pub async fn decode(&mut self, batches: Vec<pb::CachedBatch>) -> Result<pb::DecodeResponse> {
-        fan_out!(self, |c| c.decode(batches.clone()))
+    pub async fn decode(&mut self, batches: Vec<pb::CachedBatch>, trace: Option<String>) -> Result<pb::DecodeResponse> {
+        fan_out!(self, |c| c.decode(batches.clone(), trace.clone()))
     }
 }

@@ -97,11 +97,13 @@ impl Infer {
 
     fn enqueue(&self, valid: ValidGenerateRequest, permit: OwnedSemaphorePermit) -> (Arc<ValidGenerateRequest>, ResponseStream) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let entry = Entry::new(valid, tx);
+        let mut entry = Entry::new(valid, tx);
         let request = entry.request.clone();
+        let span = crate::telemetry::RequestSpan::start(request.input_length(), request.stopping.max_new_tokens);
+        entry.span = span.as_ref().map(|s| s.span_context());
         m::request_started(&request);
         self.queue.append(entry);
-        let stream = response_stream(rx, request.clone(), self.tokenizer.clone(), self.special.clone(), permit);
+        let stream = response_stream(rx, request.clone(), self.tokenizer.clone(), self.special.clone(), (permit, span));
         (request, Box::pin(stream))
     }
 
@@ -171,10 +173,10 @@ fn response_stream(
     request: Arc<ValidGenerateRequest>,
     tokenizer: Arc<Tokenizer>,
     special: Arc<HashSet<u32>>,
-    permit: OwnedSemaphorePermit,
+    held: (OwnedSemaphorePermit, Option<crate::telemetry::RequestSpan>),
 ) -> impl Stream<Item = Result<InferStreamEvent, InferError>> + Send + 'static {
     async_stream::stream! {
-        let _permit = permit;
+        let (_permit, span) = held;
         let mut timer = m::RequestTimer::new();
         let mut detok = Detokenizer::new(tokenizer.clone(), &request.input_ids);
         let mut stops = StopMatcher::new(request.stopping.stop_sequences.clone());
@@ -186,6 +188,7 @@ fn response_stream(
                 Ok(e) => e,
                 Err(e) => {
                     m::request_failed(e.error_type_name());
+                    if let Some(s) = &span { s.finish(tokens.len() as u32, e.error_type_name()); }
                     yield Err(e);
                     return;
                 }
@@ -239,6 +242,7 @@ fn response_stream(
                 finished: Instant::now(),
             };
             timer.finish(&details);
+            if let Some(s) = &span { s.finish(details.generated_tokens, "success"); }
             yield Ok(InferStreamEvent::End { token, top_tokens: top, generated_text, details });
             return; // dropping `rx` tells the loop to filter this request out
         }

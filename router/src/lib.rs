@@ -15,4 +15,5 @@ pub mod pb;
 pub mod queue;
 pub mod scheduler;
 pub mod server;
+pub mod telemetry;
 pub mod validation;

@@ -105,6 +105,10 @@ async fn main() {
 
 async fn run(args: Args) -> Result<(), String> {
     args.limits.check()?;
+    let tracing_provider = match &args.service.otlp_endpoint {
+        Some(ep) => Some(text_generation_router::telemetry::init(ep, &args.service.otlp_service_name)?),
+        None => None,
+    };
     let tokenizer_path = args.tokenizer_dir.join("tokenizer.json");
     let tokenizer = Arc::new(
         tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| format!("loading {}: {e}", tokenizer_path.display()))?,
@@ -202,6 +206,10 @@ async fn run(args: Args) -> Result<(), String> {
         tracing::info!(left = infer.in_flight(max), "drained");
     };
     axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string())?;
+    if let Some(p) = tracing_provider {
+        // Flushes the spans still batched (blocking HTTP: off the runtime).
+        let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
+    }
     tracing::info!("exiting");
     Ok(())
 }

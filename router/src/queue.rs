@@ -41,11 +41,13 @@ pub struct Entry {
     pub started: Option<Instant>,
     /// Set once admitted; dropping the entry frees the blocks.
     pub allocation: Option<BlockAllocation>,
+    /// The request's trace span, when tracing is on.
+    pub span: Option<opentelemetry::trace::SpanContext>,
 }
 
 impl Entry {
     pub fn new(request: ValidGenerateRequest, events: EventSender) -> Self {
-        Self { request: Arc::new(request), events, queued: Instant::now(), started: None, allocation: None }
+        Self { request: Arc::new(request), events, queued: Instant::now(), started: None, allocation: None, span: None }
     }
     /// The client is gone (disconnected, or its stream ended on a stop sequence).
     pub fn is_cancelled(&self) -> bool {

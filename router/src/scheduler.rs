@@ -12,18 +12,19 @@ use crate::queue::{BatchLimits, Entry, Queue, ShardEvent};
 
 /// What the loop needs from the shards; the real client, or a fake in tests.
 pub trait Shards: Send + 'static {
-    fn prefill(&mut self, batch: pb::Batch) -> impl Future<Output = client::Result<pb::PrefillResponse>> + Send;
-    fn decode(&mut self, batches: Vec<pb::CachedBatch>) -> impl Future<Output = client::Result<pb::DecodeResponse>> + Send;
+    /// `trace`: a W3C traceparent for the shard's spans.
+    fn prefill(&mut self, batch: pb::Batch, trace: Option<String>) -> impl Future<Output = client::Result<pb::PrefillResponse>> + Send;
+    fn decode(&mut self, batches: Vec<pb::CachedBatch>, trace: Option<String>) -> impl Future<Output = client::Result<pb::DecodeResponse>> + Send;
     fn filter_batch(&mut self, id: u64, keep: Vec<u64>) -> impl Future<Output = client::Result<Option<pb::CachedBatch>>> + Send;
     fn clear_cache(&mut self, id: Option<u64>) -> impl Future<Output = client::Result<()>> + Send;
 }
 
 impl Shards for ShardedClient {
-    fn prefill(&mut self, batch: pb::Batch) -> impl Future<Output = client::Result<pb::PrefillResponse>> + Send {
-        ShardedClient::prefill(self, batch)
+    fn prefill(&mut self, batch: pb::Batch, trace: Option<String>) -> impl Future<Output = client::Result<pb::PrefillResponse>> + Send {
+        ShardedClient::prefill(self, batch, trace)
     }
-    fn decode(&mut self, batches: Vec<pb::CachedBatch>) -> impl Future<Output = client::Result<pb::DecodeResponse>> + Send {
-        ShardedClient::decode(self, batches)
+    fn decode(&mut self, batches: Vec<pb::CachedBatch>, trace: Option<String>) -> impl Future<Output = client::Result<pb::DecodeResponse>> + Send {
+        ShardedClient::decode(self, batches, trace)
     }
     fn filter_batch(&mut self, id: u64, keep: Vec<u64>) -> impl Future<Output = client::Result<Option<pb::CachedBatch>>> + Send {
         ShardedClient::filter_batch(self, id, keep)
@@ -83,7 +84,9 @@ fn limits(cfg: &SchedulerConfig, running: usize) -> BatchLimits {
 async fn prefill<S: Shards>(shards: &mut S, batch: pb::Batch, entries: &mut Entries) -> Option<pb::CachedBatch> {
     let id = batch.id;
     let t0 = std::time::Instant::now();
-    let result = shards.prefill(batch).await;
+    let span = crate::telemetry::batch_span("prefill", entries.values().filter_map(|e| e.span.as_ref()));
+    let result = shards.prefill(batch, span.as_ref().map(|s| s.1.clone())).await;
+    drop(span);
     crate::metrics::prefill_duration(t0.elapsed());
     match result {
         Ok(resp) => {
@@ -103,7 +106,9 @@ async fn decode<S: Shards>(shards: &mut S, batches: Vec<pb::CachedBatch>, entrie
     let ids: Vec<u64> = batches.iter().map(|b| b.id).collect();
     crate::metrics::batch_size(entries.len());
     let t0 = std::time::Instant::now();
-    let result = shards.decode(batches).await;
+    let span = crate::telemetry::batch_span("decode", entries.values().filter_map(|e| e.span.as_ref()));
+    let result = shards.decode(batches, span.as_ref().map(|s| s.1.clone())).await;
+    drop(span);
     crate::metrics::decode_duration(t0.elapsed());
     match result {
         Ok(resp) => {
@@ -196,6 +201,7 @@ fn fail_all(entries: &mut Entries, e: &ClientError) {
 mod tests {
     use super::*;
     use crate::block_allocator::BlockAllocator;
+    use crate::error::ErrorKind;
     use crate::queue::tests::entry;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
@@ -205,6 +211,7 @@ mod tests {
     struct FakeState {
         batches: HashMap<u64, Vec<(u64, u32, u32, u32)>>, // id -> (request id, next token, generated, max_new)
         fail_prefill: bool,
+        reject_input_len: Option<u32>, // requests with this prompt length fail alone
         steps: Vec<Vec<u64>>, // request ids of each decode step
     }
     #[derive(Clone, Default)]
@@ -231,18 +238,25 @@ mod tests {
     }
 
     impl Shards for Fake {
-        async fn prefill(&mut self, batch: pb::Batch) -> client::Result<pb::PrefillResponse> {
+        async fn prefill(&mut self, batch: pb::Batch, _trace: Option<String>) -> client::Result<pb::PrefillResponse> {
             let mut s = self.0.lock().unwrap();
             if s.fail_prefill {
                 return Err(ClientError::Shard { code: pb::ErrorCode::OutOfMemory, message: "boom".into(), request_ids: vec![] });
             }
-            let mut rows: Vec<_> = batch.requests.iter().map(|r| (r.id, r.input_ids.len() as u32, 0, r.stopping_parameters.as_ref().unwrap().max_new_tokens)).collect();
-            let generations = gens(&mut rows);
+            let reject = s.reject_input_len;
+            let (bad, good): (Vec<_>, Vec<_>) = batch.requests.iter().partition(|r| Some(r.input_ids.len() as u32) == reject);
+            let mut rows: Vec<_> = good.iter().map(|r| (r.id, r.input_ids.len() as u32, 0, r.stopping_parameters.as_ref().unwrap().max_new_tokens)).collect();
+            let mut generations = gens(&mut rows);
+            generations.extend(bad.iter().map(|r| pb::Generation {
+                request_id: r.id,
+                error: Some(pb::ShardError { code: pb::ErrorCode::InvalidRequest as i32, message: "bad".into(), request_ids: vec![r.id] }),
+                ..Default::default()
+            }));
             let c = cached(batch.id, &rows);
             s.batches.insert(batch.id, rows);
             Ok(pb::PrefillResponse { generations, batch: c, ..Default::default() })
         }
-        async fn decode(&mut self, batches: Vec<pb::CachedBatch>) -> client::Result<pb::DecodeResponse> {
+        async fn decode(&mut self, batches: Vec<pb::CachedBatch>, _trace: Option<String>) -> client::Result<pb::DecodeResponse> {
             tokio::time::sleep(Duration::from_micros(500)).await; // a step takes time, as on a real shard
             let mut s = self.0.lock().unwrap();
             let mut rows = vec![];
@@ -357,6 +371,23 @@ mod tests {
         let (e, rx) = entry(4, 4);
         queue.append(e);
         assert_eq!(collect(rx).await.unwrap().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_request_the_shard_rejects_fails_alone() {
+        let fake = Fake::default();
+        fake.0.lock().unwrap().reject_input_len = Some(13);
+        let (queue, alloc) = start(fake.clone(), 64);
+        let (bad, bad_rx) = entry(13, 4);
+        let (good, good_rx) = entry(5, 4);
+        queue.append(bad);
+        queue.append(good);
+        let err = collect(bad_rx).await.unwrap_err();
+        assert!(matches!(err, InferError::Shard { code: pb::ErrorCode::InvalidRequest, .. }));
+        assert_eq!(err.status(), axum::http::StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(collect(good_rx).await.unwrap().len(), 4);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(alloc.stats().await.free, 64);
     }
 
     #[tokio::test]

@@ -34,6 +34,9 @@ def _serve(args: argparse.Namespace) -> None:
     from text_generation_server.engine import Engine, EngineConfig
     from text_generation_server.server import serve
 
+    from text_generation_server import tracing
+
+    tracing.setup(args.otlp_endpoint, args.otlp_service_name, args.rank)
     torch.set_grad_enabled(False)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -59,6 +62,8 @@ def _serve(args: argparse.Namespace) -> None:
             await task
         except asyncio.CancelledError:
             logging.getLogger(__name__).info("shard %d stopping", args.rank)
+        finally:
+            tracing.shutdown()
 
     asyncio.run(main())
 
@@ -77,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     s.add_argument("--block-size", type=int, default=16)
     s.add_argument("--cuda-memory-fraction", type=float, default=0.9)
+    s.add_argument("--otlp-endpoint", default=None, help="OTLP/HTTP collector for traces")
+    s.add_argument("--otlp-service-name", default="tessera")
     m = sub.add_parser("prepare-model", help="print the model directory for an id, converting the default once")
     m.add_argument("model_id", nargs="?", default=None)
     args = p.parse_args(argv)

@@ -8,6 +8,7 @@ import time
 
 import grpc
 
+from text_generation_server import tracing
 from text_generation_server.engine import Engine, StepResult
 from text_generation_server.errors import ErrorCode, ShardError
 from text_generation_server.pb import generate_pb2 as pb
@@ -101,7 +102,8 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
 
     async def Prefill(self, request, context):
         t0 = time.perf_counter_ns()
-        result, batch = await self._run(context, self.engine.prefill, request.batch)
+        with tracing.span("shard.prefill", context, batch_size=len(request.batch.requests)):
+            result, batch = await self._run(context, self.engine.prefill, request.batch)
         return pb.PrefillResponse(
             generations=_generations(result), batch=_cached(batch), forward_ns=result.forward_ns,
             decode_ns=result.sample_ns, total_ns=time.perf_counter_ns() - t0,
@@ -109,7 +111,8 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
 
     async def Decode(self, request, context):
         t0 = time.perf_counter_ns()
-        result, batch, concat_ns = await self._run(context, self.engine.decode, [b.id for b in request.batches])
+        with tracing.span("shard.decode", context, batches=len(request.batches)):
+            result, batch, concat_ns = await self._run(context, self.engine.decode, [b.id for b in request.batches])
         return pb.DecodeResponse(
             generations=_generations(result), batch=_cached(batch), concat_ns=concat_ns,
             forward_ns=result.forward_ns, decode_ns=result.sample_ns, total_ns=time.perf_counter_ns() - t0,
