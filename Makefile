@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-v2
 STUBS := server/text_generation_server/pb/generate_pb2.py
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install run test test-rust test-python test-integration build proto model clean
+.PHONY: install run test test-rust test-python test-integration test-gpu build proto model clean
 
 install: $(STAMP) $(STUBS) build
 
@@ -46,6 +46,11 @@ test-python: $(STAMP) $(STUBS)
 
 test-integration: install model
 	$(PY) -m pytest -q integration-tests
+
+# On a CUDA machine with flashinfer installed: FlashInfer vs torch, CUDA graphs vs eager, model vs transformers.
+# PY=python3 uses the machine's own torch (the GPU device has no venv).
+test-gpu:
+	cd server && $(PY) -m pytest -q tests_gpu
 
 clean:
 	rm -rf $(VENV) target server/text_generation_server/pb

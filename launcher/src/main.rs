@@ -37,6 +37,9 @@ struct Args {
     limits: LimitArgs,
     #[command(flatten)]
     service: ServiceArgs,
+    /// Decode batch sizes captured as CUDA graphs at warmup (comma-separated; 0 disables).
+    #[arg(long, env = "CUDA_GRAPHS", default_value = "1,2,4,8,16,32,64,96,128")]
+    cuda_graphs: String,
     /// Share of free GPU memory the KV cache may take after warmup.
     #[arg(long, env = "CUDA_MEMORY_FRACTION", default_value_t = 0.9)]
     cuda_memory_fraction: f32,
@@ -129,7 +132,8 @@ async fn run(args: Args) -> Result<i32, String> {
             .arg(format!("--uds-path={}", args.shard_uds_path))
             .arg(format!("--rank={rank}"))
             .arg(format!("--world-size={}", args.num_shard))
-            .arg(format!("--cuda-memory-fraction={}", args.cuda_memory_fraction));
+            .arg(format!("--cuda-memory-fraction={}", args.cuda_memory_fraction))
+            .arg(format!("--cuda-graphs={}", args.cuda_graphs));
         if let Some(d) = &args.dtype {
             cmd.arg(format!("--dtype={d}"));
         }

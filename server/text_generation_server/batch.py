@@ -30,6 +30,7 @@ class Batch:
     id: int
     request_ids: list[int]
     block_tables: torch.Tensor  # [B, max_blocks] int32, device; rows padded with 0
+    block_tables_host: np.ndarray  # [B, max_blocks] int32, host copy (for planning on the CPU)
     num_blocks: np.ndarray  # [B] int64, host: blocks allocated per row
     cache_lens: np.ndarray  # [B] int64, host: tokens in the KV cache per row
     generated: np.ndarray  # [B] int64, host: tokens generated so far
@@ -71,6 +72,7 @@ class Batch:
             id=batch_id,
             request_ids=[r.id for r in reqs],
             block_tables=torch.from_numpy(tables).to(device),
+            block_tables_host=tables,
             num_blocks=np.array([len(r.blocks) for r in reqs], dtype=np.int64),
             cache_lens=np.zeros(len(reqs), dtype=np.int64),
             generated=np.zeros(len(reqs), dtype=np.int64),
@@ -116,6 +118,9 @@ class Batch:
             max_q=int(lens.max()),
             max_kv=int(lens.max()),
             is_decode=False,
+            cu_seqlens_q_host=cu.astype(np.int32),
+            kv_lens_host=lens.astype(np.int32),
+            block_tables_host=self.block_tables_host,
         )
         return StepInputs(
             torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev), attn,
@@ -142,6 +147,9 @@ class Batch:
             max_q=1,
             max_kv=int(pos.max()) + 1,
             is_decode=True,
+            cu_seqlens_q_host=np.arange(n + 1, dtype=np.int32),
+            kv_lens_host=(pos + 1).astype(np.int32),
+            block_tables_host=self.block_tables_host,
         )
         return StepInputs(self.last_tokens, positions, attn, rows)
 
@@ -173,6 +181,7 @@ class Batch:
             id=self.id,
             request_ids=list(keep_ids),
             block_tables=self.block_tables[idx, :width],
+            block_tables_host=self.block_tables_host[host, :width],
             num_blocks=self.num_blocks[host],
             cache_lens=self.cache_lens[host],
             generated=self.generated[host],
@@ -194,12 +203,14 @@ class Batch:
         dev = batches[0].block_tables.device
         width = max(b.block_tables.shape[1] for b in batches)
         tables = torch.cat([torch.nn.functional.pad(b.block_tables, (0, width - b.block_tables.shape[1])) for b in batches])
+        tables_host = np.concatenate([np.pad(b.block_tables_host, ((0, 0), (0, width - b.block_tables_host.shape[1]))) for b in batches])
         counts = _cat_optional([b.counts for b in batches], [len(b) for b in batches], dev)
         out_counts = _cat_optional([b.out_counts for b in batches], [len(b) for b in batches], dev)
         out = cls(
             id=batches[0].id,
             request_ids=[r for b in batches for r in b.request_ids],
             block_tables=tables,
+            block_tables_host=tables_host,
             num_blocks=np.concatenate([b.num_blocks for b in batches]),
             cache_lens=np.concatenate([b.cache_lens for b in batches]),
             generated=np.concatenate([b.generated for b in batches]),

@@ -45,9 +45,11 @@ def _serve(args: argparse.Namespace) -> None:
     dtype_name = DTYPES.get(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if dtype_name is None:
         raise SystemExit(f"--dtype must be one of {sorted(DTYPES)}, got {args.dtype!r}")
+    graphs = tuple(int(x) for x in args.cuda_graphs.split(",") if x.strip() and int(x) > 0)
     engine = Engine(EngineConfig(model_dir=resolve_model(args.model_id), dtype=getattr(torch, dtype_name),
                                  device=device, block_size=args.block_size,
-                                 cuda_memory_fraction=args.cuda_memory_fraction))
+                                 cuda_memory_fraction=args.cuda_memory_fraction, attention=args.attention,
+                                 cuda_graphs=graphs))
     uds = f"{args.uds_path}-{args.rank}"
     if os.path.exists(uds):
         os.unlink(uds)
@@ -82,6 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     s.add_argument("--block-size", type=int, default=16)
     s.add_argument("--cuda-memory-fraction", type=float, default=0.9)
+    s.add_argument("--cuda-graphs", default="1,2,4,8,16,32,64,96,128",
+                   help="decode batch sizes captured as CUDA graphs (comma list; 0 disables)")
+    s.add_argument("--attention", default=None, choices=["torch", "flashinfer"], help="force an attention backend")
     s.add_argument("--otlp-endpoint", default=None, help="OTLP/HTTP collector for traces")
     s.add_argument("--otlp-service-name", default="tessera")
     m = sub.add_parser("prepare-model", help="print the model directory for an id, converting the default once")

@@ -58,6 +58,10 @@ class EngineConfig:
     """Tokens per KV block (must match the router)."""
     cuda_memory_fraction: float = 0.9
     """Share of free GPU memory the KV cache may use after warmup."""
+    attention: str | None = None
+    """Force an attention backend ("torch", "flashinfer"); default: by device."""
+    cuda_graphs: tuple[int, ...] = ()
+    """Decode batch sizes to capture as CUDA graphs (CUDA + FlashInfer only); empty: none."""
 
 
 class Engine:
@@ -69,9 +73,10 @@ class Engine:
         log.info("loaded %s (%d layers) in %.1fs on %s/%s", mc.architecture, mc.num_layers,
                  time.perf_counter() - t0, cfg.device, cfg.dtype)
         self.attention = make_backend(
-            cfg.device.type, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim,
-            block_size=cfg.block_size, sliding_window=mc.sliding_window,
+            cfg.device, cfg.dtype, cfg.attention, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim, block_size=cfg.block_size, sliding_window=mc.sliding_window,
         )
+        self.graphs = None  # DecodeGraphs, captured at warmup
         self.eos = np.array(mc.eos_token_ids or [-1], dtype=np.int64)
         self.cache: KVCache | None = None
         self.batches: dict[int, Batch] = {}
@@ -79,16 +84,19 @@ class Engine:
     # ---- memory --------------------------------------------------------------------------
 
     def _alloc_cache(self, num_blocks: int) -> None:
+        """`num_blocks` usable blocks plus one scratch block (the last) for CUDA-graph padding rows."""
         mc = self.model.config
         self.cache = None
-        self.cache = KVCache(mc.num_layers, num_blocks, self.cfg.block_size, mc.num_kv_heads, mc.head_dim,
+        self.graphs = None
+        self.cache = KVCache(mc.num_layers, num_blocks + 1, self.cfg.block_size, mc.num_kv_heads, mc.head_dim,
                              self.cfg.dtype, self.cfg.device)
+        self.num_blocks = num_blocks
 
     def bytes_per_block(self) -> int:
         mc = self.model.config
         return KVCache.bytes_per_block(mc.num_layers, self.cfg.block_size, mc.num_kv_heads, mc.head_dim, self.cfg.dtype)
 
-    def warmup(self, pb_batch, num_blocks: int) -> int:
+    def warmup(self, pb_batch, num_blocks: int, max_total_tokens: int = 0) -> int:
         """Run the largest planned prefill on a scratch cache, then size the real cache."""
         self.batches.clear()
         scratch = max((max(r.blocks) for r in pb_batch.requests if r.blocks), default=0) + 1
@@ -103,14 +111,19 @@ class Engine:
             if self.cfg.device.type == "cuda":
                 torch.cuda.empty_cache()
                 free, _ = torch.cuda.mem_get_info(self.cfg.device)
-                num_blocks = int(free * self.cfg.cuda_memory_fraction) // self.bytes_per_block()
+                num_blocks = int(free * self.cfg.cuda_memory_fraction) // self.bytes_per_block() - 1
             else:
-                num_blocks = env.cpu_kv_cache_bytes() // self.bytes_per_block()
+                num_blocks = env.cpu_kv_cache_bytes() // self.bytes_per_block() - 1
         if num_blocks < scratch:
             raise ShardError(ErrorCode.OUT_OF_MEMORY, f"only {num_blocks} KV blocks fit, the warmup batch needs {scratch}")
         self._alloc_cache(num_blocks)
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.cfg.block_size,
                  num_blocks * self.bytes_per_block() / 2**20)
+        if self.cfg.cuda_graphs and self.cfg.device.type == "cuda" and self.attention.supports_cuda_graphs():
+            from text_generation_server.cuda_graphs import DecodeGraphs
+
+            max_pages = max(max_total_tokens, 1) // self.cfg.block_size + 2
+            self.graphs = DecodeGraphs(self.model, self.attention, self.cache, self.cfg.cuda_graphs, max_pages, num_blocks)
         return num_blocks
 
     # ---- steps -----------------------------------------------------------------------------
@@ -122,7 +135,7 @@ class Engine:
         vocab = self.model.config.vocab_size
         good, failed = [], []
         for r in pb_batch.requests:
-            why = check_request(r, self.cfg.block_size, vocab, self.cache.num_blocks)
+            why = check_request(r, self.cfg.block_size, vocab, self.num_blocks)
             if why is None:
                 good.append(r)
             else:
@@ -178,10 +191,12 @@ class Engine:
         tokens_in = (np.array([len(p) for p in batch.prompt_ids]) if prefill else np.ones(len(batch), dtype=np.int64))
         want_prefill = np.flatnonzero(batch.prefill_logprobs) if prefill else np.zeros(0, dtype=np.int64)
         prompts = batch.prompt_ids
-        self.attention.plan(inputs.attention)
-        with forward_context(ForwardContext(self.attention)):
-            hidden = self.model.forward(inputs.input_ids, inputs.positions, self.cache.k, self.cache.v)
-        logits = self.model.compute_logits(hidden[inputs.last_token_index])
+        logits = self.graphs.run(inputs, len(batch)) if (self.graphs is not None and not prefill) else None
+        if logits is None:
+            self.attention.plan(inputs.attention)
+            with forward_context(ForwardContext(self.attention)):
+                hidden = self.model.forward(inputs.input_ids, inputs.positions, self.cache.k, self.cache.v)
+            logits = self.model.compute_logits(hidden[inputs.last_token_index])
         prefill_lp = self._prompt_logprobs(hidden, inputs, prompts, want_prefill) if len(want_prefill) else {}
         t1 = time.perf_counter_ns()
         steps = torch.from_numpy(batch.generated).to(logits.device)

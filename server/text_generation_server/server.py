@@ -97,7 +97,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         return pb.FilterBatchResponse(batch=_cached(batch) or pb.CachedBatch(id=request.batch_id))
 
     async def Warmup(self, request, context):
-        n = await self._run(context, self.engine.warmup, request.batch, request.num_blocks)
+        n = await self._run(context, self.engine.warmup, request.batch, request.num_blocks, request.max_total_tokens)
         return pb.WarmupResponse(num_blocks=n)
 
     async def Prefill(self, request, context):

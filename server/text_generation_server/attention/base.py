@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -24,6 +25,10 @@ class AttentionInputs:
     max_q: int  # longest query of the step
     max_kv: int  # longest kv_len of the step
     is_decode: bool  # every sequence has exactly one query token
+    # Host copies for backends that plan on the CPU (FlashInfer), built with the device ones.
+    cu_seqlens_q_host: np.ndarray | None = None  # [B + 1] int32
+    kv_lens_host: np.ndarray | None = None  # [B] int32
+    block_tables_host: np.ndarray | None = None  # [B, max_blocks] int32
 
 
 class AttentionBackend(ABC):

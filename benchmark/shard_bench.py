@@ -1,0 +1,148 @@
+"""Shard-level benchmark: times Prefill and Decode per batch size over gRPC against one shard,
+skipping the router (W1 decode roofline, W4 shard-alone step time, prefill time for TTFT).
+
+Every step is reported against the roofline: bytes a decode step must read (weights + KV of
+every row) over the copy bandwidth measured at the start of the run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
+from text_generation_server.pb import generate_pb2 as pb  # noqa: E402
+from text_generation_server.pb import generate_pb2_grpc as pb_grpc  # noqa: E402
+
+import make_model  # noqa: E402
+import roofline  # noqa: E402
+
+
+def start_shard(model_dir: Path, uds: str, extra: list[str]) -> tuple[subprocess.Popen, pb_grpc.TextGenerationServiceStub]:
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent / "server") + ":" + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "text_generation_server.cli", "serve", str(model_dir),
+                             f"--uds-path={uds}", *extra], env=env)
+    stub = pb_grpc.TextGenerationServiceStub(grpc.insecure_channel(f"unix://{uds}-0", options=[
+        ("grpc.max_receive_message_length", 1 << 28), ("grpc.max_send_message_length", 1 << 28)]))
+    for _ in range(1200):
+        if proc.poll() is not None:
+            raise RuntimeError(f"shard exited with {proc.returncode}")
+        try:
+            stub.Health(pb.HealthRequest(), timeout=1)
+            return proc, stub
+        except grpc.RpcError:
+            time.sleep(0.5)
+    raise TimeoutError("shard did not come up")
+
+
+class Blocks:
+    def __init__(self, block_size: int):
+        self.bs, self.next = block_size, 0
+
+    def take(self, tokens: int) -> list[int]:
+        n = -(-tokens // self.bs)
+        out = list(range(self.next, self.next + n))
+        self.next += n
+        return out
+
+
+def request(rid: int, prompt: list[int], max_new: int, blocks: Blocks) -> pb.Request:
+    bl = blocks.take(len(prompt) + max_new)
+    bs = blocks.bs
+    return pb.Request(
+        id=rid, input_ids=prompt, blocks=bl, slots=[bl[p // bs] * bs + p % bs for p in range(len(prompt))],
+        parameters=pb.NextTokenChooserParameters(temperature=1, top_p=1, typical_p=1, repetition_penalty=1),
+        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True))
+
+
+def run(model_dir: Path, batches: list[int], context: int, batch1_context: int, steps: int, vocab: int,
+        shard_args: list[str], max_prefill: int = 8192) -> dict:
+    ceilings = roofline.measure()
+    proc, stub = start_shard(model_dir, "/tmp/tessera-bench", shard_args)
+    try:
+        info = stub.Info(pb.InfoRequest())
+        cfg = json.loads((model_dir / "config.json").read_text())
+        blocks = Blocks(info.block_size)
+        warm = [request(i, [1] * min(context, max_prefill), 1, blocks) for i in range(max(1, max_prefill // context))]
+        stub.Warmup(pb.WarmupRequest(batch=pb.Batch(id=1 << 40, requests=warm), max_input_tokens=context,
+                                     max_prefill_tokens=max_prefill, max_total_tokens=context + steps + 8))
+        rng = np.random.default_rng(0)
+        weights = make_model.weight_bytes(model_dir)
+        kv_per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * (cfg["hidden_size"] // cfg["num_attention_heads"]) * 2
+        bw = ceilings.get("copy_bandwidth_TBps", 0) * 1e12
+        out = {"ceilings": ceilings, "weight_bytes": weights, "info": str(info).replace("\n", " "), "decode": [], "prefill": []}
+        bid = 0
+        for b in batches:
+            ctx = batch1_context if b == 1 else context
+            blocks.next = 0
+            per = max(1, max_prefill // ctx)
+            cached = []
+            t_prefill = []
+            for start in range(0, b, per):
+                reqs = [request(start + i, rng.integers(0, vocab, ctx).tolist(), steps + 2, blocks) for i in range(min(per, b - start))]
+                bid += 1
+                t0 = time.perf_counter()
+                resp = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=bid, requests=reqs, size=len(reqs))))
+                t_prefill.append(time.perf_counter() - t0)
+                cached.append(resp.batch)
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                resp = stub.Decode(pb.DecodeRequest(batches=cached))
+                times.append(time.perf_counter() - t0)
+                cached = [resp.batch]
+            stub.ClearCache(pb.ClearCacheRequest())
+            step = statistics.median(times[2:])  # the first steps include concatenation
+            read = weights + b * (ctx + steps // 2) * kv_per_token
+            floor = read / bw if bw else float("nan")
+            row = {"batch": b, "context": ctx, "step_ms": step * 1e3, "bytes_read": read,
+                   "roofline_ms": floor * 1e3, "roofline_ratio": floor / step if bw else None,
+                   "tokens_per_s": b / step}
+            out["decode"].append(row)
+            print(json.dumps(row), flush=True)
+            if b == 1:
+                out["prefill"].append({"batch": 1, "context": ctx, "prefill_ms": t_prefill[0] * 1e3})
+        # TTFT floor at the shard: one 1k-token prefill, idle.
+        blocks.next = 0
+        t = []
+        for i in range(5):
+            req = request(i, rng.integers(0, vocab, 1024).tolist(), 1, blocks)
+            bid += 1
+            t0 = time.perf_counter()
+            stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=bid, requests=[req], size=1)))
+            t.append(time.perf_counter() - t0)
+            stub.ClearCache(pb.ClearCacheRequest())
+            blocks.next = 0
+        out["prefill_1k_ms"] = statistics.median(t[1:]) * 1e3
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("--batches", default="1,8,32,64,128")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--batch1-context", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--max-prefill", type=int, default=8192)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("shard_args", nargs="*", help="extra `serve` arguments, after --")
+    a = ap.parse_args()
+    vocab = json.loads((a.model_dir / "config.json").read_text())["vocab_size"]
+    res = run(a.model_dir, [int(x) for x in a.batches.split(",")], a.context, a.batch1_context, a.steps, vocab,
+              a.shard_args, a.max_prefill)
+    text = json.dumps(res, indent=2)
+    print(text)
+    if a.out:
+        a.out.write_text(text)

@@ -1,0 +1,106 @@
+"""FlashInfer attention (CUDA only; `flashinfer` is imported here and nowhere else).
+
+Planned once per step for all layers:
+- decode: BatchDecodeWithPagedKVCacheWrapper with tensor cores (GQA), over the paged cache;
+- prefill of fresh prompts: BatchPrefillWithRaggedKVCacheWrapper over the new keys/values
+  (they are written to the cache too, for later steps);
+- prefill with a cached prefix: BatchPrefillWithPagedKVCacheWrapper over the paged cache.
+A graph-mode instance (`for_cuda_graph`) serves one captured decode batch size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import flashinfer
+
+from text_generation_server.attention.base import AttentionBackend, AttentionInputs, write_kv
+from text_generation_server.attention.paged_meta import paged_kv_metadata, pad_decode_metadata
+
+WORKSPACE_BYTES = 256 * 1024 * 1024
+
+
+class FlashInferAttention(AttentionBackend):
+    name = "flashinfer"
+
+    def __init__(self, num_heads, num_kv_heads, head_dim, block_size, sliding_window, device: torch.device,
+                 dtype: torch.dtype, workspace: torch.Tensor | None = None):
+        super().__init__(num_heads, num_kv_heads, head_dim, block_size, sliding_window)
+        self.device, self.dtype = device, dtype
+        self.workspace = workspace if workspace is not None else torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.window_left = sliding_window - 1 if sliding_window else -1
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=True)
+        self.ragged = flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD")
+        self.paged = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.mode = ""
+        self.slots: torch.Tensor | None = None  # [T] int64, device, set each plan
+        self.graph_batch_size = 0  # >0: a graph-mode instance for this decode batch size
+        self.scratch_block = 0
+
+    @classmethod
+    def for_cuda_graph(cls, parent: "FlashInferAttention", batch_size: int, max_pages: int, scratch_block: int) -> "FlashInferAttention":
+        """A decode-only instance with fixed buffers, capturable in a CUDA graph of `batch_size` rows."""
+        self = cls.__new__(cls)
+        AttentionBackend.__init__(self, parent.num_heads, parent.num_kv_heads, parent.head_dim, parent.block_size,
+                                  parent.sliding_window)
+        self.device, self.dtype, self.workspace = parent.device, parent.dtype, parent.workspace
+        self.window_left = parent.window_left
+        dev = parent.device
+        self.indptr_buf = torch.zeros(batch_size + 1, dtype=torch.int32, device=dev)
+        self.indices_buf = torch.zeros(batch_size * max_pages, dtype=torch.int32, device=dev)
+        self.last_buf = torch.zeros(batch_size, dtype=torch.int32, device=dev)
+        self.decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True,
+            paged_kv_indptr_buffer=self.indptr_buf, paged_kv_indices_buffer=self.indices_buf,
+            paged_kv_last_page_len_buffer=self.last_buf,
+        )
+        self.mode = "decode"
+        self.slots = None
+        self.graph_batch_size = batch_size
+        self.scratch_block = scratch_block
+        return self
+
+    def supports_cuda_graphs(self) -> bool:
+        return True
+
+    def _plan_decode(self, indptr, indices, last):
+        self.decode.plan(
+            torch.from_numpy(indptr), torch.from_numpy(indices).to(self.device, non_blocking=True), torch.from_numpy(last),
+            self.num_heads, self.num_kv_heads, self.head_dim, self.block_size, pos_encoding_mode="NONE",
+            window_left=self.window_left, q_data_type=self.dtype, kv_data_type=self.dtype,
+        )
+
+    def plan(self, inputs: AttentionInputs) -> None:
+        cu = inputs.cu_seqlens_q_host
+        kv_lens = inputs.kv_lens_host
+        tables = inputs.block_tables_host
+        if not self.graph_batch_size:  # a graph-mode instance keeps its static slot buffer
+            self.slots = inputs.slots
+        if inputs.is_decode:
+            indptr, indices, last = paged_kv_metadata(kv_lens, tables, self.block_size)
+            if self.graph_batch_size:
+                indptr, indices, last = pad_decode_metadata(indptr, indices, last, self.graph_batch_size, self.scratch_block)
+            self._plan_decode(indptr, indices, last)
+            self.mode = "decode"
+            return
+        q_lens = np.diff(cu)
+        qo = torch.from_numpy(cu.astype(np.int32))
+        if np.array_equal(q_lens, kv_lens):
+            self.ragged.plan(qo, qo, self.num_heads, self.num_kv_heads, self.head_dim, causal=True,
+                             window_left=self.window_left, q_data_type=self.dtype, kv_data_type=self.dtype)
+            self.mode = "ragged"
+            return
+        indptr, indices, last = paged_kv_metadata(kv_lens, tables, self.block_size)
+        self.paged.plan(qo, torch.from_numpy(indptr), torch.from_numpy(indices).to(self.device), torch.from_numpy(last),
+                        self.num_heads, self.num_kv_heads, self.head_dim, self.block_size, causal=True,
+                        window_left=self.window_left, q_data_type=self.dtype, kv_data_type=self.dtype)
+        self.mode = "paged"
+
+    def forward(self, q, k, v, k_cache, v_cache):
+        write_kv(k, v, k_cache, v_cache, self.slots)
+        if self.mode == "decode":
+            return self.decode.run(q, (k_cache, v_cache))
+        if self.mode == "ragged":
+            return self.ragged.run(q, k, v)
+        return self.paged.run(q, (k_cache, v_cache))

@@ -1,0 +1,90 @@
+"""Decode steps captured as CUDA graphs, one per batch-size bucket.
+
+A step of n rows replays the smallest bucket >= n: inputs are copied into static buffers, padding
+rows feed token 0 at position 0 and write their (ignored) keys to a scratch block outside the
+router's blocks, the graph-mode FlashInfer wrapper is re-planned (host work only), and the logits
+of the first n rows are returned. Sampling stays outside the graph.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from text_generation_server.attention.base import AttentionInputs
+from text_generation_server.attention.paged_meta import pick_bucket
+from text_generation_server.batch import StepInputs
+from text_generation_server.models.forward_context import ForwardContext, forward_context
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128)
+
+
+class DecodeGraphs:
+    def __init__(self, model, attention, cache, buckets: tuple[int, ...], max_pages: int, scratch_block: int):
+        from text_generation_server.attention.flashinfer import FlashInferAttention
+
+        t0 = time.perf_counter()
+        dev = model.device
+        self.model, self.cache = model, cache
+        self.buckets = sorted(buckets)
+        top = self.buckets[-1]
+        self.scratch_slot = scratch_block * cache.block_size
+        self.input_ids = torch.zeros(top, dtype=torch.int64, device=dev)  # [max bucket], device, copied each replay
+        self.positions = torch.zeros(top, dtype=torch.int64, device=dev)  # [max bucket], device, copied each replay
+        self.slots = torch.full((top,), self.scratch_slot, dtype=torch.int64, device=dev)  # [max bucket], device
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}  # bucket -> [bucket, vocab] float32, graph output
+        self.backends: dict[int, FlashInferAttention] = {}
+        pool = torch.cuda.graph_pool_handle()
+        for bs in reversed(self.buckets):
+            be = FlashInferAttention.for_cuda_graph(attention, bs, max_pages, scratch_block)
+            be.slots = self.slots[:bs]
+            be.plan(_empty_decode())
+            ctx = ForwardContext(be)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), forward_context(ctx):
+                for _ in range(2):
+                    self._forward(bs)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool), forward_context(ctx):
+                self.logits[bs] = self._forward(bs)
+            self.graphs[bs], self.backends[bs] = graph, be
+        torch.cuda.synchronize()
+        log.info("captured decode CUDA graphs for batch sizes %s in %.1fs", self.buckets, time.perf_counter() - t0)
+
+    def _forward(self, bs: int) -> torch.Tensor:
+        hidden = self.model.forward(self.input_ids[:bs], self.positions[:bs], self.cache.k, self.cache.v)
+        return self.model.compute_logits(hidden)
+
+    def run(self, inputs: StepInputs, n: int) -> torch.Tensor | None:
+        """Logits [n, vocab] of a decode step, or None when no bucket holds n rows."""
+        bs = pick_bucket(n, self.buckets)
+        if bs is None:
+            return None
+        self.input_ids[:n].copy_(inputs.input_ids, non_blocking=True)
+        self.positions[:n].copy_(inputs.positions, non_blocking=True)
+        self.slots[:n].copy_(inputs.attention.slots, non_blocking=True)
+        if bs > n:
+            self.input_ids[n:bs].zero_()
+            self.positions[n:bs].zero_()
+            self.slots[n:bs].fill_(self.scratch_slot)
+        self.backends[bs].plan(inputs.attention)
+        self.graphs[bs].replay()
+        return self.logits[bs][:n]
+
+
+def _empty_decode() -> AttentionInputs:
+    """A decode step of zero real rows (all padding), to plan before capture."""
+    z = torch.zeros(0, dtype=torch.int32)
+    return AttentionInputs(
+        cu_seqlens_q=z, kv_lens=z, block_tables=z, slots=z.long(), max_q=1, max_kv=1, is_decode=True,
+        cu_seqlens_q_host=np.zeros(1, dtype=np.int32), kv_lens_host=np.zeros(0, dtype=np.int32),
+        block_tables_host=np.zeros((0, 1), dtype=np.int32),
+    )
