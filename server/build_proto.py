@@ -15,6 +15,9 @@ args = ["grpc_tools.protoc", f"-I{proto_dir}", f"--python_out={out}", f"--pyi_ou
 if protoc.main(args) != 0:
     sys.exit("protoc failed")
 grpc_file = out / "generate_pb2_grpc.py"
-grpc_file.write_text(re.sub(r"^import generate_pb2", "from . import generate_pb2", grpc_file.read_text(), flags=re.M))
+text = re.sub(r"^import generate_pb2", "from . import generate_pb2", grpc_file.read_text(), flags=re.M)
+# The stubs use nothing newer than grpcio 1.60 (pyproject's floor); don't refuse older runtimes.
+text = re.sub(r"^GRPC_GENERATED_VERSION = '[^']*'", "GRPC_GENERATED_VERSION = '1.60.0'", text, flags=re.M)
+grpc_file.write_text(text)
 (out / "__init__.py").write_text("")
 print(f"generated stubs in {out}")

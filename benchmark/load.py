@@ -1,0 +1,184 @@
+"""HTTP load generator: W2 (ShareGPT-like lengths), TTFT for a long prompt, W4 inter-token latency.
+
+Prompts are random words `t<i>` of the benchmark models' word-level tokenizer (make_model.py), so a
+request of n words is exactly n prompt tokens; every request generates exactly max_new_tokens
+(the benchmark models have no end-of-sequence token). Results use the field names of vLLM's
+serving benchmark and are written as JSON, with a throughput-vs-latency plot as PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+
+
+def sharegpt_like(n: int, seed: int = 0, scale: float = 1.0, vocab: int = 128256) -> list[tuple[str, int, int]]:
+    """(prompt, input_len, output_len): lognormal lengths (sigma 1, medians 157 / 126), kept when
+    4 <= input <= 1024, output >= 4, input + output <= 2048; `scale` shrinks lengths (W6: 1/4)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    while len(out) < n:
+        i = int(rng.lognormal(np.log(157), 1.0) * scale)
+        o = int(rng.lognormal(np.log(126), 1.0) * scale)
+        if 4 <= i <= 1024 * scale and o >= 4 and i + o <= 2048 * scale:
+            words = " ".join(f"t{w}" for w in rng.integers(0, vocab, i))
+            out.append((words, i, o))
+    return out
+
+
+@dataclass
+class Result:
+    ok: bool = False
+    input_len: int = 0
+    output_len: int = 0
+    ttft: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    latency: float = 0.0
+    error: str = ""
+
+
+async def one(session: aiohttp.ClientSession, url: str, prompt: str, input_len: int, max_new: int) -> Result:
+    r = Result(input_len=input_len)
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new}}
+    t0 = time.perf_counter()
+    last = t0
+    try:
+        async with session.post(url + "/generate_stream", json=body) as resp:
+            if resp.status != 200:
+                r.error = f"{resp.status}: {await resp.text()}"
+                return r
+            async for line in resp.content:
+                if not line.startswith(b"data:"):
+                    continue
+                now = time.perf_counter()
+                if r.output_len == 0:
+                    r.ttft = now - t0
+                else:
+                    r.itl.append(now - last)
+                last = now
+                r.output_len += 1
+                if b'"error"' in line[:20]:
+                    r.error = line.decode()
+                    return r
+        r.latency = time.perf_counter() - t0
+        r.ok = r.output_len == max_new
+    except Exception as e:  # noqa: BLE001 - a failed request is a result, not a crash
+        r.error = repr(e)
+    return r
+
+
+async def run_requests(url: str, reqs: list[tuple[str, int, int]], rate: float | None, seed: int = 0) -> tuple[list[Result], float]:
+    rnd = random.Random(seed)
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        tasks = []
+        t0 = time.perf_counter()
+        for prompt, i, o in reqs:
+            tasks.append(asyncio.create_task(one(session, url, prompt, i, o)))
+            if rate:
+                await asyncio.sleep(rnd.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        return results, time.perf_counter() - t0
+
+
+def summarize(results: list[Result], duration: float) -> dict:
+    ok = [r for r in results if r.ok]
+    ms = lambda xs: [x * 1e3 for x in xs]  # noqa: E731
+    ttft = ms([r.ttft for r in ok])
+    tpot = ms([(r.latency - r.ttft) / (r.output_len - 1) for r in ok if r.output_len > 1])
+    itl = ms([x for r in ok for x in r.itl])
+    e2el = ms([r.latency for r in ok])
+    out_tokens = sum(r.output_len for r in ok)
+    in_tokens = sum(r.input_len for r in ok)
+    d = {
+        "duration": duration, "completed": len(ok), "failed": len(results) - len(ok),
+        "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
+        "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
+        "total_token_throughput": (in_tokens + out_tokens) / duration,
+        "errors": sorted({r.error[:200] for r in results if r.error})[:5],
+    }
+    for name, xs in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2el", e2el)):
+        xs = xs or [float("nan")]
+        d[f"mean_{name}_ms"] = float(np.mean(xs))
+        d[f"median_{name}_ms"] = float(np.median(xs))
+        d[f"p99_{name}_ms"] = float(np.percentile(xs, 99))
+    return d
+
+
+def plot(runs: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [r["median_tpot_ms"] for r in runs.values()]
+    ys = [r["output_throughput"] for r in runs.values()]
+    ax.plot(xs, ys, "o-")
+    for name, x, y in zip(runs, xs, ys):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("median TPOT (ms)")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("Tessera: throughput vs latency")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+async def ttft_long(url: str, tokens: int, vocab: int, repeat: int = 5) -> dict:
+    rng = np.random.default_rng(1)
+    times = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(repeat):
+            prompt = " ".join(f"t{w}" for w in rng.integers(0, vocab, tokens))
+            r = await one(session, url, prompt, tokens, 1)
+            times.append(r.ttft * 1e3)
+    return {"prompt_tokens": tokens, "ttft_ms": times, "median_ttft_ms": float(np.median(times[1:] or times))}
+
+
+async def itl_at_batch(url: str, batch: int, tokens: int, vocab: int) -> dict:
+    """W4: streams of `tokens` tokens, `batch` at once: median inter-token latency end to end."""
+    reqs = [(" ".join(f"t{w}" for w in np.random.default_rng(i).integers(0, vocab, 16)), 16, tokens) for i in range(batch)]
+    results, duration = await run_requests(url, reqs, None)
+    s = summarize(results, duration)
+    return {"batch": batch, "median_itl_ms": s["median_itl_ms"], "p99_itl_ms": s["p99_itl_ms"], "completed": s["completed"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("url")
+    ap.add_argument("--workload", choices=["w2", "ttft", "w4"], default="w2")
+    ap.add_argument("--num-requests", type=int, default=1000)
+    ap.add_argument("--rates", default="inf", help="comma list of requests/s (inf: all at once)")
+    ap.add_argument("--rate-requests", type=int, default=200, help="requests sent at each finite rate")
+    ap.add_argument("--scale", type=float, default=1.0, help="length scale (W6 uses 0.25)")
+    ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--out", type=Path, required=True, help="JSON results; a PNG plot goes beside it")
+    a = ap.parse_args()
+    if a.workload == "ttft":
+        res = asyncio.run(ttft_long(a.url, 1024, a.vocab))
+    elif a.workload == "w4":
+        res = {"w4": [asyncio.run(itl_at_batch(a.url, b, 64, a.vocab)) for b in (1, 64)]}
+    else:
+        reqs = sharegpt_like(a.num_requests, 0, a.scale, a.vocab)
+        res = {}
+        for rate in a.rates.split(","):
+            r = None if rate == "inf" else float(rate)
+            results, duration = asyncio.run(run_requests(a.url, reqs if r is None else reqs[: a.rate_requests], r))
+            res[f"rate={rate}"] = summarize(results, duration)
+            print(json.dumps({rate: res[f"rate={rate}"]}), flush=True)
+        plot(res, a.out.with_suffix(".png"))
+    a.out.write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Where a decode step's time goes: the engine in-process (no gRPC), torch.profiler over steps."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
+from text_generation_server.engine import Engine, EngineConfig  # noqa: E402
+from text_generation_server.pb import generate_pb2 as pb  # noqa: E402
+
+BS = 16
+
+
+def batch(bid, b, ctx, steps, vocab):
+    rng = np.random.default_rng(0)
+    reqs, nb = [], 0
+    for i in range(b):
+        n = -(-(ctx + steps + 2) // BS)
+        bl = list(range(nb, nb + n))
+        nb += n
+        reqs.append(pb.Request(id=i, input_ids=rng.integers(0, vocab, ctx).tolist(), blocks=bl,
+                               slots=[bl[p // BS] * BS + p % BS for p in range(ctx)],
+                               parameters=pb.NextTokenChooserParameters(temperature=1, top_p=1, typical_p=1, repetition_penalty=1),
+                               stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=steps + 2, ignore_eos_token=True)))
+    return pb.Batch(id=bid, requests=reqs, size=b)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--graphs", default="1,2,4,8,16,32,64,128")
+    a = ap.parse_args()
+    graphs = tuple(int(x) for x in a.graphs.split(",") if int(x) > 0)
+    eng = Engine(EngineConfig(a.model_dir, torch.bfloat16, torch.device("cuda"), block_size=BS, cuda_graphs=graphs))
+    vocab = eng.model.config.vocab_size
+    eng.warmup(batch(99, 1, 256, 1, vocab), 0, max_total_tokens=a.context + 64)
+    eng.prefill(batch(1, a.batch, a.context, 40, vocab))
+    for _ in range(5):
+        eng.decode([1])
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        eng.decode([1])
+    wall = (time.perf_counter() - t0) / 20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            eng.decode([1])
+    print(f"engine.decode wall: {wall * 1e3:.2f} ms/step (batch {a.batch}, context {a.context}, graphs {bool(graphs)})")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+if __name__ == "__main__":
+    main()
