@@ -43,6 +43,7 @@ def main() -> None:
             model.generate(ids.to(device), attention_mask=mask.to(device), max_new_tokens=longest,
                            min_new_tokens=longest, do_sample=False, pad_token_id=0)
         out_tokens += sum(o for _, _, o in chunk)  # tokens the requests asked for; the padding work is waste
+        print(f"batch {start // a.batch}: {time.perf_counter() - t0:.1f}s, longest {longest}", flush=True)
     duration = time.perf_counter() - t0
     res = {"system": "transformers.generate (static batches)", "batch": a.batch, "completed": len(reqs),
            "duration": duration, "request_throughput": len(reqs) / duration, "output_throughput": out_tokens / duration}
