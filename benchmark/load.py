@@ -161,12 +161,14 @@ def main() -> None:
     ap.add_argument("--rate-requests", type=int, default=200, help="requests sent at each finite rate")
     ap.add_argument("--scale", type=float, default=1.0, help="length scale (W6 uses 0.25)")
     ap.add_argument("--vocab", type=int, default=128256)
+    ap.add_argument("--ttft-tokens", type=int, default=1024, help="prompt length of the TTFT workload")
+    ap.add_argument("--w4-tokens", type=int, default=64, help="tokens per stream in W4")
     ap.add_argument("--out", type=Path, required=True, help="JSON results; a PNG plot goes beside it")
     a = ap.parse_args()
     if a.workload == "ttft":
-        res = asyncio.run(ttft_long(a.url, 1024, a.vocab))
+        res = asyncio.run(ttft_long(a.url, a.ttft_tokens, a.vocab))
     elif a.workload == "w4":
-        res = {"w4": [asyncio.run(itl_at_batch(a.url, b, 64, a.vocab)) for b in (1, 64)]}
+        res = {"w4": [asyncio.run(itl_at_batch(a.url, b, a.w4_tokens, a.vocab)) for b in (1, 64)]}
     else:
         reqs = sharegpt_like(a.num_requests, 0, a.scale, a.vocab)
         res = {}

@@ -1,0 +1,55 @@
+"""The benchmark tools run on the CPU too, at small sizes: the model writer, the HTTP load
+generator (W2 with a plot, TTFT, W4) against the real launcher, and the shard benchmark."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+
+from conftest import ROOT, Server
+
+sys.path.insert(0, str(ROOT / "benchmark"))
+import make_model  # noqa: E402
+import shard_bench  # noqa: E402
+
+LIMITS = ("--max-input-tokens", "64", "--max-total-tokens", "128", "--max-batch-prefill-tokens", "256")
+
+
+def load(url: str, out, *args: str) -> dict:
+    subprocess.run([sys.executable, str(ROOT / "benchmark" / "load.py"), url, "--vocab", "512", "--out", str(out), *args],
+                   check=True, capture_output=True, timeout=600)
+    return json.loads(out.read_text())
+
+
+def test_model_writer_load_generator_and_shard_bench_on_cpu(tmp_path):
+    model = make_model.write("tiny", tmp_path / "tiny", torch.float32, "cpu")
+    cfg = json.loads((model / "config.json").read_text())
+    assert cfg["hidden_size"] == 64 and (model / "tokenizer.json").is_file()
+    assert make_model.weight_bytes(model) > 0
+
+    s = Server("--model-id", str(model), *LIMITS).wait_ready()
+    try:
+        w2 = load(s.base, tmp_path / "w2.json", "--num-requests", "12", "--scale", "0.05", "--rates", "inf,20",
+                  "--rate-requests", "6")
+        for run, n in (("rate=inf", 12), ("rate=20", 6)):
+            r = w2[run]
+            assert r["completed"] == n and r["failed"] == 0, r
+            for f in ("request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms",
+                      "median_itl_ms", "p99_e2el_ms"):
+                assert r[f] > 0, f
+        assert (tmp_path / "w2.png").stat().st_size > 1000
+        ttft = load(s.base, tmp_path / "ttft.json", "--workload", "ttft", "--ttft-tokens", "60")
+        assert ttft["median_ttft_ms"] > 0
+        w4 = load(s.base, tmp_path / "w4.json", "--workload", "w4", "--w4-tokens", "8")
+        assert [r["completed"] for r in w4["w4"]] == [1, 64]
+    finally:
+        s.stop()
+
+    res = shard_bench.run(model, [1, 2], context=16, batch1_context=16, steps=4, vocab=cfg["vocab_size"],
+                          shard_args=[], max_prefill=256)
+    assert [r["batch"] for r in res["decode"]] == [1, 2]
+    assert all(r["step_ms"] > 0 for r in res["decode"])
+    assert res["prefill_1k_ms"] > 0
