@@ -37,6 +37,15 @@ struct Args {
     limits: LimitArgs,
     #[command(flatten)]
     service: ServiceArgs,
+    /// LoRA adapters known at start: name=path,... (PEFT directories).
+    #[arg(long, env = "LORA_ADAPTERS", default_value = "")]
+    lora_adapters: String,
+    /// Directory of adapters loadable by name on first use (names resolve inside it only).
+    #[arg(long, env = "ADAPTER_SOURCE")]
+    adapter_source: Option<PathBuf>,
+    /// Adapters kept resident on each shard at once (least recently used evicted).
+    #[arg(long, env = "MAX_ACTIVE_ADAPTERS", default_value_t = 8)]
+    max_active_adapters: usize,
     /// Decode batch sizes captured as CUDA graphs at warmup (comma-separated; 0 disables).
     #[arg(long, env = "CUDA_GRAPHS", default_value = "1,2,4,8,16,32,64,96,128")]
     cuda_graphs: String,
@@ -133,7 +142,12 @@ async fn run(args: Args) -> Result<i32, String> {
             .arg(format!("--rank={rank}"))
             .arg(format!("--world-size={}", args.num_shard))
             .arg(format!("--cuda-memory-fraction={}", args.cuda_memory_fraction))
-            .arg(format!("--cuda-graphs={}", args.cuda_graphs));
+            .arg(format!("--cuda-graphs={}", args.cuda_graphs))
+            .arg(format!("--lora-adapters={}", args.lora_adapters))
+            .arg(format!("--max-active-adapters={}", args.max_active_adapters));
+        if let Some(src) = &args.adapter_source {
+            cmd.arg("--adapter-source").arg(src);
+        }
         if let Some(d) = &args.dtype {
             cmd.arg(format!("--dtype={d}"));
         }

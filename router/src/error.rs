@@ -50,6 +50,8 @@ pub enum ValidationError {
     NotWithStream(&'static str),
     #[error("{0}")]
     Template(String),
+    #[error("invalid adapter id {0:?}: a name of letters, digits, '.', '_', '-', not a path")]
+    AdapterName(String),
     #[error("`truncate` must be strictly positive and at most {1}, got {0}")]
     Truncate(i64, u32),
     #[error("`inputs` must have at most {0} tokens, got {1}")]

@@ -212,7 +212,7 @@ fn to_pb(id: u64, e: &Entry) -> pb::Request {
         }),
         blocks: a.blocks.clone(),
         slots: a.slots(r.input_length()),
-        adapter_id: None,
+        adapter_id: r.adapter_id.clone(),
         prefill_logprobs: r.decoder_input_details,
         top_n_tokens: r.top_n_tokens,
     }
@@ -245,6 +245,7 @@ pub(crate) mod tests {
             decoder_input_details: false,
             top_n_tokens: 0,
             best_of: 1,
+            adapter_id: None,
             report_seed: false,
         }
     }

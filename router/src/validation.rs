@@ -45,6 +45,8 @@ pub struct ValidGenerateRequest {
     pub top_n_tokens: u32,
     /// Sequences to generate; the best is returned (1 = plain).
     pub best_of: u32,
+    /// LoRA adapter; None = the base model.
+    pub adapter_id: Option<String>,
     /// Whether `details.seed` is reported (sampling is on).
     pub report_seed: bool,
 }
@@ -105,6 +107,15 @@ struct Checked {
     truncate: Option<usize>,
     best_of: u32,
     top_n_tokens: u32,
+    adapter_id: Option<String>,
+}
+
+/// Adapter ids are plain names resolved by the shard inside its adapter source: no paths.
+fn valid_adapter_name(a: &str) -> bool {
+    a.len() <= 128
+        && !a.contains("..")
+        && a.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && a.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
 }
 
 fn in_range(v: Option<f32>, neutral: f32, ok: impl Fn(f32) -> bool, err: impl Fn(f32) -> ValidationError) -> Result<f32, ValidationError> {
@@ -153,9 +164,11 @@ fn check_parameters(req: &GenerateRequest, limits: &LimitArgs) -> Result<Checked
     if top_n_tokens > limits.max_top_n_tokens {
         return Err(ValidationError::TopNTokens(limits.max_top_n_tokens, top_n_tokens));
     }
-    if p.adapter_id.as_deref().is_some_and(|a| !a.is_empty()) {
-        return Err(ValidationError::Unsupported("adapter_id"));
-    }
+    let adapter_id = match p.adapter_id.as_deref() {
+        None | Some("") => None,
+        Some(a) if valid_adapter_name(a) => Some(a.to_string()),
+        Some(a) => return Err(ValidationError::AdapterName(a.to_string())),
+    };
     // As in TGI: any warper turns sampling on.
     let do_sample = p.do_sample.unwrap_or(false) || temperature != 1.0 || top_k > 0 || top_p < 1.0 || typical_p < 1.0;
     let best_of = p.best_of.unwrap_or(1);
@@ -186,6 +199,7 @@ fn check_parameters(req: &GenerateRequest, limits: &LimitArgs) -> Result<Checked
         truncate,
         best_of,
         top_n_tokens,
+        adapter_id,
     })
 }
 
@@ -232,6 +246,7 @@ fn finish(
         decoder_input_details: p.decoder_input_details,
         top_n_tokens: checked.top_n_tokens,
         best_of: checked.best_of,
+        adapter_id: checked.adapter_id,
         report_seed,
     })
 }
@@ -300,6 +315,8 @@ pub(crate) mod tests {
             (GenerateParameters { frequency_penalty: Some(2.5), ..Default::default() }, ValidationError::FrequencyPenalty(2.5)),
             (GenerateParameters { presence_penalty: Some(-3.0), ..Default::default() }, ValidationError::PresencePenalty(-3.0)),
             (GenerateParameters { top_n_tokens: Some(6), ..Default::default() }, ValidationError::TopNTokens(5, 6)),
+            (GenerateParameters { adapter_id: Some("../etc".into()), ..Default::default() }, ValidationError::AdapterName("../etc".into())),
+            (GenerateParameters { adapter_id: Some("/abs/path".into()), ..Default::default() }, ValidationError::AdapterName("/abs/path".into())),
         ];
         for (p, want) in cases {
             assert_eq!(v.validate(req("hello", p)).await.unwrap_err(), want);

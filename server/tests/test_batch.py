@@ -102,7 +102,7 @@ def test_bad_request_fails_alone(engine_factory):
     res, cached = eng.prefill(b)
     assert res.request_ids == [1]
     assert cached.request_ids == [1]
-    assert res.failed == [(0, "token id out of vocabulary")]
+    assert res.failed == [(0, "token id out of vocabulary", 2)]
     b, _ = batch(2, [[3, 400]], 2, first_id=5)
     res, cached = eng.prefill(b)
     assert cached is None and res.failed[0][0] == 5

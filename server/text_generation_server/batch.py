@@ -37,6 +37,7 @@ class Batch:
     max_new_tokens: np.ndarray  # [B] int64, host
     ignore_eos: np.ndarray  # [B] bool, host
     top_n: np.ndarray  # [B] int64, host: alternatives to return per token
+    adapters: np.ndarray  # [B] object (str), host: LoRA adapter per row, '' = base model
     last_tokens: torch.Tensor  # [B] int64, device: the token each row feeds next
     sampling: SamplingParams
     counts: torch.Tensor | None  # [B, vocab] int32, device: prompt + output occurrences; None unless a row has a repetition penalty
@@ -79,6 +80,7 @@ class Batch:
             max_new_tokens=np.array([r.stopping_parameters.max_new_tokens for r in reqs], dtype=np.int64),
             ignore_eos=np.array([r.stopping_parameters.ignore_eos_token for r in reqs], dtype=bool),
             top_n=np.array([r.top_n_tokens for r in reqs], dtype=np.int64),
+            adapters=np.array([r.adapter_id if r.HasField("adapter_id") else "" for r in reqs], dtype=object),
             last_tokens=torch.zeros(len(reqs), dtype=torch.int64, device=device),
             sampling=sp,
             counts=None,
@@ -188,6 +190,7 @@ class Batch:
             max_new_tokens=self.max_new_tokens[host],
             ignore_eos=self.ignore_eos[host],
             top_n=self.top_n[host],
+            adapters=self.adapters[host],
             last_tokens=self.last_tokens[idx],
             sampling=self.sampling.select(host, idx.device),
             counts=self.counts[idx] if self.counts is not None else None,
@@ -217,6 +220,7 @@ class Batch:
             max_new_tokens=np.concatenate([b.max_new_tokens for b in batches]),
             ignore_eos=np.concatenate([b.ignore_eos for b in batches]),
             top_n=np.concatenate([b.top_n for b in batches]),
+            adapters=np.concatenate([b.adapters for b in batches]),
             last_tokens=torch.cat([b.last_tokens for b in batches]),
             sampling=SamplingParams.concat([b.sampling for b in batches], dev),
             counts=counts,

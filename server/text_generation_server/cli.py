@@ -46,10 +46,18 @@ def _serve(args: argparse.Namespace) -> None:
     if dtype_name is None:
         raise SystemExit(f"--dtype must be one of {sorted(DTYPES)}, got {args.dtype!r}")
     graphs = tuple(int(x) for x in args.cuda_graphs.split(",") if x.strip() and int(x) > 0)
+    adapters = []
+    for item in filter(None, (x.strip() for x in (args.lora_adapters or "").split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--lora-adapters entries are name=path, got {item!r}")
+        adapters.append((name, Path(path)))
     engine = Engine(EngineConfig(model_dir=resolve_model(args.model_id), dtype=getattr(torch, dtype_name),
                                  device=device, block_size=args.block_size,
                                  cuda_memory_fraction=args.cuda_memory_fraction, attention=args.attention,
-                                 cuda_graphs=graphs))
+                                 cuda_graphs=graphs, lora_adapters=tuple(adapters),
+                                 adapter_source=Path(args.adapter_source) if args.adapter_source else None,
+                                 max_active_adapters=args.max_active_adapters))
     uds = f"{args.uds_path}-{args.rank}"
     if os.path.exists(uds):
         os.unlink(uds)
@@ -87,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--cuda-graphs", default="1,2,4,8,16,32,64,96,128",
                    help="decode batch sizes captured as CUDA graphs (comma list; 0 disables)")
     s.add_argument("--attention", default=None, choices=["torch", "flashinfer"], help="force an attention backend")
+    s.add_argument("--lora-adapters", default="", help="name=path,... PEFT adapters known at start")
+    s.add_argument("--adapter-source", default=None, help="directory of adapters loadable by name")
+    s.add_argument("--max-active-adapters", type=int, default=8, help="adapters resident at once (LRU)")
     s.add_argument("--otlp-endpoint", default=None, help="OTLP/HTTP collector for traces")
     s.add_argument("--otlp-service-name", default="tessera")
     m = sub.add_parser("prepare-model", help="print the model directory for an id, converting the default once")

@@ -19,6 +19,7 @@ from text_generation_server.attention import make_backend
 from text_generation_server.batch import Batch, StepInputs, check_request
 from text_generation_server.cache.kv_cache import KVCache
 from text_generation_server.errors import ErrorCode, ShardError
+from text_generation_server.lora.step import LoraStep
 from text_generation_server.models import load_model
 from text_generation_server.models.forward_context import ForwardContext, forward_context
 from text_generation_server.sampling.sampler import sample
@@ -43,7 +44,7 @@ class StepResult:
     prefill: dict[int, tuple[list[int], list[float]]]  # row -> (prompt ids, logprobs; first is NaN)
     forward_ns: int
     sample_ns: int
-    failed: list[tuple[int, str]] = ()  # (request id, why) of requests refused before running
+    failed: list[tuple[int, str, int]] = ()  # (request id, why, ErrorCode) of requests refused before running
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,12 @@ class EngineConfig:
     """Force an attention backend ("torch", "flashinfer"); default: by device."""
     cuda_graphs: tuple[int, ...] = ()
     """Decode batch sizes to capture as CUDA graphs (CUDA + FlashInfer only); empty: none."""
+    lora_adapters: tuple[tuple[str, Path], ...] = ()
+    """Adapters known at start (name, PEFT directory)."""
+    adapter_source: Path | None = None
+    """Directory whose subdirectories are adapters loadable by name on first use."""
+    max_active_adapters: int = 8
+    """Adapters kept resident at once (LRU)."""
 
 
 class Engine:
@@ -77,6 +84,10 @@ class Engine:
             head_dim=mc.head_dim, block_size=cfg.block_size, sliding_window=mc.sliding_window,
         )
         self.graphs = None  # DecodeGraphs, captured at warmup
+        from text_generation_server.lora.pool import AdapterPool
+
+        self.adapters = AdapterPool(mc, cfg.dtype, cfg.device, dict(cfg.lora_adapters), cfg.adapter_source,
+                                    cfg.max_active_adapters)
         self.eos = np.array(mc.eos_token_ids or [-1], dtype=np.int64)
         self.cache: KVCache | None = None
         self.batches: dict[int, Batch] = {}
@@ -134,12 +145,21 @@ class Engine:
             raise ShardError(ErrorCode.INVALID_REQUEST, f"batch {pb_batch.id} already exists")
         vocab = self.model.config.vocab_size
         good, failed = [], []
+        adapter_errors: dict[str, ShardError] = {}
+        for name in {r.adapter_id for r in pb_batch.requests if r.HasField("adapter_id") and r.adapter_id}:
+            try:
+                self.adapters.get({name})
+            except ShardError as e:
+                adapter_errors[name] = e
         for r in pb_batch.requests:
             why = check_request(r, self.cfg.block_size, vocab, self.num_blocks)
-            if why is None:
-                good.append(r)
+            if why is not None:
+                failed.append((r.id, why, ErrorCode.INVALID_REQUEST))
+            elif r.HasField("adapter_id") and r.adapter_id in adapter_errors:
+                e = adapter_errors[r.adapter_id]
+                failed.append((r.id, e.message, e.code))
             else:
-                failed.append((r.id, why))
+                good.append(r)
         if not good:
             return _empty_result(failed), None
         batch = Batch.from_pb(pb_batch.id, good, self.cfg.block_size, vocab, self.cfg.device)
@@ -191,10 +211,16 @@ class Engine:
         tokens_in = (np.array([len(p) for p in batch.prompt_ids]) if prefill else np.ones(len(batch), dtype=np.int64))
         want_prefill = np.flatnonzero(batch.prefill_logprobs) if prefill else np.zeros(0, dtype=np.int64)
         prompts = batch.prompt_ids
-        logits = self.graphs.run(inputs, len(batch)) if (self.graphs is not None and not prefill) else None
+        names = set(batch.adapters.tolist()) - {""}
+        lora = None
+        if names:
+            token_adapters = np.repeat(batch.adapters, tokens_in) if prefill else batch.adapters
+            lora = LoraStep(token_adapters, self.adapters.get(names), self.cfg.device)
+        use_graphs = self.graphs is not None and not prefill and lora is None
+        logits = self.graphs.run(inputs, len(batch)) if use_graphs else None
         if logits is None:
             self.attention.plan(inputs.attention)
-            with forward_context(ForwardContext(self.attention)):
+            with forward_context(ForwardContext(self.attention, lora=lora)):
                 hidden = self.model.forward(inputs.input_ids, inputs.positions, self.cache.k, self.cache.v)
             logits = self.model.compute_logits(hidden[inputs.last_token_index])
         prefill_lp = self._prompt_logprobs(hidden, inputs, prompts, want_prefill) if len(want_prefill) else {}
@@ -237,6 +263,6 @@ class Engine:
         return out
 
 
-def _empty_result(failed: list[tuple[int, str]]) -> StepResult:
+def _empty_result(failed: list[tuple[int, str, int]]) -> StepResult:
     z = np.zeros(0, dtype=np.int64)
     return StepResult([], z, z.astype(np.float32), z, z, z, None, None, {}, 0, 0, failed)

@@ -39,9 +39,8 @@ def _generations(r: StepResult) -> list[pb.Generation]:
             ids, lps = r.prefill[i]
             g.prefill_tokens.CopyFrom(pb.Tokens(ids=ids, logprobs=lps))
         out.append(g)
-    for rid, why in r.failed:
-        out.append(pb.Generation(request_id=rid, error=pb.ShardError(
-            code=int(ErrorCode.INVALID_REQUEST), message=why, request_ids=[rid])))
+    for rid, why, code in r.failed:
+        out.append(pb.Generation(request_id=rid, error=pb.ShardError(code=int(code), message=why, request_ids=[rid])))
     return out
 
 

@@ -12,7 +12,8 @@ from text_generation_server.attention.base import AttentionBackend
 @dataclass
 class ForwardContext:
     attention: AttentionBackend  # planned for this step
-    extras: dict[str, Any] = field(default_factory=dict)  # later inputs (LoRA segments, ...)
+    lora: Any = None  # LoraStep of this step, or None when no row uses an adapter
+    extras: dict[str, Any] = field(default_factory=dict)  # later per-step inputs
 
 
 _current: ForwardContext | None = None
@@ -26,6 +27,10 @@ def forward_context(ctx: ForwardContext) -> Iterator[ForwardContext]:
         yield ctx
     finally:
         _current = prev
+
+
+def current_context() -> ForwardContext | None:
+    return _current
 
 
 def get_forward_context() -> ForwardContext:

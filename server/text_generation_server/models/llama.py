@@ -24,7 +24,7 @@ class Attention:
 
         def proj(name: str, out: int, inp: int, with_bias: bool) -> Linear:
             b = w.get(f"{prefix}.{name}.bias", (out,)) if with_bias else None
-            return Linear(w.get(f"{prefix}.{name}.weight", (out, inp)), b, name)
+            return Linear(w.get(f"{prefix}.{name}.weight", (out, inp)), b, name, layer)
 
         self.q_proj = proj("q_proj", h * d, hid, bias)
         self.k_proj = proj("k_proj", kvh * d, hid, bias)
@@ -43,11 +43,11 @@ class Attention:
 
 
 class MLP:
-    def __init__(self, cfg: ModelConfig, w: Weights, prefix: str):
+    def __init__(self, cfg: ModelConfig, w: Weights, prefix: str, layer: int):
         hid, inter = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(w.get(f"{prefix}.gate_proj.weight", (inter, hid)), name="gate_proj")
-        self.up_proj = Linear(w.get(f"{prefix}.up_proj.weight", (inter, hid)), name="up_proj")
-        self.down_proj = Linear(w.get(f"{prefix}.down_proj.weight", (hid, inter)), name="down_proj")
+        self.gate_proj = Linear(w.get(f"{prefix}.gate_proj.weight", (inter, hid)), name="gate_proj", layer=layer)
+        self.up_proj = Linear(w.get(f"{prefix}.up_proj.weight", (inter, hid)), name="up_proj", layer=layer)
+        self.down_proj = Linear(w.get(f"{prefix}.down_proj.weight", (hid, inter)), name="down_proj", layer=layer)
 
     def __call__(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -61,7 +61,7 @@ class DecoderLayer:
             w.get(f"{p}.post_attention_layernorm.weight", (cfg.hidden_size,)), cfg.rms_norm_eps
         )
         self.self_attn = Attention(cfg, w, f"{p}.self_attn", layer)
-        self.mlp = MLP(cfg, w, f"{p}.mlp")
+        self.mlp = MLP(cfg, w, f"{p}.mlp", layer)
 
 
 class LlamaForCausalLM:

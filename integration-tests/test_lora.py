@@ -1,0 +1,127 @@
+"""Multi-LoRA on the real default model: adapters of different ranks and targets made with peft,
+mixed with base requests in one batch, token for token against transformers + peft."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+
+from conftest import Server
+
+ADAPTERS = {  # name -> (rank, targets, alpha, rslora, std of the random lora_B)
+    "upper4": (4, ["q_proj", "v_proj"], 8, False, 1.0),
+    "all8": (8, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 16, False, 0.3),
+    "mlp16": (16, ["gate_proj", "up_proj", "down_proj"], 32, False, 0.3),
+    "attn32": (32, ["k_proj", "o_proj"], 16, True, 0.3),
+    "down4": (4, ["down_proj"], 64, False, 0.5),
+}
+PROMPT = "What is the capital of France?"
+LIMITS = ("--max-input-tokens", "256", "--max-total-tokens", "512", "--max-batch-prefill-tokens", "1024")
+
+
+@pytest.fixture(scope="module")
+def adapters(model_dir, tmp_path_factory):
+    """PEFT directories with random (non-zero) LoRA weights, saved by peft itself."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("adapters")
+    for i, (name, (r, targets, alpha, rs, std)) in enumerate(ADAPTERS.items()):
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rs))
+        g = torch.Generator().manual_seed(i)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        model.save_pretrained(root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, adapters, tokenizer, chat):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = tokenizer(chat(PROMPT), return_tensors="pt").input_ids
+    out = {}
+    for name in [None, *ADAPTERS]:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if name:
+            model = PeftModel.from_pretrained(model, adapters / name)
+        gen = model.generate(ids, max_new_tokens=32, do_sample=False)
+        out[name] = gen[0, ids.shape[1]:].tolist()
+    assert all(out[n] != out[None] for n in ADAPTERS), "every adapter changes the output"
+    return out
+
+
+def gen(server, chat, adapter):
+    params = {"max_new_tokens": 32, "details": True}
+    if adapter:
+        params["adapter_id"] = adapter
+    r = requests.post(server.url("/generate"), json={"inputs": chat(PROMPT), "parameters": params}, timeout=300)
+    assert r.status_code == 200, r.text
+    return [t["id"] for t in r.json()["details"]["tokens"]]
+
+
+def test_mixed_adapters_in_one_batch_match_peft(adapters, reference, chat):
+    static = ",".join(f"{n}={adapters / n}" for n in ("upper4", "all8"))
+    s = Server(*LIMITS, "--lora-adapters", static, "--adapter-source", str(adapters)).wait_ready()
+    try:
+        names = [None, "upper4", "all8", "mlp16", "attn32"]  # the last two load by name on first use
+        with ThreadPoolExecutor(len(names)) as ex:
+            got = list(ex.map(lambda n: gen(s, chat, n), names))
+        for name, tokens in zip(names, got):
+            assert tokens == reference[name], name
+    finally:
+        s.stop()
+
+
+def test_eviction_keeps_outputs_correct(adapters, reference, chat):
+    s = Server(*LIMITS, "--adapter-source", str(adapters), "--max-active-adapters", "2").wait_ready()
+    try:
+        for _ in range(2):
+            for name in ADAPTERS:
+                assert gen(s, chat, name) == reference[name], name
+        assert "evicted adapter" in s.log_path.read_text()
+    finally:
+        s.stop()
+
+
+def test_bad_adapters_get_4xx_and_the_server_keeps_serving(adapters, tmp_path, chat, reference):
+    broken = tmp_path / "src"
+    broken.mkdir()
+    (broken / "garbage").mkdir()
+    (broken / "garbage" / "adapter_config.json").write_text("{not json")
+    (broken / "garbage" / "adapter_model.safetensors").write_text("nope")
+    # A real adapter of another model shape: ranks fine, projections the wrong size.
+    wrong = broken / "wrong"
+    wrong.mkdir()
+    cfg = json.loads((adapters / "upper4" / "adapter_config.json").read_text())
+    (wrong / "adapter_config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(adapters / "upper4" / "adapter_model.safetensors"))
+    save_file({k: torch.zeros(v.shape[0], v.shape[1] + 1) if "lora_A" in k else v for k, v in t.items()},
+              str(wrong / "adapter_model.safetensors"))
+    s = Server(*LIMITS, "--adapter-source", str(broken)).wait_ready()
+    try:
+        def post(adapter):
+            return requests.post(s.url("/generate"), json={"inputs": "hi", "parameters": {"max_new_tokens": 2, "adapter_id": adapter}})
+
+        r = post("nope")
+        assert r.status_code == 422 and "nope" in r.json()["error"]
+        r = post("../src/garbage")
+        assert r.status_code == 422 and r.json()["error_type"] == "validation"
+        r = post("garbage")
+        assert r.status_code == 422 and r.json()["error_type"] == "bad_adapter"
+        r = post("wrong")
+        assert r.status_code == 422 and "shape" in r.json()["error"]
+        assert gen(s, chat, None) == reference[None]
+    finally:
+        s.stop()
