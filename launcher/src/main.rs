@@ -72,17 +72,10 @@ struct Args {
     json_output: bool,
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| "info".into());
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    if json { b.json().init() } else { b.init() }
-}
-
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    init_logging(args.json_output);
+    text_generation_router::logging::init(args.json_output);
     let code = match run(args).await {
         Ok(code) => code,
         Err(e) => {

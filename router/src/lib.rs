@@ -11,6 +11,7 @@ pub mod client;
 pub mod detokenize;
 pub mod error;
 pub mod infer;
+pub mod logging;
 pub mod pb;
 pub mod queue;
 pub mod scheduler;

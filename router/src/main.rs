@@ -50,13 +50,6 @@ struct Args {
     json_output: bool,
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LOG_LEVEL").unwrap_or_else(|_| "info".into());
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    if json { b.json().init() } else { b.init() }
-}
-
 /// The largest prefill the router will ever send, as dummy requests.
 fn warmup_batch(limits: &LimitArgs, block_size: u32) -> pb::Batch {
     let mut requests = vec![];
@@ -96,7 +89,7 @@ async fn connect(path: &str) -> Result<ShardedClient, String> {
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    init_logging(args.json_output);
+    text_generation_router::logging::init(args.json_output);
     if let Err(e) = run(args).await {
         tracing::error!("{e}");
         std::process::exit(1);

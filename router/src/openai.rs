@@ -16,7 +16,7 @@ use utoipa::ToSchema;
 use crate::api::{FinishReason, GenerateParameters, GenerateRequest, Token};
 use crate::chat::TemplateMessage;
 use crate::detokenize::StopTrimmer;
-use crate::error::{ErrorKind, InferError, RequestError};
+use crate::error::{ErrorKind, InferError};
 use crate::infer::{InferResponse, InferStreamEvent};
 use crate::server::{parse_json, AppState};
 
@@ -655,10 +655,4 @@ pub async fn models(State(s): State<AppState>) -> Json<ModelList> {
         object: "list".into(),
         data: vec![ModelCard { id: s.info.model_id.clone(), object: "model".into(), created: 0, owned_by: "tessera".into() }],
     })
-}
-
-impl From<RequestError> for InferError {
-    fn from(e: RequestError) -> Self {
-        InferError::Generation(e.to_string())
-    }
 }
