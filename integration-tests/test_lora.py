@@ -7,9 +7,11 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import openai
 import pytest
 import requests
 import torch
+from openai import OpenAI
 
 from conftest import Server
 
@@ -78,6 +80,97 @@ def test_mixed_adapters_in_one_batch_match_peft(adapters, reference, chat):
             got = list(ex.map(lambda n: gen(s, chat, n), names))
         for name, tokens in zip(names, got):
             assert tokens == reference[name], name
+
+        # Listing: the base model, then every adapter usable by name (static and in the source).
+        models = requests.get(s.url("/v1/models")).json()["data"]
+        assert models[0]["id"] == requests.get(s.url("/info")).json()["model_id"] and "parent" not in models[0]
+        assert sorted(m["id"] for m in models[1:]) == sorted(ADAPTERS)
+        assert all(m["parent"] == models[0]["id"] for m in models[1:])
+        assert sorted(requests.get(s.url("/info")).json()["adapters"]) == sorted(ADAPTERS)
+
+        # OpenAI `model` picks the adapter; the base model answers to its id and to "tessera".
+        oai = OpenAI(base_url=s.url("/v1"), api_key="unused", timeout=300)
+        text = {n: requests.post(s.url("/generate"), json={"inputs": chat(PROMPT), "parameters": {
+            "max_new_tokens": 32, **({"adapter_id": n} if n else {})}}).json()["generated_text"] for n in (None, "mlp16", "down4")}
+        c = oai.completions.create(model="mlp16", prompt=chat(PROMPT), max_tokens=32, temperature=0)
+        assert c.choices[0].text == text["mlp16"] and c.model == "mlp16"
+        c = oai.chat.completions.create(model="down4", messages=[{"role": "user", "content": PROMPT}], max_tokens=32, temperature=0)
+        assert c.choices[0].message.content == text["down4"]
+        for base in ("tessera", models[0]["id"]):
+            c = oai.completions.create(model=base, prompt=chat(PROMPT), max_tokens=32, temperature=0)
+            assert c.choices[0].text == text[None]
+        for unknown in ("gpt-4o", "org/some-model"):
+            with pytest.raises(openai.NotFoundError) as e:
+                oai.chat.completions.create(model=unknown, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+            assert e.value.status_code == 404 and unknown in e.value.response.json()["error"]
+        with pytest.raises(openai.NotFoundError):
+            list(oai.completions.create(model="gpt-4o", prompt="hi", max_tokens=2, stream=True))
+
+        # Per-adapter metrics and load counts.
+        metrics = requests.get(s.url("/metrics")).text
+        assert 'tessera_adapter_requests_total{adapter="mlp16",status="success"}' in metrics
+        assert 'tessera_adapter_requests_total{adapter="_base",status="success"}' in metrics
+        assert 'tessera_adapter_requests_total{adapter="gpt-4o",status="adapter_not_found"}' in metrics
+        assert 'tessera_adapter_generated_tokens_total{adapter="attn32"}' in metrics
+        assert 'tessera_adapter_request_duration_seconds_count{adapter="all8"}' in metrics
+        loads = [line for line in metrics.splitlines() if line.startswith("tessera_adapter_loads_total")]
+        assert loads and float(loads[0].split()[-1]) >= 5
+    finally:
+        s.stop()
+
+
+def test_load_and_unload_at_run_time(adapters, reference, chat):
+    s = Server(*LIMITS, "--adapter-source", str(adapters), "--api-key", "sesame", "--max-active-adapters", "2").wait_ready()
+    auth = {"Authorization": "Bearer sesame"}
+
+    def admin(route, body, headers=auth):
+        return requests.post(s.url(route), json=body, headers=headers, timeout=60)
+
+    def generate(adapter):
+        return requests.post(s.url("/generate"), headers=auth, timeout=300, json={
+            "inputs": chat(PROMPT), "parameters": {"max_new_tokens": 32, "details": True, "adapter_id": adapter}})
+
+    try:
+        assert admin("/v1/load_lora_adapter", {"lora_name": "mine", "lora_path": "upper4"}, headers={}).status_code == 401
+        r = admin("/v1/load_lora_adapter", {"lora_name": "mine", "lora_path": "upper4"})
+        assert r.status_code == 200 and "mine" in r.text
+        r = generate("mine")
+        assert r.status_code == 200 and [t["id"] for t in r.json()["details"]["tokens"]] == reference["upper4"]
+        models = [m["id"] for m in requests.get(s.url("/v1/models"), headers=auth).json()["data"]]
+        assert "mine" in models
+
+        # Paths stay inside the adapter source; names stay names; bodies must be well-formed.
+        for path in ("../outside", "/etc", str(adapters.parent)):
+            r = admin("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path})
+            assert r.status_code == 400 and "outside the adapter source" in r.json()["error"], (path, r.text)
+        r = admin("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "not-there"})
+        assert r.status_code == 404 and r.json()["error_type"] == "not_found"
+        r = admin("/v1/load_lora_adapter", {"lora_name": "../x", "lora_path": "upper4"})
+        assert r.status_code == 422 and r.json()["error_type"] == "validation"
+        r = admin("/v1/load_lora_adapter", {"lora_path": "upper4"})
+        assert r.status_code in (400, 422) and "lora_name" in r.json()["error"]
+        r = admin("/v1/load_lora_adapter", {"lora_name": "mine", "lora_path": "all8"})
+        assert r.status_code == 400 and "already registered" in r.json()["error"]
+
+        # More adapters than slots, all correct; the router evicts idle ones.
+        for name in ("all8", "mlp16", "attn32", "mine"):
+            r = generate(name)
+            assert [t["id"] for t in r.json()["details"]["tokens"]] == reference["upper4" if name == "mine" else name]
+        metrics = requests.get(s.url("/metrics"), headers=auth).text
+        evictions = [line for line in metrics.splitlines() if line.startswith("tessera_adapter_evictions_total")]
+        assert evictions and float(evictions[0].split()[-1]) >= 2
+
+        r = admin("/v1/unload_lora_adapter", {"lora_name": "mine"})
+        assert r.status_code == 200 and "mine" in r.text
+        r = generate("mine")
+        assert r.status_code == 422 and r.json()["error_type"] == "adapter_not_found" and "mine" in r.json()["error"]
+        oai = OpenAI(base_url=s.url("/v1"), api_key="sesame", timeout=300)
+        with pytest.raises(openai.NotFoundError):
+            oai.completions.create(model="mine", prompt="hi", max_tokens=2)
+        assert "mine" not in [m["id"] for m in requests.get(s.url("/v1/models"), headers=auth).json()["data"]]
+        assert admin("/v1/unload_lora_adapter", {"lora_name": "mine"}).status_code == 404
+        assert admin("/v1/unload_lora_adapter", {"lora_name": "mine"}, headers={}).status_code == 401
+        assert generate(None).status_code == 200
     finally:
         s.stop()
 
@@ -88,7 +181,7 @@ def test_eviction_keeps_outputs_correct(adapters, reference, chat):
         for _ in range(2):
             for name in ADAPTERS:
                 assert gen(s, chat, name) == reference[name], name
-        assert "evicted adapter" in s.log_path.read_text()
+        assert "unloaded adapter" in s.log_path.read_text()  # the router made room, idle adapters first
     finally:
         s.stop()
 

@@ -180,6 +180,10 @@ pub struct Info {
     pub kv_blocks_total: u32,
     pub kv_blocks_free: u32,
     pub queue_size: usize,
+    /// LoRA adapters resident at once on each shard.
+    pub max_active_adapters: u32,
+    /// LoRA adapters usable by name (registered, resident, or in the adapter source).
+    pub adapters: Vec<String>,
     pub router: String,
     pub version: String,
 }

@@ -97,6 +97,16 @@ impl ShardClient {
         let req = traced(pb::DecodeRequest { batches }, trace);
         Ok(self.stub.decode(req).await?.into_inner())
     }
+    pub async fn load_adapter(&mut self, req: pb::LoadAdapterRequest) -> Result<pb::LoadAdapterResponse> {
+        Ok(self.stub.load_adapter(req).await?.into_inner())
+    }
+    pub async fn unload_adapter(&mut self, name: String, forget: bool) -> Result<()> {
+        self.stub.unload_adapter(pb::UnloadAdapterRequest { name, forget }).await?;
+        Ok(())
+    }
+    pub async fn list_adapters(&mut self) -> Result<Vec<pb::AdapterInfo>> {
+        Ok(self.stub.list_adapters(pb::ListAdaptersRequest {}).await?.into_inner().adapters)
+    }
 }
 
 /// A request carrying the caller's trace context as W3C `traceparent` metadata.
@@ -170,5 +180,14 @@ impl ShardedClient {
     }
     pub async fn decode(&mut self, batches: Vec<pb::CachedBatch>, trace: Option<String>) -> Result<pb::DecodeResponse> {
         fan_out!(self, |c| c.decode(batches.clone(), trace.clone()))
+    }
+    pub async fn load_adapter(&mut self, req: pb::LoadAdapterRequest) -> Result<pb::LoadAdapterResponse> {
+        fan_out!(self, |c| c.load_adapter(req.clone()))
+    }
+    pub async fn unload_adapter(&mut self, name: String, forget: bool) -> Result<()> {
+        fan_out!(self, |c| c.unload_adapter(name.clone(), forget))
+    }
+    pub async fn list_adapters(&mut self) -> Result<Vec<pb::AdapterInfo>> {
+        self.shards[0].list_adapters().await
     }
 }

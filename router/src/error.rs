@@ -92,6 +92,8 @@ pub enum RequestError {
     Malformed(String),
     #[error("invalid request: {0}")]
     Invalid(String),
+    #[error("{0}")]
+    BadRequest(String),
     #[error("expected `Content-Type: application/json`")]
     ContentType,
     #[error("not found: {0}")]
@@ -167,6 +169,7 @@ impl ErrorKind for RequestError {
         match self {
             RequestError::Malformed(_) => StatusCode::BAD_REQUEST,
             RequestError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            RequestError::BadRequest(_) => StatusCode::BAD_REQUEST,
             RequestError::ContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             RequestError::NotFound(_) => StatusCode::NOT_FOUND,
             RequestError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -178,6 +181,7 @@ impl ErrorKind for RequestError {
         match self {
             RequestError::Malformed(_) => "malformed",
             RequestError::Invalid(_) => "validation",
+            RequestError::BadRequest(_) => "bad_request",
             RequestError::ContentType => "malformed",
             RequestError::NotFound(_) => "not_found",
             RequestError::PayloadTooLarge(_) => "payload_too_large",

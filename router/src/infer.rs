@@ -9,6 +9,7 @@ use futures::{Stream, StreamExt};
 use tokenizers::Tokenizer;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
+use crate::adapters::{AdapterLease, Adapters};
 use crate::api::{FinishReason, GenerateRequest, PrefillToken, Token};
 use crate::detokenize::{Detokenizer, StopMatcher};
 use crate::error::InferError;
@@ -62,12 +63,30 @@ pub struct Infer {
     limit: Arc<Semaphore>,
     tokenizer: Arc<Tokenizer>,
     special: Arc<HashSet<u32>>,
+    adapters: Adapters,
 }
 
 impl Infer {
-    pub fn new(validation: Validation, queue: Queue, tokenizer: Arc<Tokenizer>, max_concurrent: usize) -> Self {
+    pub fn new(validation: Validation, queue: Queue, tokenizer: Arc<Tokenizer>, max_concurrent: usize, adapters: Adapters) -> Self {
         let special = tokenizer.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
-        Self { validation, queue, limit: Arc::new(Semaphore::new(max_concurrent)), tokenizer, special: Arc::new(special) }
+        let limit = Arc::new(Semaphore::new(max_concurrent));
+        Self { validation, queue, limit, tokenizer, special: Arc::new(special), adapters }
+    }
+
+    pub fn adapters(&self) -> &Adapters {
+        &self.adapters
+    }
+
+    /// The request's adapter made resident and held until its response ends (None: base model).
+    async fn lease(&self, valid: &ValidGenerateRequest) -> Result<Option<Arc<AdapterLease>>, InferError> {
+        let Some(name) = valid.adapter_id.as_deref() else { return Ok(None) };
+        match self.adapters.acquire(name).await {
+            Ok(lease) => Ok(Some(lease)),
+            Err(e) => {
+                m::RequestTimer::new(Some(name)).failed(e.error_type_name());
+                Err(e)
+            }
+        }
     }
 
     pub fn queue(&self) -> &Queue {
@@ -88,14 +107,15 @@ impl Infer {
     pub async fn generate_stream(&self, req: GenerateRequest) -> Result<(Arc<ValidGenerateRequest>, ResponseStream), InferError> {
         let permit = self.permit()?;
         let valid = self.validation.validate(req).await?;
-        Ok(self.enqueue(valid, permit))
+        let lease = self.lease(&valid).await?;
+        Ok(self.enqueue(valid, permit, lease))
     }
 
     fn permit(&self) -> Result<OwnedSemaphorePermit, InferError> {
         self.limit.clone().try_acquire_owned().map_err(|_| InferError::Overloaded)
     }
 
-    fn enqueue(&self, valid: ValidGenerateRequest, permit: OwnedSemaphorePermit) -> (Arc<ValidGenerateRequest>, ResponseStream) {
+    fn enqueue(&self, valid: ValidGenerateRequest, permit: OwnedSemaphorePermit, lease: Option<Arc<AdapterLease>>) -> (Arc<ValidGenerateRequest>, ResponseStream) {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut entry = Entry::new(valid, tx);
         let request = entry.request.clone();
@@ -103,7 +123,7 @@ impl Infer {
         entry.span = span.as_ref().map(|s| s.span_context());
         m::request_started(&request);
         self.queue.append(entry);
-        let stream = response_stream(rx, request.clone(), self.tokenizer.clone(), self.special.clone(), (permit, span));
+        let stream = response_stream(rx, request.clone(), self.tokenizer.clone(), self.special.clone(), (permit, span, lease));
         (request, Box::pin(stream))
     }
 
@@ -141,6 +161,7 @@ impl Infer {
         for _ in 0..n {
             permits.push(self.permit()?);
         }
+        let lease = self.lease(&valid).await?;
         let base_seed = valid.parameters.seed;
         Ok(permits
             .into_iter()
@@ -148,7 +169,7 @@ impl Infer {
             .map(|(i, permit)| {
                 let mut v = valid.clone();
                 v.parameters.seed = base_seed.wrapping_add(i as u64);
-                self.enqueue(v, permit)
+                self.enqueue(v, permit, lease.clone())
             })
             .collect())
     }
@@ -173,11 +194,11 @@ fn response_stream(
     request: Arc<ValidGenerateRequest>,
     tokenizer: Arc<Tokenizer>,
     special: Arc<HashSet<u32>>,
-    held: (OwnedSemaphorePermit, Option<crate::telemetry::RequestSpan>),
+    held: (OwnedSemaphorePermit, Option<crate::telemetry::RequestSpan>, Option<Arc<AdapterLease>>),
 ) -> impl Stream<Item = Result<InferStreamEvent, InferError>> + Send + 'static {
     async_stream::stream! {
-        let (_permit, span) = held;
-        let mut timer = m::RequestTimer::new();
+        let (_permit, span, _lease) = held;
+        let mut timer = m::RequestTimer::new(request.adapter_id.as_deref());
         let mut detok = Detokenizer::new(tokenizer.clone(), &request.input_ids);
         let mut stops = StopMatcher::new(request.stopping.stop_sequences.clone());
         let mut tokens: Vec<Token> = Vec::new();
@@ -188,6 +209,7 @@ fn response_stream(
                 Ok(e) => e,
                 Err(e) => {
                     m::request_failed(e.error_type_name());
+                    timer.failed(e.error_type_name());
                     if let Some(s) = &span { s.finish(tokens.len() as u32, e.error_type_name()); }
                     yield Err(e);
                     return;
@@ -247,6 +269,7 @@ fn response_stream(
             return; // dropping `rx` tells the loop to filter this request out
         }
         m::request_failed("dropped");
+        timer.failed("dropped");
         yield Err(InferError::Dropped);
     }
 }

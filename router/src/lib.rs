@@ -1,6 +1,7 @@
 //! Tessera's router: HTTP front door, validation, queue, KV block allocation and the
 //! continuous batching loop that drives the shards over gRPC.
 
+pub mod adapters;
 pub mod api;
 pub mod chat;
 pub mod metrics;

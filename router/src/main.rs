@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use tokio::sync::Mutex;
 
+use text_generation_router::adapters::Adapters;
 use text_generation_router::api::Info;
 use text_generation_router::args::{LimitArgs, ServiceArgs};
 use text_generation_router::chat::ChatTemplate;
@@ -154,6 +155,8 @@ async fn run(args: Args) -> Result<(), String> {
         kv_blocks_total: num_blocks,
         kv_blocks_free: num_blocks,
         queue_size: 0,
+        max_active_adapters: shard_info.max_active_adapters,
+        adapters: vec![],
         router: env!("CARGO_PKG_NAME").into(),
         version: env!("CARGO_PKG_VERSION").into(),
     };
@@ -169,7 +172,8 @@ async fn run(args: Args) -> Result<(), String> {
         }
     };
     let validation = Validation::new(tokenizer.clone(), args.limits.clone());
-    let infer = Infer::new(validation, queue, tokenizer, args.limits.max_concurrent_requests);
+    let adapters = Adapters::new(Arc::new(client.clone()), shard_info.max_active_adapters as usize);
+    let infer = Infer::new(validation, queue, tokenizer, args.limits.max_concurrent_requests, adapters);
     let draining = Arc::new(AtomicBool::new(false));
     let state = AppState {
         infer: infer.clone(),

@@ -48,6 +48,21 @@ fn describe() {
     describe_histogram!("tessera_request_generated_tokens", "Generated tokens per request");
     describe_counter!("tessera_input_tokens_total", "Prompt tokens of all requests");
     describe_counter!("tessera_generated_tokens_total", "Generated tokens of all requests");
+    describe_counter!("tessera_adapter_requests_total", "Requests answered per adapter (`_base`: no adapter), by status");
+    describe_counter!("tessera_adapter_generated_tokens_total", "Generated tokens per adapter");
+    describe_histogram!("tessera_adapter_request_duration_seconds", Unit::Seconds, "Whole request per adapter");
+    describe_histogram!("tessera_adapter_time_to_first_token_seconds", Unit::Seconds, "Arrival to first token per adapter");
+    describe_counter!("tessera_adapter_loads_total", "Adapters made resident on the shards");
+    describe_counter!("tessera_adapter_load_failures_total", "Adapter loads that failed");
+    describe_counter!("tessera_adapter_evictions_total", "Adapters unloaded to make room");
+    describe_histogram!("tessera_adapter_load_duration_seconds", Unit::Seconds, "One adapter load (disk to device, all shards)");
+    describe_gauge!("tessera_adapters_resident", "Adapters resident on the shards");
+}
+
+/// The `adapter` label of per-adapter metrics: the adapter's name, or `_base` (no adapter name
+/// can start with `_`).
+pub fn adapter_label(adapter: Option<&str>) -> String {
+    adapter.unwrap_or("_base").to_string()
 }
 
 pub fn request_started(r: &ValidGenerateRequest) {
@@ -80,24 +95,37 @@ pub fn decode_duration(d: Duration) {
     histogram!("tessera_batch_decode_duration_seconds").record(d.as_secs_f64());
 }
 
-/// Per-request token timing.
+/// Per-request token timing, overall and per adapter.
 pub struct RequestTimer {
     last: Option<Instant>,
+    adapter: String,
+    adapter_tokens: metrics::Counter,
 }
 
 impl RequestTimer {
-    pub fn new() -> Self {
-        Self { last: None }
+    pub fn new(adapter: Option<&str>) -> Self {
+        let adapter = adapter_label(adapter);
+        let adapter_tokens = counter!("tessera_adapter_generated_tokens_total", "adapter" => adapter.clone());
+        Self { last: None, adapter, adapter_tokens }
     }
 
     pub fn token(&mut self, queued: Instant, _started: Instant) {
         let now = Instant::now();
         match self.last {
-            None => histogram!("tessera_time_to_first_token_seconds").record(now.duration_since(queued).as_secs_f64()),
+            None => {
+                let ttft = now.duration_since(queued).as_secs_f64();
+                histogram!("tessera_time_to_first_token_seconds").record(ttft);
+                histogram!("tessera_adapter_time_to_first_token_seconds", "adapter" => self.adapter.clone()).record(ttft);
+            }
             Some(prev) => histogram!("tessera_inter_token_latency_seconds").record(now.duration_since(prev).as_secs_f64()),
         }
         self.last = Some(now);
         counter!("tessera_generated_tokens_total").increment(1);
+        self.adapter_tokens.increment(1);
+    }
+
+    pub fn failed(&self, error_type: &str) {
+        counter!("tessera_adapter_requests_total", "adapter" => self.adapter.clone(), "status" => error_type.to_string()).increment(1);
     }
 
     pub fn finish(&self, d: &EndDetails) {
@@ -106,11 +134,8 @@ impl RequestTimer {
         histogram!("tessera_request_inference_duration_seconds").record(d.finished.duration_since(d.started).as_secs_f64());
         histogram!("tessera_request_generated_tokens").record(d.generated_tokens as f64);
         counter!("tessera_requests_total", "status" => "success").increment(1);
-    }
-}
-
-impl Default for RequestTimer {
-    fn default() -> Self {
-        Self::new()
+        let total = d.finished.duration_since(d.queued).as_secs_f64();
+        histogram!("tessera_adapter_request_duration_seconds", "adapter" => self.adapter.clone()).record(total);
+        counter!("tessera_adapter_requests_total", "adapter" => self.adapter.clone(), "status" => "success").increment(1);
     }
 }

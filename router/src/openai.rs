@@ -242,6 +242,9 @@ pub struct ModelCard {
     pub object: String,
     pub created: u64,
     pub owned_by: String,
+    /// Adapters: the base model they apply to (as vLLM lists LoRA modules).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -350,6 +353,7 @@ fn chat_logprobs(tokens: &[Token], tops: &[Vec<Token>]) -> ChatLogprobs {
 #[utoipa::path(post, path = "/v1/completions", tag = "OpenAI", request_body = CompletionRequest,
     responses((status = 200, description = "Completion (or SSE chunks when stream)", body = CompletionResponse),
               (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
+              (status = 404, description = "`model` is neither the base model nor a known adapter", body = crate::error::ErrorBody),
               (status = 413, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody),
               (status = 424, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody),
               (status = 503, body = crate::error::ErrorBody)))]
@@ -358,16 +362,18 @@ pub async fn completions(State(s): State<AppState>, payload: Result<Json<Complet
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    let model = req.model.clone();
     match completions_inner(s, req).await {
         Ok(r) => r,
-        Err(e) => e.into_response(),
+        Err(e) => model_error(e, model.as_deref()),
     }
 }
 
 async fn completions_inner(s: AppState, req: CompletionRequest) -> Result<Response, InferError> {
     let n = check_n(&s, req.sampling.n)?;
     let top_n = req.logprobs.unwrap_or(0);
-    let params = to_parameters(&req.sampling, Some(req.max_tokens.unwrap_or(16)), top_n)?;
+    let mut params = to_parameters(&req.sampling, Some(req.max_tokens.unwrap_or(16)), top_n)?;
+    params.adapter_id = adapter_for_model(&s, req.model.as_deref())?;
     let prompts = req.prompt.clone().into_vec();
     if prompts.is_empty() {
         return Err(crate::error::ValidationError::EmptyInput.into());
@@ -455,6 +461,7 @@ async fn completions_inner(s: AppState, req: CompletionRequest) -> Result<Respon
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "OpenAI", request_body = ChatCompletionRequest,
     responses((status = 200, description = "Chat completion (or SSE chunks when stream)", body = ChatCompletionResponse),
               (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
+              (status = 404, description = "`model` is neither the base model nor a known adapter", body = crate::error::ErrorBody),
               (status = 413, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody),
               (status = 424, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody),
               (status = 503, body = crate::error::ErrorBody)))]
@@ -463,9 +470,10 @@ pub async fn chat_completions(State(s): State<AppState>, payload: Result<Json<Ch
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
+    let model = req.model.clone();
     match chat_inner(s, req).await {
         Ok(r) => r,
-        Err(e) => e.into_response(),
+        Err(e) => model_error(e, model.as_deref()),
     }
 }
 
@@ -494,7 +502,8 @@ async fn chat_inner(s: AppState, req: ChatCompletionRequest) -> Result<Response,
     let n = check_n(&s, req.sampling.n)?;
     let top_n = if req.logprobs { req.top_logprobs.unwrap_or(0) } else { 0 };
     let max = req.max_completion_tokens.or(req.max_tokens);
-    let params = to_parameters(&req.sampling, max, top_n)?;
+    let mut params = to_parameters(&req.sampling, max, top_n)?;
+    params.adapter_id = adapter_for_model(&s, req.model.as_deref())?;
     let prompt = render_chat(&s, &req.messages)?;
     let model = req.model.clone().unwrap_or_else(|| s.info.model_id.clone());
     let id = new_id("chatcmpl");
@@ -648,11 +657,49 @@ where
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
 }
 
-/// `GET /v1/models`
-#[utoipa::path(get, path = "/v1/models", tag = "OpenAI", responses((status = 200, body = ModelList)))]
-pub async fn models(State(s): State<AppState>) -> Json<ModelList> {
-    Json(ModelList {
-        object: "list".into(),
-        data: vec![ModelCard { id: s.info.model_id.clone(), object: "model".into(), created: 0, owned_by: "tessera".into() }],
-    })
+/// Names that mean the base model on the OpenAI routes: none, the model id (or its last path
+/// part), and the conventional placeholders `tgi` and `tessera`.
+fn is_base_model(s: &AppState, model: &str) -> bool {
+    let id = s.info.model_id.as_str();
+    let short = id.trim_end_matches('/').rsplit('/').next().unwrap_or(id);
+    model.is_empty() || model == id || model == short || model == "tgi" || model == "tessera"
+}
+
+/// The adapter an OpenAI `model` names (None: the base model). A name that cannot be an adapter
+/// is unknown (404) here rather than invalid: OpenAI answers an unknown model with 404.
+fn adapter_for_model(s: &AppState, model: Option<&str>) -> Result<Option<String>, InferError> {
+    match model {
+        None => Ok(None),
+        Some(m) if is_base_model(s, m) => Ok(None),
+        Some(m) if crate::validation::valid_adapter_name(m) => Ok(Some(m.to_string())),
+        Some(m) => Err(InferError::Shard { code: crate::pb::ErrorCode::AdapterNotFound, message: format!("unknown model {m:?}") }),
+    }
+}
+
+/// OpenAI's answer to an unknown model: 404, naming it.
+fn model_error(e: InferError, model: Option<&str>) -> Response {
+    match e {
+        InferError::Shard { code: crate::pb::ErrorCode::AdapterNotFound, .. } => {
+            let model = model.unwrap_or_default();
+            crate::error::RequestError::NotFound(format!(
+                "the model `{model}` does not exist: it is neither the base model nor a known adapter (see /v1/models)"
+            ))
+            .into_response()
+        }
+        e => e.into_response(),
+    }
+}
+
+/// `GET /v1/models`: the base model, then every adapter usable by name.
+#[utoipa::path(get, path = "/v1/models", tag = "OpenAI", responses((status = 200, body = ModelList),
+    (status = 424, body = crate::error::ErrorBody)))]
+pub async fn models(State(s): State<AppState>) -> Response {
+    let adapters = match s.infer.adapters().list().await {
+        Ok(a) => a,
+        Err(e) => return e.into_response(),
+    };
+    let card = |id: String, parent: Option<String>| ModelCard { id, object: "model".into(), created: 0, owned_by: "tessera".into(), parent };
+    let mut data = vec![card(s.info.model_id.clone(), None)];
+    data.extend(adapters.into_iter().map(|a| card(a.name, Some(s.info.model_id.clone()))));
+    Json(ModelList { object: "list".into(), data }).into_response()
 }

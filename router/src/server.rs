@@ -47,11 +47,12 @@ pub struct AppState {
 #[openapi(
     info(title = "Tessera", description = "TGI- and OpenAI-compatible text generation server"),
     paths(compat_generate, generate, generate_stream, tokenize, health, info, metrics,
-          openai::completions, openai::chat_completions, openai::models),
+          openai::completions, openai::chat_completions, openai::models, load_lora_adapter, unload_lora_adapter),
     components(schemas(GenerateRequest, GenerateParameters, GenerateResponse, Details, BestOfSequence, PrefillToken,
                         Token, FinishReason, StreamResponse, StreamDetails, SimpleToken, Info, ErrorBody,
                         openai::CompletionRequest, openai::CompletionResponse, openai::ChatCompletionRequest,
-                        openai::ChatCompletionResponse, openai::ChatCompletionChunk, openai::ModelList)),
+                        openai::ChatCompletionResponse, openai::ChatCompletionChunk, openai::ModelList,
+                        LoadLoraAdapterRequest, UnloadLoraAdapterRequest)),
     tags((name = "Text Generation Inference", description = "TGI routes"), (name = "OpenAI", description = "OpenAI-compatible routes"))
 )]
 pub struct ApiDoc;
@@ -66,6 +67,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/completions", post(openai::completions))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
+        .route("/v1/load_lora_adapter", post(load_lora_adapter))
+        .route("/v1/unload_lora_adapter", post(unload_lora_adapter))
         .route("/health", get(health))
         .route("/info", get(info))
         .route("/metrics", get(metrics))
@@ -310,7 +313,80 @@ async fn info(State(s): State<AppState>) -> Json<Info> {
     info.kv_blocks_total = stats.total;
     info.kv_blocks_free = stats.free;
     info.queue_size = s.infer.queue().len().await;
+    match s.infer.adapters().list().await {
+        Ok(list) => info.adapters = list.into_iter().map(|a| a.name).collect(),
+        Err(e) => tracing::warn!("listing adapters: {e}"),
+    }
     Json(info)
+}
+
+/// Body of `POST /v1/load_lora_adapter` (vLLM's names).
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+pub struct LoadLoraAdapterRequest {
+    /// Name requests use (`adapter_id`, or `model` on the OpenAI routes).
+    pub lora_name: String,
+    /// PEFT directory inside the server's `--adapter-source` (relative to it, or absolute);
+    /// default: the directory named `lora_name` there.
+    #[serde(default)]
+    pub lora_path: Option<String>,
+}
+
+/// Body of `POST /v1/unload_lora_adapter`.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+pub struct UnloadLoraAdapterRequest {
+    pub lora_name: String,
+    /// Accepted for vLLM compatibility; ignored.
+    #[serde(default)]
+    pub lora_int_id: Option<i64>,
+}
+
+/// Admin routes answer shard verdicts with REST statuses: a path outside the adapter source is a
+/// bad request, a missing one not found, an adapter that does not fit the model unprocessable.
+fn admin_error(e: InferError) -> Response {
+    use crate::pb::ErrorCode;
+    match &e {
+        InferError::Shard { code: ErrorCode::InvalidRequest, message } => RequestError::BadRequest(message.clone()).into_response(),
+        InferError::Shard { code: ErrorCode::AdapterNotFound, message } => RequestError::NotFound(message.clone()).into_response(),
+        _ => e.into_response(),
+    }
+}
+
+/// `POST /v1/load_lora_adapter`: validate and register an adapter, then load it in the background.
+#[utoipa::path(post, path = "/v1/load_lora_adapter", tag = "OpenAI", request_body = LoadLoraAdapterRequest,
+    responses((status = 200, description = "Registered", body = String, content_type = "text/plain"),
+              (status = 400, description = "Malformed body, or a path outside the adapter source", body = ErrorBody),
+              (status = 401, body = ErrorBody), (status = 404, description = "No adapter at that path", body = ErrorBody),
+              (status = 422, description = "Invalid name, or the adapter does not fit the base model", body = ErrorBody)))]
+async fn load_lora_adapter(State(s): State<AppState>, payload: Result<Json<LoadLoraAdapterRequest>, JsonRejection>) -> Response {
+    let req = match parse_json(payload, s.payload_limit) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    if !crate::validation::valid_adapter_name(&req.lora_name) {
+        return InferError::from(ValidationError::AdapterName(req.lora_name)).into_response();
+    }
+    match s.infer.adapters().register(&req.lora_name, req.lora_path).await {
+        Ok(()) => (StatusCode::OK, format!("Success: LoRA adapter '{}' added successfully.", req.lora_name)).into_response(),
+        Err(e) => admin_error(e),
+    }
+}
+
+/// `POST /v1/unload_lora_adapter`: refuse new requests for an adapter and free it once its
+/// running requests finish.
+#[utoipa::path(post, path = "/v1/unload_lora_adapter", tag = "OpenAI", request_body = UnloadLoraAdapterRequest,
+    responses((status = 200, description = "Unloaded", body = String, content_type = "text/plain"),
+              (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 404, description = "No such adapter", body = ErrorBody)))]
+async fn unload_lora_adapter(State(s): State<AppState>, payload: Result<Json<UnloadLoraAdapterRequest>, JsonRejection>) -> Response {
+    let req = match parse_json(payload, s.payload_limit) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    match s.infer.adapters().unregister(&req.lora_name).await {
+        Ok(()) => (StatusCode::OK, format!("Success: LoRA adapter '{}' removed successfully.", req.lora_name)).into_response(),
+        Err(None) => RequestError::NotFound(format!("the LoRA adapter '{}' is not loaded", req.lora_name)).into_response(),
+        Err(Some(e)) => admin_error(e),
+    }
 }
 
 /// `GET /metrics`: Prometheus text format.

@@ -111,7 +111,7 @@ struct Checked {
 }
 
 /// Adapter ids are plain names resolved by the shard inside its adapter source: no paths.
-fn valid_adapter_name(a: &str) -> bool {
+pub fn valid_adapter_name(a: &str) -> bool {
     a.len() <= 128
         && !a.contains("..")
         && a.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())

@@ -57,7 +57,7 @@ def _serve(args: argparse.Namespace) -> None:
                                  cuda_memory_fraction=args.cuda_memory_fraction, attention=args.attention,
                                  cuda_graphs=graphs, lora_adapters=tuple(adapters),
                                  adapter_source=Path(args.adapter_source) if args.adapter_source else None,
-                                 max_active_adapters=args.max_active_adapters))
+                                 max_active_adapters=args.max_active_adapters, max_lora_rank=args.max_lora_rank))
     uds = f"{args.uds_path}-{args.rank}"
     if os.path.exists(uds):
         os.unlink(uds)
@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--lora-adapters", default="", help="name=path,... PEFT adapters known at start")
     s.add_argument("--adapter-source", default=None, help="directory of adapters loadable by name")
     s.add_argument("--max-active-adapters", type=int, default=8, help="adapters resident at once (LRU)")
+    s.add_argument("--max-lora-rank", type=int, default=64,
+                   help="largest adapter rank on CUDA (the device slot table is padded to it)")
     s.add_argument("--otlp-endpoint", default=None, help="OTLP/HTTP collector for traces")
     s.add_argument("--otlp-service-name", default="tessera")
     m = sub.add_parser("prepare-model", help="print the model directory for an id, converting the default once")

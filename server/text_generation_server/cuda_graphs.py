@@ -4,6 +4,10 @@ A step of n rows replays the smallest bucket >= n: inputs are copied into static
 rows feed token 0 at position 0 and write their (ignored) keys to a scratch block outside the
 router's blocks, the graph-mode FlashInfer wrapper is re-planned (host work only), and the logits
 of the first n rows are returned. Sampling stays outside the graph.
+
+With a LoRA slot table, each bucket is captured twice: without LoRA (base-only steps) and with the
+segmented LoRA delta, whose row order and segment offsets are static buffers refilled per replay;
+padding rows sit in slot 0 (zero weights). Any mix of adapters and ranks replays the same graph.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128)
 
 
 class DecodeGraphs:
-    def __init__(self, model, attention, cache, buckets: tuple[int, ...], max_pages: int, scratch_block: int):
+    def __init__(self, model, attention, cache, buckets: tuple[int, ...], max_pages: int, scratch_block: int,
+                 lora_slots=None, lora_matmul=None):
         from text_generation_server.attention.flashinfer import FlashInferAttention
 
         t0 = time.perf_counter()
@@ -40,33 +45,52 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # bucket -> [bucket, vocab] float32, graph output
         self.backends: dict[int, FlashInferAttention] = {}
+        self.lora_slots, self.lora_matmul = lora_slots, lora_matmul
+        self.lora_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.lora_logits: dict[int, torch.Tensor] = {}
+        if lora_slots is not None:
+            self.perm = torch.zeros(top, dtype=torch.int64, device=dev)  # [max bucket]: rows sorted by slot
+            self.indptr = torch.zeros(lora_slots.num_slots + 2, dtype=torch.int64, device=dev)  # segment offsets
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.buckets):
             be = FlashInferAttention.for_cuda_graph(attention, bs, max_pages, scratch_block)
             be.slots = self.slots[:bs]
             be.plan(_empty_decode())
-            ctx = ForwardContext(be)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), forward_context(ctx):
-                for _ in range(2):
-                    self._forward(bs)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool), forward_context(ctx):
-                self.logits[bs] = self._forward(bs)
-            self.graphs[bs], self.backends[bs] = graph, be
+            self.graphs[bs], self.logits[bs] = self._capture(bs, ForwardContext(be), pool)
+            if lora_slots is not None:
+                ctx = ForwardContext(be, lora=self._lora_step(np.zeros(bs, dtype=np.int64)))
+                self.lora_graphs[bs], self.lora_logits[bs] = self._capture(bs, ctx, pool)
+            self.backends[bs] = be
         torch.cuda.synchronize()
-        log.info("captured decode CUDA graphs for batch sizes %s in %.1fs", self.buckets, time.perf_counter() - t0)
+        log.info("captured decode CUDA graphs for batch sizes %s%s in %.1fs", self.buckets,
+                 " (with and without LoRA)" if lora_slots is not None else "", time.perf_counter() - t0)
+
+    def _capture(self, bs: int, ctx: ForwardContext, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), forward_context(ctx):
+            for _ in range(2):
+                self._forward(bs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool), forward_context(ctx):
+            logits = self._forward(bs)
+        return graph, logits
+
+    def _lora_step(self, row_slots: np.ndarray):
+        from text_generation_server.lora.segment import SegmentLoraStep
+
+        return SegmentLoraStep(self.lora_slots, row_slots, self.lora_matmul, self.perm, self.indptr)
 
     def _forward(self, bs: int) -> torch.Tensor:
         hidden = self.model.forward(self.input_ids[:bs], self.positions[:bs], self.cache.k, self.cache.v)
         return self.model.compute_logits(hidden)
 
-    def run(self, inputs: StepInputs, n: int) -> torch.Tensor | None:
-        """Logits [n, vocab] of a decode step, or None when no bucket holds n rows."""
+    def run(self, inputs: StepInputs, n: int, row_slots: np.ndarray | None = None) -> torch.Tensor | None:
+        """Logits [n, vocab] of a decode step, or None when no bucket holds n rows (or LoRA rows
+        come without a captured LoRA graph). `row_slots`: each row's LoRA slot, None if all base."""
         bs = pick_bucket(n, self.buckets)
-        if bs is None:
+        if bs is None or (row_slots is not None and not self.lora_graphs):
             return None
         self.input_ids[:n].copy_(inputs.input_ids, non_blocking=True)
         self.positions[:n].copy_(inputs.positions, non_blocking=True)
@@ -76,6 +100,10 @@ class DecodeGraphs:
             self.positions[n:bs].zero_()
             self.slots[n:bs].fill_(self.scratch_slot)
         self.backends[bs].plan(inputs.attention)
+        if row_slots is not None:
+            self._lora_step(np.concatenate([row_slots, np.zeros(bs - n, dtype=np.int64)]))
+            self.lora_graphs[bs].replay()
+            return self.lora_logits[bs][:n]
         self.graphs[bs].replay()
         return self.logits[bs][:n]
 

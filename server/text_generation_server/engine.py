@@ -19,6 +19,7 @@ from text_generation_server.attention import make_backend
 from text_generation_server.batch import Batch, StepInputs, check_request
 from text_generation_server.cache.kv_cache import KVCache
 from text_generation_server.errors import ErrorCode, ShardError
+from text_generation_server.lora.segment import SegmentLoraStep
 from text_generation_server.lora.step import LoraStep
 from text_generation_server.models import load_model
 from text_generation_server.models.forward_context import ForwardContext, forward_context
@@ -69,6 +70,8 @@ class EngineConfig:
     """Directory whose subdirectories are adapters loadable by name on first use."""
     max_active_adapters: int = 8
     """Adapters kept resident at once (LRU)."""
+    max_lora_rank: int = 64
+    """Largest adapter rank on CUDA (the slot table is padded to it); the CPU path has no limit."""
 
 
 class Engine:
@@ -88,9 +91,18 @@ class Engine:
 
         self.adapters = AdapterPool(mc, cfg.dtype, cfg.device, dict(cfg.lora_adapters), cfg.adapter_source,
                                     cfg.max_active_adapters)
+        self.segment_matmul = None
+        if self.adapters.enabled and cfg.device.type == "cuda" and self.attention.name == "flashinfer":
+            from text_generation_server.lora.segment import FlashInferSegmentMatmul, SlotTable
+
+            self.adapters.slots = SlotTable(mc, cfg.dtype, cfg.device, self.adapters.max_active, cfg.max_lora_rank)
+            self.segment_matmul = FlashInferSegmentMatmul(cfg.device, env.segment_gemm_backend())
+            log.info("LoRA slot table: %d slots of rank <= %d (%.1f MiB)", self.adapters.max_active,
+                     cfg.max_lora_rank, self.adapters.slots.nbytes() / 2**20)
         self.eos = np.array(mc.eos_token_ids or [-1], dtype=np.int64)
         self.cache: KVCache | None = None
         self.batches: dict[int, Batch] = {}
+        self._stepping: frozenset[str] = frozenset()  # adapters of the step in flight
 
     # ---- memory --------------------------------------------------------------------------
 
@@ -134,7 +146,8 @@ class Engine:
             from text_generation_server.cuda_graphs import DecodeGraphs
 
             max_pages = max(max_total_tokens, 1) // self.cfg.block_size + 2
-            self.graphs = DecodeGraphs(self.model, self.attention, self.cache, self.cfg.cuda_graphs, max_pages, num_blocks)
+            self.graphs = DecodeGraphs(self.model, self.attention, self.cache, self.cfg.cuda_graphs, max_pages, num_blocks,
+                                       self.adapters.slots, self.segment_matmul)
         return num_blocks
 
     # ---- steps -----------------------------------------------------------------------------
@@ -148,7 +161,7 @@ class Engine:
         adapter_errors: dict[str, ShardError] = {}
         for name in {r.adapter_id for r in pb_batch.requests if r.HasField("adapter_id") and r.adapter_id}:
             try:
-                self.adapters.get({name})
+                self.adapters.get({name}, self.pinned())
             except ShardError as e:
                 adapter_errors[name] = e
         for r in pb_batch.requests:
@@ -201,6 +214,12 @@ class Engine:
         self.batches[batch.id] = batch
         return batch
 
+    def pinned(self) -> frozenset[str]:
+        """Adapters of the live batches and of the step running now: never evicted while they run.
+        Called from adapter-loading threads too, hence the copies."""
+        live = frozenset(a for b in list(self.batches.values()) for a in b.adapters.tolist() if a)
+        return live | self._stepping
+
     def _require_cache(self) -> None:
         if self.cache is None:
             raise ShardError(ErrorCode.INVALID_REQUEST, "shard is not warmed up: call Warmup first")
@@ -209,16 +228,33 @@ class Engine:
         t0 = time.perf_counter_ns()
         inputs: StepInputs = batch.prefill_inputs() if prefill else batch.decode_inputs()
         tokens_in = (np.array([len(p) for p in batch.prompt_ids]) if prefill else np.ones(len(batch), dtype=np.int64))
+        names = set(batch.adapters.tolist()) - {""}
+        self._stepping = frozenset(names)
+        try:
+            return self._run_step(batch, prefill, inputs, tokens_in, names, t0)
+        finally:
+            self._stepping = frozenset()
+
+    def _run_step(self, batch: Batch, prefill: bool, inputs: StepInputs, tokens_in: np.ndarray, names: set[str],
+                  t0: int) -> StepResult:
         want_prefill = np.flatnonzero(batch.prefill_logprobs) if prefill else np.zeros(0, dtype=np.int64)
         prompts = batch.prompt_ids
-        names = set(batch.adapters.tolist()) - {""}
-        lora = None
+        lora = row_slots = None  # the torch-path LoraStep, or each token's slot in the CUDA slot table
         if names:
+            resident = self.adapters.get(names, self.pinned())
             token_adapters = np.repeat(batch.adapters, tokens_in) if prefill else batch.adapters
-            lora = LoraStep(token_adapters, self.adapters.get(names), self.cfg.device)
-        use_graphs = self.graphs is not None and not prefill and lora is None
-        logits = self.graphs.run(inputs, len(batch)) if use_graphs else None
+            if self.adapters.slots is not None:
+                slot_of = {"": 0, **{n: r.slot for n, r in resident.items()}}
+                uniq, inverse = np.unique(token_adapters.astype(str), return_inverse=True)
+                row_slots = np.array([slot_of[u] for u in uniq.tolist()], dtype=np.int64)[inverse]
+            else:
+                lora = LoraStep(token_adapters, {n: r.adapter for n, r in resident.items()}, self.cfg.device)
+        logits = None
+        if self.graphs is not None and not prefill and lora is None:
+            logits = self.graphs.run(inputs, len(batch), row_slots)
         if logits is None:
+            if row_slots is not None:
+                lora = SegmentLoraStep(self.adapters.slots, row_slots, self.segment_matmul)
             self.attention.plan(inputs.attention)
             with forward_context(ForwardContext(self.attention, lora=lora)):
                 hidden = self.model.forward(inputs.input_ids, inputs.positions, self.cache.k, self.cache.v)

@@ -28,3 +28,11 @@ def cpu_kv_cache_bytes() -> int:
 
 def log_level() -> str:
     return os.environ.get("LOG_LEVEL", "INFO").upper()
+
+
+def segment_gemm_backend() -> str:
+    """FlashInfer segment-GEMM backend for LoRA on CUDA: auto | sm80 | sm90 (TESSERA_SEGMENT_GEMM)."""
+    v = os.environ.get("TESSERA_SEGMENT_GEMM", "auto")
+    if v not in ("auto", "sm80", "sm90"):
+        raise ValueError(f"TESSERA_SEGMENT_GEMM must be auto, sm80 or sm90, got {v!r}")
+    return v

@@ -52,16 +52,20 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         # the lock keeps them one at a time.
         self.lock = asyncio.Lock()
 
-    async def _run(self, context, fn, *args):
-        async with self.lock:
-            try:
-                return await asyncio.to_thread(fn, *args)
-            except ShardError as e:
-                err = ShardError_to_pb(e)
-            except Exception as e:  # noqa: BLE001 - every failure must reach the router typed
-                log.exception("shard step failed")
-                code = ErrorCode.OUT_OF_MEMORY if "out of memory" in str(e).lower() else ErrorCode.INTERNAL
-                err = pb.ShardError(code=int(code), message=f"{type(e).__name__}: {e}")
+    async def _run(self, context, fn, *args, locked: bool = True):
+        """Runs `fn` in a worker thread (holding the step lock unless `locked` is False); any
+        failure becomes a typed abort."""
+        try:
+            if locked:
+                async with self.lock:
+                    return await asyncio.to_thread(fn, *args)
+            return await asyncio.to_thread(fn, *args)
+        except ShardError as e:
+            err = ShardError_to_pb(e)
+        except Exception as e:  # noqa: BLE001 - every failure must reach the router typed
+            log.exception("shard call failed")
+            code = ErrorCode.OUT_OF_MEMORY if "out of memory" in str(e).lower() else ErrorCode.INTERNAL
+            err = pb.ShardError(code=int(code), message=f"{type(e).__name__}: {e}")
         status = grpc.StatusCode.RESOURCE_EXHAUSTED if err.code == ErrorCode.OUT_OF_MEMORY else (
             grpc.StatusCode.INVALID_ARGUMENT if err.code in (ErrorCode.INVALID_REQUEST, ErrorCode.BAD_ADAPTER,
                                                              ErrorCode.ADAPTER_NOT_FOUND) else
@@ -79,6 +83,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             eos_token_ids=list(mc.eos_token_ids),
             max_position_embeddings=mc.max_position_embeddings,
             attention_backend=self.engine.attention.name,
+            max_active_adapters=self.engine.adapters.max_active,
         )
 
     async def Health(self, request, context):
@@ -116,6 +121,38 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             generations=_generations(result), batch=_cached(batch), concat_ns=concat_ns,
             forward_ns=result.forward_ns, decode_ns=result.sample_ns, total_ns=time.perf_counter_ns() - t0,
         )
+
+
+    # Adapter management runs beside the steps (no step lock): the pool has its own lock, and a
+    # load copies into a slot no running step reads.
+
+    async def LoadAdapter(self, request, context):
+        t0 = time.perf_counter()
+        res = await self._run(context, self._load_adapter, request, locked=False)
+        return pb.LoadAdapterResponse(adapter=res, load_ms=int((time.perf_counter() - t0) * 1e3))
+
+    def _load_adapter(self, request) -> pb.AdapterInfo:
+        pool = self.engine.adapters
+        host = None
+        if request.HasField("path"):
+            host = pool.register(request.name, pool.source_path(request.path))
+        elif not request.activate:
+            host = pool.register(request.name, pool.path(request.name))
+        if request.activate:
+            pool.load(request.name, host, self.engine.pinned())
+        return _adapter_info(*next(a for a in pool.known() if a[0] == request.name))
+
+    async def UnloadAdapter(self, request, context):
+        await self._run(context, self.engine.adapters.unload, request.name, request.forget, locked=False)
+        return pb.UnloadAdapterResponse()
+
+    async def ListAdapters(self, request, context):
+        known = await self._run(context, self.engine.adapters.known, locked=False)
+        return pb.ListAdaptersResponse(adapters=[_adapter_info(*a) for a in known])
+
+
+def _adapter_info(name: str, rank: int, resident: bool, nbytes: int) -> pb.AdapterInfo:
+    return pb.AdapterInfo(name=name, rank=rank, resident=resident, nbytes=nbytes)
 
 
 def ShardError_to_pb(e: ShardError) -> pb.ShardError:  # noqa: N802 - reads as a conversion

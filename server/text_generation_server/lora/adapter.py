@@ -44,7 +44,26 @@ def bad(name: str, why: str) -> ShardError:
 
 
 def load_adapter(name: str, path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> Adapter:
-    """Reads a PEFT directory; a shape or target mismatch with the base model is a BAD_ADAPTER error."""
+    """Reads a PEFT directory onto `device` (via the host)."""
+    return to_device(read_adapter(name, path, cfg, dtype), device)
+
+
+def to_device(host: Adapter, device: torch.device) -> Adapter:
+    """Copies a host adapter to the device; on CUDA through pinned memory on a side stream, so a
+    step running meanwhile is not serialized behind the copy."""
+    if device.type != "cuda":
+        return Adapter(host.name, host.rank, host.scaling, {k: (a.to(device), b.to(device)) for k, (a, b) in host.weights.items()})
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        weights = {k: (a.pin_memory().to(device, non_blocking=True), b.pin_memory().to(device, non_blocking=True))
+                   for k, (a, b) in host.weights.items()}
+    stream.synchronize()
+    return Adapter(host.name, host.rank, host.scaling, weights)
+
+
+def read_adapter(name: str, path: Path, cfg: ModelConfig, dtype: torch.dtype) -> Adapter:
+    """Reads a PEFT directory into host memory in `dtype`; a shape or target mismatch with the base
+    model is a BAD_ADAPTER error."""
     conf_path, weights_path = path / "adapter_config.json", path / "adapter_model.safetensors"
     if not conf_path.is_file() or not weights_path.is_file():
         raise ShardError(ErrorCode.ADAPTER_NOT_FOUND, f"adapter {name!r}: no adapter_config.json + adapter_model.safetensors in {path.name}")
@@ -81,7 +100,7 @@ def load_adapter(name: str, path: Path, cfg: ModelConfig, dtype: torch.dtype, de
         if tuple(a.shape) != (r, in_f) or tuple(b.shape) != (out_f, r):
             raise bad(name, f"layer {layer} {proj}: shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit "
                             f"rank {r} and the base model's ({out_f}, {in_f})")
-        weights[(layer, proj)] = (a.to(device, dtype).contiguous(), b.to(device, dtype).contiguous())
+        weights[(layer, proj)] = (a.to(dtype).contiguous(), b.to(dtype).contiguous())
     if not weights:
         raise bad(name, "no LoRA weights")
     return Adapter(name, r, scaling, weights)

@@ -1,18 +1,30 @@
-"""Where adapters come from and which are resident: a name -> directory registry
-(`--lora-adapters name=path`, `--adapter-source DIR`) and a device-resident LRU pool of at most
-`max_active` adapters."""
+"""Where adapters come from and which are resident.
+
+A registry maps names to PEFT directories (`--lora-adapters name=path`, `LoadAdapter` with a path,
+or a subdirectory of `--adapter-source`); at most `max_active` adapters are resident on the device
+at once, least recently used evicted first. On CUDA the resident adapters live in a SlotTable (the
+segmented-matmul layout); elsewhere each keeps its own tensors for the grouped torch path.
+
+Loading (disk -> host -> device) runs in the caller's thread, outside the pool's lock, so the
+`LoadAdapter` RPC can run beside a step. The router decides residency (it sends LoadAdapter /
+UnloadAdapter and never wants more than `max_active`); a step that still meets a non-resident
+adapter loads it synchronously, never evicting one a live batch uses.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from text_generation_server.errors import ErrorCode, ShardError
-from text_generation_server.lora.adapter import Adapter, load_adapter
+from text_generation_server.lora.adapter import Adapter, read_adapter, to_device
 from text_generation_server.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -25,18 +37,37 @@ def check_name(name: str) -> None:
         raise ShardError(ErrorCode.ADAPTER_NOT_FOUND, f"invalid adapter name {name!r}: letters, digits, '.', '_', '-' only")
 
 
+@dataclass
+class Resident:
+    adapter: Adapter  # device tensors (torch path) or host tensors (slot path)
+    slot: int  # SlotTable slot, 0 when the pool has no table
+    nbytes: int
+
+
 class AdapterPool:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, static: dict[str, Path],
-                 source: Path | None, max_active: int):
+                 source: Path | None, max_active: int, slots=None):
+        """`slots`: a SlotTable (CUDA segmented path) or None (grouped torch path)."""
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.static = dict(static)
         self.source = source.resolve() if source else None
         self.max_active = max(1, max_active)
-        self.active: OrderedDict[str, Adapter] = OrderedDict()  # LRU order, most recent last
+        self.slots = slots
+        self.active: OrderedDict[str, Resident] = OrderedDict()  # LRU order, most recent last
+        self.ranks: dict[str, int] = {}  # rank of every adapter read so far
         self.loads = 0
         self.evictions = 0
+        self._lock = threading.RLock()
+        self._loading: dict[str, threading.Event] = {}
         for name in self.static:
             check_name(name)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any adapter can ever be used (otherwise steps skip the LoRA machinery)."""
+        return bool(self.static) or self.source is not None
+
+    # ---- the registry ----------------------------------------------------------------------
 
     def path(self, name: str) -> Path:
         check_name(name)
@@ -48,42 +79,122 @@ class AdapterPool:
                 return p
         raise ShardError(ErrorCode.ADAPTER_NOT_FOUND, f"adapter {name!r} is not loaded and not in the adapter source")
 
-    def known(self) -> list[str]:
-        names = set(self.static) | set(self.active)
-        if self.source is not None and self.source.is_dir():
-            names |= {p.name for p in self.source.iterdir() if (p / "adapter_config.json").is_file()}
-        return sorted(names)
+    def source_path(self, path: str) -> Path:
+        """A client-given adapter path, accepted only inside the adapter source."""
+        if self.source is None:
+            raise ShardError(ErrorCode.INVALID_REQUEST, "loading adapters by path needs the shard's --adapter-source")
+        p = (self.source / path).resolve()  # absolute `path` replaces source, then must still be inside
+        if p == self.source or self.source not in p.parents:
+            raise ShardError(ErrorCode.INVALID_REQUEST, f"adapter path {path!r} is outside the adapter source")
+        if not p.is_dir():
+            raise ShardError(ErrorCode.ADAPTER_NOT_FOUND, f"adapter path {path!r}: no such directory in the adapter source")
+        return p
 
-    def get(self, names: set[str]) -> dict[str, Adapter]:
-        """The adapters of one step, loading missing ones and evicting the least recently used
-        (never one this step needs). More distinct adapters than `max_active` in one step is allowed
-        for that step: the pool shrinks back afterwards."""
+    def known(self) -> list[tuple[str, int, bool, int]]:
+        """(name, rank or 0, resident, device bytes) of every adapter that can be used by name."""
+        with self._lock:
+            names = set(self.static) | set(self.active)
+            if self.source is not None and self.source.is_dir():
+                names |= {p.name for p in self.source.iterdir() if (p / "adapter_config.json").is_file() and _NAME.match(p.name)}
+            return [(n, self.ranks.get(n, 0), n in self.active, self.active[n].nbytes if n in self.active else 0)
+                    for n in sorted(names)]
+
+    def register(self, name: str, path: Path) -> Adapter:
+        """Validates the adapter at `path` and registers it under `name`; returns it on the host."""
+        check_name(name)
+        host = self._read(name, path)
+        with self._lock:
+            if name in self.static and self.static[name] != path:
+                raise ShardError(ErrorCode.INVALID_REQUEST, f"adapter {name!r} is already registered with another path")
+            self.static[name] = path
+        return host
+
+    # ---- residency -------------------------------------------------------------------------
+
+    def _read(self, name: str, path: Path) -> Adapter:
+        host = read_adapter(name, path, self.cfg, self.dtype)
+        if self.slots is not None:
+            self.slots.check(host)
+        self.ranks[name] = host.rank
+        return host
+
+    def load(self, name: str, host: Adapter | None = None, pinned: frozenset[str] = frozenset()) -> Resident:
+        """Makes `name` resident (reading it unless `host` is given), evicting the least recently used
+        adapter not in `pinned` when the pool is full. Safe to call from several threads."""
+        while True:
+            with self._lock:
+                if name in self.active:
+                    self.active.move_to_end(name)
+                    return self.active[name]
+                event = self._loading.get(name)
+                if event is None:
+                    self._loading[name] = threading.Event()
+                    break
+            event.wait()  # another thread is loading it; then look again
+        try:
+            t0 = time.perf_counter()
+            if host is None:
+                host = self._read(name, self.path(name))
+            with self._lock:
+                while len(self.active) >= self.max_active:
+                    if not self._evict_one(pinned | {name}):
+                        break
+            res = self._place(host)
+            with self._lock:
+                self.active[name] = res
+                self.loads += 1
+            log.info("loaded adapter %s (rank %d, %d projections, %.1f MiB) in %.0f ms", name, host.rank,
+                     len(host.weights), res.nbytes / 2**20, (time.perf_counter() - t0) * 1e3)
+            return res
+        finally:
+            with self._lock:
+                self._loading.pop(name).set()
+
+    def _place(self, host: Adapter) -> Resident:
+        if self.slots is None:
+            dev = to_device(host, self.device)
+            return Resident(dev, 0, dev.nbytes())
+        slot = self.slots.take()
+        if slot is None:
+            with self._lock:
+                if not self._evict_one(frozenset({host.name})):
+                    raise ShardError(ErrorCode.OUT_OF_MEMORY, f"no free adapter slot for {host.name!r}: "
+                                     f"all {self.slots.num_slots} are in use by running requests")
+            slot = self.slots.take()
+        self.slots.write(slot, host)
+        return Resident(host, slot, host.nbytes())
+
+    def _evict_one(self, keep: frozenset[str] | set[str]) -> bool:
+        victim = next((n for n in self.active if n not in keep), None)
+        if victim is None:
+            return False
+        self._drop(victim)
+        self.evictions += 1
+        log.info("evicted adapter %s", victim)
+        return True
+
+    def _drop(self, name: str) -> None:
+        res = self.active.pop(name)
+        if self.slots is not None and res.slot:
+            self.slots.give_back(res.slot)
+
+    def get(self, names: set[str], pinned: frozenset[str] = frozenset()) -> dict[str, Resident]:
+        """The resident adapters of one step, loading any missing one (never evicting a name in
+        `names` or `pinned`)."""
         out = {}
         for name in names:
-            if name in self.active:
-                self.active.move_to_end(name)
-            else:
-                adapter = load_adapter(name, self.path(name), self.cfg, self.dtype, self.device)
-                self.active[name] = adapter
-                self.loads += 1
-                log.info("loaded adapter %s (rank %d, %d projections)", name, adapter.rank, len(adapter.weights))
-            out[name] = self.active[name]
-        while len(self.active) > self.max_active:
-            victim = next((n for n in self.active if n not in names), None)
-            if victim is None:
-                break
-            del self.active[victim]
-            self.evictions += 1
-            log.info("evicted adapter %s", victim)
+            out[name] = self.load(name, pinned=pinned | frozenset(names))
         return out
 
-    def register(self, name: str, path: Path) -> None:
+    def unload(self, name: str, forget: bool) -> None:
         check_name(name)
-        load_adapter(name, path, self.cfg, self.dtype, torch.device("cpu"))  # validate before accepting
-        self.static[name] = path
-
-    def unregister(self, name: str) -> None:
-        if name not in self.static and name not in self.active:
+        with self._lock:
+            known = name in self.static or name in self.active
+            if name in self.active:
+                self._drop(name)
+                self.evictions += 1
+                log.info("unloaded adapter %s", name)
+            if forget:
+                self.static.pop(name, None)
+        if not known:
             raise ShardError(ErrorCode.ADAPTER_NOT_FOUND, f"adapter {name!r} is not loaded")
-        self.static.pop(name, None)
-        self.active.pop(name, None)

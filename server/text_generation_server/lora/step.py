@@ -10,6 +10,8 @@ from text_generation_server.lora.adapter import Adapter
 
 
 class LoraStep:
+    """The grouped torch path (CPU, and the reference on CUDA)."""
+
     def __init__(self, token_adapters: np.ndarray, adapters: dict[str, Adapter], device: torch.device):
         """token_adapters: [T] adapter name per token of the step ('' = base model)."""
         self.groups: list[tuple[Adapter, torch.Tensor]] = []  # (adapter, token indices [n] int64, device)

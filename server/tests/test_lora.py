@@ -1,0 +1,166 @@
+"""The adapter pool (registry, residency, paths, threads) and the segmented LoRA step's layout
+(row order, segment offsets, padding, pre-scaled B), checked against the grouped torch path."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from text_generation_server.errors import ErrorCode, ShardError
+from text_generation_server.lora.adapter import projection_shapes
+from text_generation_server.lora.pool import AdapterPool
+from text_generation_server.lora.segment import SegmentLoraStep, SlotTable, torch_segment_matmul
+from text_generation_server.lora.step import LoraStep
+from text_generation_server.models.config import ModelConfig
+
+CFG = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "vocab_size": 50, "hidden_size": 32,
+                             "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+                             "num_key_value_heads": 2, "max_position_embeddings": 64})
+
+
+def write_adapter(d, rank, targets=("q_proj", "v_proj"), alpha=None, rslora=False, seed=0):
+    torch.manual_seed(seed)
+    d.mkdir(parents=True)
+    shapes = projection_shapes(CFG)
+    tensors = {}
+    for layer in range(CFG.num_layers):
+        for t in targets:
+            out_f, in_f = shapes[t]
+            part = "mlp" if t in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            key = f"base_model.model.model.layers.{layer}.{part}.{t}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_f) * 0.3
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, rank) * 0.3
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": alpha or 2 * rank,
+                                                       "use_rslora": rslora, "target_modules": list(targets)}))
+    return d
+
+
+@pytest.fixture
+def source(tmp_path):
+    src = tmp_path / "adapters"
+    write_adapter(src / "a4", 4, ("q_proj", "k_proj", "v_proj", "o_proj"), seed=1)
+    write_adapter(src / "a8", 8, ("gate_proj", "up_proj", "down_proj"), seed=2)
+    write_adapter(src / "a16", 16, ("q_proj", "down_proj"), rslora=True, seed=3)
+    write_adapter(src / "a2", 2, seed=4)
+    (tmp_path / "outside").mkdir()
+    write_adapter(tmp_path / "outside" / "x", 4, seed=5)
+    return src
+
+
+def pool(source, max_active=8, slots=None):
+    return AdapterPool(CFG, torch.float32, torch.device("cpu"), {}, source, max_active, slots)
+
+
+def test_lru_eviction_never_drops_pinned(source):
+    p = pool(source, max_active=2)
+    p.load("a4")
+    p.load("a8")
+    p.load("a4")  # a8 is now least recently used
+    p.load("a16", pinned=frozenset({"a8"}))  # ...but pinned: a4 goes
+    assert set(p.active) == {"a8", "a16"} and p.loads == 3 and p.evictions == 1
+
+
+def test_known_lists_source_and_residency(source):
+    p = pool(source)
+    p.load("a8")
+    known = {n: (rank, resident) for n, rank, resident, _ in p.known()}
+    assert known == {"a2": (0, False), "a4": (0, False), "a8": (8, True), "a16": (0, False)}
+
+
+def test_paths_only_inside_the_source(source, tmp_path):
+    p = pool(source)
+    assert p.source_path("a4") == (source / "a4").resolve()
+    assert p.source_path(str(source / "a8")) == (source / "a8").resolve()  # absolute, but inside
+    for bad in ("../outside/x", str(tmp_path / "outside" / "x"), "/etc", "."):
+        with pytest.raises(ShardError) as e:
+            p.source_path(bad)
+        assert e.value.code == ErrorCode.INVALID_REQUEST and "outside" in e.value.message
+    with pytest.raises(ShardError) as e:
+        p.source_path("missing")
+    assert e.value.code == ErrorCode.ADAPTER_NOT_FOUND
+    with pytest.raises(ShardError) as e:
+        pool(None).source_path("a4")
+    assert e.value.code == ErrorCode.INVALID_REQUEST
+
+
+def test_register_validates_and_unload_forgets(source):
+    p = pool(None)
+    p.register("mine", (source / "a4").resolve())
+    assert [n for n, *_ in p.known()] == ["mine"] and not p.active
+    p.load("mine")
+    p.unload("mine", forget=False)
+    assert not p.active and "mine" in p.static
+    p.unload("mine", forget=True)
+    assert p.known() == []
+    with pytest.raises(ShardError) as e:
+        p.unload("mine", forget=True)
+    assert e.value.code == ErrorCode.ADAPTER_NOT_FOUND
+    (source / "broken").mkdir()
+    (source / "broken" / "adapter_config.json").write_text("{not json")
+    (source / "broken" / "adapter_model.safetensors").write_bytes(b"junk")
+    with pytest.raises(ShardError) as e:
+        p.register("broken", source / "broken")
+    assert e.value.code == ErrorCode.BAD_ADAPTER and "broken" not in p.static
+
+
+def test_concurrent_loads_of_one_adapter_read_it_once(source):
+    p = pool(source)
+    threads = [threading.Thread(target=p.load, args=("a16",)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert p.loads == 1 and list(p.active) == ["a16"]
+
+
+def test_slot_table_rank_limit_is_a_bad_adapter(source):
+    table = SlotTable(CFG, torch.float32, torch.device("cpu"), 2, max_rank=8)
+    with pytest.raises(ShardError) as e:
+        pool(source, slots=table).load("a16")
+    assert e.value.code == ErrorCode.BAD_ADAPTER and "max-lora-rank" in e.value.message
+
+
+def test_slots_are_reused_after_eviction(source):
+    table = SlotTable(CFG, torch.float32, torch.device("cpu"), 2, max_rank=16)
+    p = pool(source, max_active=2, slots=table)
+    s4, s8 = p.load("a4").slot, p.load("a8").slot
+    assert {s4, s8} == {1, 2}
+    assert p.load("a16").slot == s4  # a4 was least recently used: its slot is rewritten
+    a = table.a[(0, "k_proj")][s4]
+    assert torch.count_nonzero(a) == 0  # a16 has no k_proj: the old a4 weights are gone
+
+
+def test_segmented_step_matches_grouped_torch(source):
+    """Mixed ranks (2..16) and targets, base rows interleaved, padding to max rank, pre-scaled B."""
+    table = SlotTable(CFG, torch.float32, torch.device("cpu"), 4, max_rank=16)
+    p = pool(source, max_active=4, slots=table)
+    names = ["a4", "a8", "a16", "a2"]
+    resident = {n: p.load(n) for n in names}
+    ref_pool = pool(source)
+    ref = {n: ref_pool.load(n).adapter for n in names}
+    rng = np.random.default_rng(0)
+    token_adapters = np.array(rng.choice(["", *names], size=23).tolist(), dtype=object)
+    slot_of = {"": 0, **{n: r.slot for n, r in resident.items()}}
+    slots = np.array([slot_of[a] for a in token_adapters], dtype=np.int64)
+    seg = SegmentLoraStep(table, slots, torch_segment_matmul)
+    grouped = LoraStep(token_adapters, ref, torch.device("cpu"))
+    shapes = projection_shapes(CFG)
+    for layer in range(CFG.num_layers):
+        for proj, (out_f, in_f) in shapes.items():
+            x, y = torch.randn(23, in_f), torch.randn(23, out_f)
+            torch.testing.assert_close(seg.apply(layer, proj, x, y), grouped.apply(layer, proj, x, y), rtol=1e-4, atol=1e-4)
+    assert seg.indptr_host[-1] == 23 and (np.diff(seg.indptr_host) == np.bincount(slots, minlength=5)).all()
+
+
+def test_segmented_step_fills_static_buffers(source):
+    table = SlotTable(CFG, torch.float32, torch.device("cpu"), 2, max_rank=8)
+    perm, indptr = torch.zeros(8, dtype=torch.int64), torch.zeros(4, dtype=torch.int64)
+    step = SegmentLoraStep(table, np.array([2, 0, 1, 2, 0]), torch_segment_matmul, perm, indptr)
+    assert perm[:5].tolist() == [1, 4, 2, 0, 3] and indptr.tolist() == [0, 2, 3, 5]
+    assert step.perm.data_ptr() == perm.data_ptr()
