@@ -1,4 +1,5 @@
-"""HTTP load generator: W2 (ShareGPT-like lengths), TTFT for a long prompt, W4 inter-token latency.
+"""HTTP load generator: W2 (ShareGPT-like lengths), W3 (W2 over N LoRA adapters), TTFT for a long
+prompt, W4 inter-token latency.
 
 Prompts are random words `t<i>` of the benchmark models' word-level tokenizer (make_model.py), so a
 request of n words is exactly n prompt tokens; every request generates exactly max_new_tokens
@@ -45,9 +46,19 @@ class Result:
     error: str = ""
 
 
-async def one(session: aiohttp.ClientSession, url: str, prompt: str, input_len: int, max_new: int) -> Result:
+def power_law_adapters(n_requests: int, n_adapters: int, alpha: float = 1.0, seed: int = 0) -> list[str]:
+    """W3: each request's adapter `a<i>`, i drawn with probability proportional to 1 / (i + 1)^alpha."""
+    p = 1.0 / np.arange(1, n_adapters + 1) ** alpha
+    rng = np.random.default_rng(seed + 7)
+    return [f"a{i}" for i in rng.choice(n_adapters, size=n_requests, p=p / p.sum())]
+
+
+async def one(session: aiohttp.ClientSession, url: str, prompt: str, input_len: int, max_new: int,
+              adapter: str | None = None) -> Result:
     r = Result(input_len=input_len)
     body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new}}
+    if adapter:
+        body["parameters"]["adapter_id"] = adapter
     t0 = time.perf_counter()
     last = t0
     try:
@@ -75,14 +86,15 @@ async def one(session: aiohttp.ClientSession, url: str, prompt: str, input_len: 
     return r
 
 
-async def run_requests(url: str, reqs: list[tuple[str, int, int]], rate: float | None, seed: int = 0) -> tuple[list[Result], float]:
+async def run_requests(url: str, reqs: list[tuple[str, int, int]], rate: float | None, seed: int = 0,
+                       adapters: list[str] | None = None) -> tuple[list[Result], float]:
     rnd = random.Random(seed)
     timeout = aiohttp.ClientTimeout(total=3600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
         tasks = []
         t0 = time.perf_counter()
-        for prompt, i, o in reqs:
-            tasks.append(asyncio.create_task(one(session, url, prompt, i, o)))
+        for k, (prompt, i, o) in enumerate(reqs):
+            tasks.append(asyncio.create_task(one(session, url, prompt, i, o, adapters[k] if adapters else None)))
             if rate:
                 await asyncio.sleep(rnd.expovariate(rate))
         results = await asyncio.gather(*tasks)
@@ -152,10 +164,34 @@ async def itl_at_batch(url: str, batch: int, tokens: int, vocab: int) -> dict:
     return {"batch": batch, "median_itl_ms": s["median_itl_ms"], "p99_itl_ms": s["p99_itl_ms"], "completed": s["completed"]}
 
 
+async def w3(url: str, n: int, scale: float, vocab: int, counts: list[int], alpha: float) -> dict:
+    """W3: the same W2 requests (all at once) base-only and over N adapters with power-law
+    popularity. Every adapter is made resident first (one short request each), so the runs measure
+    serving, not the first load from disk; that load time is reported apart."""
+    reqs = sharegpt_like(n, 0, scale, vocab)
+    out: dict = {}
+    t0 = time.perf_counter()
+    warm = [("t1 t2 t3 t4", 4, 2)] * max(counts)
+    results, _ = await run_requests(url, warm, None, adapters=[f"a{i}" for i in range(max(counts))])
+    out["warm_load_s"] = time.perf_counter() - t0
+    out["warm_failed"] = sum(not r.ok for r in results)
+    for label, adapters in [("base", None)] + [(f"n={c}", power_law_adapters(n, c, alpha)) for c in counts]:
+        results, duration = await run_requests(url, reqs, None, adapters=adapters)
+        out[label] = summarize(results, duration)
+        if adapters:
+            out[label]["distinct_adapters"] = len(set(adapters))
+            out[label]["ratio_to_base"] = out[label]["output_throughput"] / out["base"]["output_throughput"]
+        print(json.dumps({label: {k: out[label][k] for k in ("request_throughput", "output_throughput", "completed", "failed")}}), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("url")
-    ap.add_argument("--workload", choices=["w2", "ttft", "w4"], default="w2")
+    ap.add_argument("--workload", choices=["w2", "w3", "ttft", "w4"], default="w2")
+    ap.add_argument("--adapter-counts", default="1,8,32,100",
+                    help="W3: numbers of adapters (named a0..a<N-1> on the server), each run against base-only")
+    ap.add_argument("--adapter-alpha", type=float, default=1.0, help="W3: power-law exponent of adapter popularity")
     ap.add_argument("--num-requests", type=int, default=1000)
     ap.add_argument("--rates", default="inf", help="comma list of requests/s (inf: all at once)")
     ap.add_argument("--rate-requests", type=int, default=200, help="requests sent at each finite rate")
@@ -169,6 +205,10 @@ def main() -> None:
         res = asyncio.run(ttft_long(a.url, a.ttft_tokens, a.vocab))
     elif a.workload == "w4":
         res = {"w4": [asyncio.run(itl_at_batch(a.url, b, a.w4_tokens, a.vocab)) for b in (1, 64)]}
+    elif a.workload == "w3":
+        res = asyncio.run(w3(a.url, a.num_requests, a.scale, a.vocab, [int(x) for x in a.adapter_counts.split(",")],
+                             a.adapter_alpha))
+        plot({k: v for k, v in res.items() if isinstance(v, dict) and "output_throughput" in v}, a.out.with_suffix(".png"))
     else:
         reqs = sharegpt_like(a.num_requests, 0, a.scale, a.vocab)
         res = {}

@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT, Server
 
 sys.path.insert(0, str(ROOT / "benchmark"))
+import make_adapters  # noqa: E402
 import make_model  # noqa: E402
 import shard_bench  # noqa: E402
 
@@ -30,7 +31,11 @@ def test_model_writer_load_generator_and_shard_bench_on_cpu(tmp_path):
     assert cfg["hidden_size"] == 64 and (model / "tokenizer.json").is_file()
     assert make_model.weight_bytes(model) > 0
 
-    s = Server("--model-id", str(model), *LIMITS).wait_ready()
+    make_adapters.write(model, tmp_path / "adapters", 3, 4, list(make_adapters.PROJECTIONS), "cpu")
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["a0", "a1", "a2"]
+
+    s = Server("--model-id", str(model), *LIMITS, "--adapter-source", str(tmp_path / "adapters"),
+               "--max-active-adapters", "2").wait_ready()
     try:
         w2 = load(s.base, tmp_path / "w2.json", "--num-requests", "12", "--scale", "0.05", "--rates", "inf,20",
                   "--rate-requests", "6")
@@ -45,6 +50,12 @@ def test_model_writer_load_generator_and_shard_bench_on_cpu(tmp_path):
         assert ttft["median_ttft_ms"] > 0
         w4 = load(s.base, tmp_path / "w4.json", "--workload", "w4", "--w4-tokens", "8")
         assert [r["completed"] for r in w4["w4"]] == [1, 64]
+        w3 = load(s.base, tmp_path / "w3.json", "--workload", "w3", "--num-requests", "8", "--scale", "0.05",
+                  "--adapter-counts", "1,3")
+        assert w3["warm_failed"] == 0 and w3["base"]["completed"] == 8
+        for run, distinct in (("n=1", 1), ("n=3", 3)):
+            assert w3[run]["completed"] == 8 and w3[run]["failed"] == 0, w3[run]
+            assert w3[run]["ratio_to_base"] > 0 and 1 <= w3[run]["distinct_adapters"] <= distinct
     finally:
         s.stop()
 

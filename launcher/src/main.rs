@@ -46,6 +46,9 @@ struct Args {
     /// Adapters kept resident on each shard at once (least recently used evicted).
     #[arg(long, env = "MAX_ACTIVE_ADAPTERS", default_value_t = 8)]
     max_active_adapters: usize,
+    /// Largest LoRA rank on CUDA: each resident adapter takes a slot padded to this rank.
+    #[arg(long, env = "MAX_LORA_RANK", default_value_t = 64)]
+    max_lora_rank: usize,
     /// Decode batch sizes captured as CUDA graphs at warmup (comma-separated; 0 disables).
     #[arg(long, env = "CUDA_GRAPHS", default_value = "1,2,4,8,16,32,64,96,128")]
     cuda_graphs: String,
@@ -137,7 +140,8 @@ async fn run(args: Args) -> Result<i32, String> {
             .arg(format!("--cuda-memory-fraction={}", args.cuda_memory_fraction))
             .arg(format!("--cuda-graphs={}", args.cuda_graphs))
             .arg(format!("--lora-adapters={}", args.lora_adapters))
-            .arg(format!("--max-active-adapters={}", args.max_active_adapters));
+            .arg(format!("--max-active-adapters={}", args.max_active_adapters))
+            .arg(format!("--max-lora-rank={}", args.max_lora_rank));
         if let Some(src) = &args.adapter_source {
             cmd.arg("--adapter-source").arg(src);
         }

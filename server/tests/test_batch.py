@@ -127,3 +127,25 @@ def test_prompt_logprobs_and_top_n(engine_factory):
     top = res.top_ids[0, :3]
     assert top[0] == res.token_ids[0]  # greedy: the best alternative is the token itself
     assert list(res.top_logprobs[0, :3]) == sorted(res.top_logprobs[0, :3], reverse=True)
+
+
+def test_page_tables_built_ahead_match_a_fresh_build(engine_factory):
+    """The next step's page CSR, built while the GPU runs the current one, is used only while
+    the batch is unchanged, and equals what the step would build itself."""
+    from text_generation_server.attention.paged_meta import paged_kv_metadata
+
+    eng, _ = engine_factory("llama")
+    b, _ = batch(1, [[3, 4, 5, 6, 7], [8, 9]], 6)
+    eng.prefill(b)
+    live = eng.batches[1]
+    live.prepare_decode_host()
+    ahead = live.decode_inputs().attention
+    fresh = paged_kv_metadata(ahead.kv_lens_host, live.block_tables_host, live.block_size)
+    assert ahead.paged_host is not None
+    for x, y in zip(ahead.paged_host, fresh):
+        np.testing.assert_array_equal(x, y)
+    live.advance(live.last_tokens, np.ones(2, dtype=np.int64))  # the batch moved on: stale
+    assert live.decode_inputs().attention.paged_host is None
+    kept = live.filter([1])
+    kept.prepare_decode_host()
+    assert kept.decode_inputs().attention.paged_host[0].tolist() == [0, 1]  # one row: 3 cached + 1 = one 4-token page

@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from text_generation_server.attention.paged_meta import paged_kv_metadata
 from text_generation_server.attention.base import AttentionInputs
 from text_generation_server.errors import ErrorCode, ShardError
 from text_generation_server.sampling.sampler import SamplingParams
@@ -46,6 +47,8 @@ class Batch:
     prompt_ids: list[list[int]] | None = None  # host, only between from_pb and the first step
     prefill_slots: np.ndarray | None = None  # [T] int64, host, only between from_pb and the first step
     prefill_logprobs: np.ndarray | None = None  # [B] bool, host, only between from_pb and the first step
+    # (cache_lens it was built for, page CSR of the next decode step): built ahead by prepare_decode_host
+    next_host: tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
 
     @property
     def seeds(self) -> np.ndarray:
@@ -129,6 +132,13 @@ class Batch:
             torch.from_numpy(cu[1:] - 1).to(dev),
         )
 
+    def prepare_decode_host(self) -> None:
+        """Builds the next decode step's host-side page metadata now (call it while the GPU runs
+        the current step); `decode_inputs` uses it if the batch has not changed since."""
+        kv = (self.cache_lens + 1).astype(np.int32)
+        if (kv <= self.num_blocks * self.block_size).all():
+            self.next_host = (self.cache_lens, paged_kv_metadata(kv, self.block_tables_host, self.block_size))
+
     def decode_inputs(self) -> StepInputs:
         dev = self.block_tables.device
         bs = self.block_size
@@ -152,6 +162,7 @@ class Batch:
             cu_seqlens_q_host=np.arange(n + 1, dtype=np.int32),
             kv_lens_host=(pos + 1).astype(np.int32),
             block_tables_host=self.block_tables_host,
+            paged_host=self.next_host[1] if self.next_host and self.next_host[0] is self.cache_lens else None,
         )
         return StepInputs(self.last_tokens, positions, attn, rows)
 

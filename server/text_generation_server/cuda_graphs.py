@@ -6,8 +6,9 @@ router's blocks, the graph-mode FlashInfer wrapper is re-planned (host work only
 of the first n rows are returned. Sampling stays outside the graph.
 
 With a LoRA slot table, each bucket is captured twice: without LoRA (base-only steps) and with the
-segmented LoRA delta, whose row order and segment offsets are static buffers refilled per replay;
-padding rows sit in slot 0 (zero weights). Any mix of adapters and ranks replays the same graph.
+LoRA delta, whose per-row slots (Triton kernels) or row order and segment offsets (segment GEMM)
+are static buffers refilled per replay; padding rows sit in slot 0 (no delta). Any mix of adapters
+and ranks replays the same graph.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128)
 
 class DecodeGraphs:
     def __init__(self, model, attention, cache, buckets: tuple[int, ...], max_pages: int, scratch_block: int,
-                 lora_slots=None, lora_matmul=None):
+                 lora_slots=None, lora_matmul=None, lora_kernel: str = "triton"):
         from text_generation_server.attention.flashinfer import FlashInferAttention
 
         t0 = time.perf_counter()
@@ -45,10 +46,11 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # bucket -> [bucket, vocab] float32, graph output
         self.backends: dict[int, FlashInferAttention] = {}
-        self.lora_slots, self.lora_matmul = lora_slots, lora_matmul
+        self.lora_slots, self.lora_matmul, self.lora_kernel = lora_slots, lora_matmul, lora_kernel
         self.lora_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.lora_logits: dict[int, torch.Tensor] = {}
         if lora_slots is not None:
+            self.row_slots = torch.zeros(top, dtype=torch.int64, device=dev)  # [max bucket]: each row's slot
             self.perm = torch.zeros(top, dtype=torch.int64, device=dev)  # [max bucket]: rows sorted by slot
             self.indptr = torch.zeros(lora_slots.num_slots + 2, dtype=torch.int64, device=dev)  # segment offsets
         pool = torch.cuda.graph_pool_handle()
@@ -78,6 +80,11 @@ class DecodeGraphs:
         return graph, logits
 
     def _lora_step(self, row_slots: np.ndarray):
+        """A LoRA step over the static buffers (at capture: all padding; at replay: refills them)."""
+        if self.lora_kernel == "triton":
+            from text_generation_server.lora.triton_lora import TritonLoraStep
+
+            return TritonLoraStep(self.lora_slots, row_slots, self.row_slots)
         from text_generation_server.lora.segment import SegmentLoraStep
 
         return SegmentLoraStep(self.lora_slots, row_slots, self.lora_matmul, self.perm, self.indptr)

@@ -92,11 +92,13 @@ class Engine:
         self.adapters = AdapterPool(mc, cfg.dtype, cfg.device, dict(cfg.lora_adapters), cfg.adapter_source,
                                     cfg.max_active_adapters)
         self.segment_matmul = None
+        self.decode_lora = "segment"  # decode-step LoRA kernels on CUDA: "triton" or "segment"
         if self.adapters.enabled and cfg.device.type == "cuda" and self.attention.name == "flashinfer":
             from text_generation_server.lora.segment import FlashInferSegmentMatmul, SlotTable
 
             self.adapters.slots = SlotTable(mc, cfg.dtype, cfg.device, self.adapters.max_active, cfg.max_lora_rank)
             self.segment_matmul = FlashInferSegmentMatmul(cfg.device, env.segment_gemm_backend())
+            self.decode_lora = env.lora_decode_kernel()
             log.info("LoRA slot table: %d slots of rank <= %d (%.1f MiB)", self.adapters.max_active,
                      cfg.max_lora_rank, self.adapters.slots.nbytes() / 2**20)
         self.eos = np.array(mc.eos_token_ids or [-1], dtype=np.int64)
@@ -147,7 +149,7 @@ class Engine:
 
             max_pages = max(max_total_tokens, 1) // self.cfg.block_size + 2
             self.graphs = DecodeGraphs(self.model, self.attention, self.cache, self.cfg.cuda_graphs, max_pages, num_blocks,
-                                       self.adapters.slots, self.segment_matmul)
+                                       self.adapters.slots, self.segment_matmul, self.decode_lora)
         return num_blocks
 
     # ---- steps -----------------------------------------------------------------------------
@@ -214,6 +216,15 @@ class Engine:
         self.batches[batch.id] = batch
         return batch
 
+    def _slot_lora(self, row_slots: np.ndarray, prefill: bool):
+        """LoRA over the slot table: segment GEMM for prefills (long runs of one adapter), the
+        per-row Triton kernels for decode steps unless told otherwise."""
+        if prefill or self.decode_lora == "segment":
+            return SegmentLoraStep(self.adapters.slots, row_slots, self.segment_matmul)
+        from text_generation_server.lora.triton_lora import TritonLoraStep
+
+        return TritonLoraStep(self.adapters.slots, row_slots)
+
     def pinned(self) -> frozenset[str]:
         """Adapters of the live batches and of the step running now: never evicted while they run.
         Called from adapter-loading threads too, hence the copies."""
@@ -254,7 +265,7 @@ class Engine:
             logits = self.graphs.run(inputs, len(batch), row_slots)
         if logits is None:
             if row_slots is not None:
-                lora = SegmentLoraStep(self.adapters.slots, row_slots, self.segment_matmul)
+                lora = self._slot_lora(row_slots, prefill)
             self.attention.plan(inputs.attention)
             with forward_context(ForwardContext(self.attention, lora=lora)):
                 hidden = self.model.forward(inputs.input_ids, inputs.positions, self.cache.k, self.cache.v)
@@ -268,6 +279,8 @@ class Engine:
             out = sample(logits, batch.sampling, steps, batch.counts, batch.out_counts, prev)
             batch.advance(out.ids, tokens_in)
             top = torch.topk(out.distribution, max_n, dim=-1) if max_n else None
+        if self.attention.name == "flashinfer":
+            batch.prepare_decode_host()  # the next step's page tables, while the GPU works on this one
         # The step's one host sync: everything the response needs comes over together.
         ids_h, lp_h = out.ids.cpu().numpy(), out.logprobs.float().cpu().numpy()
         top_ids = top.indices.cpu().numpy() if top is not None else None

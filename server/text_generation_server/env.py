@@ -36,3 +36,12 @@ def segment_gemm_backend() -> str:
     if v not in ("auto", "sm80", "sm90"):
         raise ValueError(f"TESSERA_SEGMENT_GEMM must be auto, sm80 or sm90, got {v!r}")
     return v
+
+
+def lora_decode_kernel() -> str:
+    """LoRA kernels of decode steps on CUDA: triton (per-row kernels, default) or segment (FlashInfer
+    segment GEMM over rows sorted by adapter) (TESSERA_LORA_DECODE)."""
+    v = os.environ.get("TESSERA_LORA_DECODE", "triton")
+    if v not in ("triton", "segment"):
+        raise ValueError(f"TESSERA_LORA_DECODE must be triton or segment, got {v!r}")
+    return v

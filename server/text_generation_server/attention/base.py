@@ -29,6 +29,9 @@ class AttentionInputs:
     cu_seqlens_q_host: np.ndarray | None = None  # [B + 1] int32
     kv_lens_host: np.ndarray | None = None  # [B] int32
     block_tables_host: np.ndarray | None = None  # [B, max_blocks] int32
+    # Decode only: FlashInfer's page CSR (indptr, indices, last_page_len), when the batch built it
+    # ahead, while the previous step ran on the GPU.
+    paged_host: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 class AttentionBackend(ABC):

@@ -78,7 +78,7 @@ class FlashInferAttention(AttentionBackend):
         if not self.graph_batch_size:  # a graph-mode instance keeps its static slot buffer
             self.slots = inputs.slots
         if inputs.is_decode:
-            indptr, indices, last = paged_kv_metadata(kv_lens, tables, self.block_size)
+            indptr, indices, last = inputs.paged_host or paged_kv_metadata(kv_lens, tables, self.block_size)
             if self.graph_batch_size:
                 indptr, indices, last = pad_decode_metadata(indptr, indices, last, self.graph_batch_size, self.scratch_block)
             self._plan_decode(indptr, indices, last)

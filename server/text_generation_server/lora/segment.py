@@ -52,6 +52,8 @@ class SlotTable:
     B [S+1, out, R], slot 0 zero."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, num_slots: int, max_rank: int):
+        # A power of two (at least 16): the Triton decode kernels tile the rank whole.
+        max_rank = 1 << (max(16, max_rank) - 1).bit_length()
         self.num_slots, self.max_rank, self.device = num_slots, max_rank, device
         shapes = projection_shapes(cfg)
         self.a: dict[tuple[int, str], torch.Tensor] = {}
