@@ -218,3 +218,24 @@ def test_bad_adapters_get_4xx_and_the_server_keeps_serving(adapters, tmp_path, c
         assert gen(s, chat, None) == reference[None]
     finally:
         s.stop()
+
+
+def test_training_example_makes_an_adapter_the_server_serves(tmp_path, model_dir):
+    """examples/train_upper_adapter.py at a token size (2 examples, 3 steps): its adapter loads in
+    the server and is picked by `model` on the OpenAI route."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "upper"
+    subprocess.run([sys.executable, str(ROOT / "examples" / "train_upper_adapter.py"), str(out), "--model", str(model_dir),
+                    "--examples", "2", "--steps", "3", "--answer-tokens", "4"], check=True, capture_output=True, timeout=600)
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    s = Server(*LIMITS, "--lora-adapters", f"upper={out}").wait_ready()
+    try:
+        r = requests.post(s.url("/v1/chat/completions"), timeout=300, json={
+            "model": "upper", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["model"] == "upper", r.text
+    finally:
+        s.stop()

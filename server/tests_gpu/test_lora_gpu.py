@@ -17,7 +17,7 @@ from text_generation_server.lora.step import LoraStep
 from text_generation_server.lora.triton_lora import TritonLoraStep
 from text_generation_server.models.config import ModelConfig
 
-from test_model_gpu import BS, PROMPTS, batch, write_model
+from test_model_gpu import BS, PROMPTS, batch, run, write_model
 
 CFG = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "vocab_size": 1000, "hidden_size": 512,
                              "intermediate_size": 1536, "num_hidden_layers": 2, "num_attention_heads": 8,
@@ -65,7 +65,10 @@ def test_slot_kernels_match_grouped_torch(backend):
                 want = ref.apply(layer, proj, x, y).float()
                 got = seg.apply(layer, proj, x, y.clone()).float()  # the Triton path adds in place
                 delta = (want - y.float()).abs().max().item()
-                assert (got - want).abs().max().item() <= 0.02 * max(delta, 1.0), (tokens, layer, proj)
+                # The paths round differently (the Triton kernels add an fp32 delta into y and round
+                # once): allow an ulp of bf16 on y plus 2% of the delta.
+                bound = 2.0**-7 * want.abs() + 0.02 * max(delta, 1.0)
+                assert ((got - want).abs() <= bound).all(), (tokens, layer, proj)
 
 
 def write_peft(path, cfg_dict, rank, targets, seed):
@@ -105,19 +108,7 @@ def lora_engine(path, src, graphs, attention=None):
 
 
 def run_with_adapters(engine, prompts, adapters, n):
-    b = batch(1, prompts, n)
-    for r, a in zip(b.requests, adapters):
-        if a:
-            r.adapter_id = a
-    res, _ = engine.prefill(b)
-    toks, lps = [[int(t)] for t in res.token_ids], [[float(x)] for x in res.logprobs]
-    for _ in range(n - 1):
-        res, _, _ = engine.decode([1])
-        for i, (t, lp) in enumerate(zip(res.token_ids, res.logprobs)):
-            toks[i].append(int(t))
-            lps[i].append(float(lp))
-    engine.clear(None)
-    return toks, lps
+    return run(engine, prompts, n, adapters)
 
 
 @pytest.mark.parametrize("decode", ["triton", "segment"])

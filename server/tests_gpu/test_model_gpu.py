@@ -37,8 +37,13 @@ def batch(bid, prompts, max_new, first_block=0):
     return pb.Batch(id=bid, requests=reqs, size=len(reqs))
 
 
-def run(engine, prompts, n):
-    res, _ = engine.prefill(batch(1, prompts, n))
+def run(engine, prompts, n, adapters=None):
+    """Greedy tokens and logprobs of `n` steps; `adapters`: a LoRA adapter name (or None) per prompt."""
+    b = batch(1, prompts, n)
+    for r, a in zip(b.requests, adapters or []):
+        if a:
+            r.adapter_id = a
+    res, _ = engine.prefill(b)
     toks, lps = [[int(t)] for t in res.token_ids], [[float(x)] for x in res.logprobs]
     for _ in range(n - 1):
         res, _, _ = engine.decode([1])
