@@ -105,19 +105,24 @@ impl Infer {
 
     /// Validates and enqueues; the stream holds the concurrency permit until it ends.
     pub async fn generate_stream(&self, req: GenerateRequest) -> Result<(Arc<ValidGenerateRequest>, ResponseStream), InferError> {
+        let arrived = Instant::now();
         let permit = self.permit()?;
         let valid = self.validation.validate(req).await?;
         let lease = self.lease(&valid).await?;
-        Ok(self.enqueue(valid, permit, lease))
+        Ok(self.enqueue(valid, permit, lease, arrived))
     }
 
     fn permit(&self) -> Result<OwnedSemaphorePermit, InferError> {
         self.limit.clone().try_acquire_owned().map_err(|_| InferError::Overloaded)
     }
 
-    fn enqueue(&self, valid: ValidGenerateRequest, permit: OwnedSemaphorePermit, lease: Option<Arc<AdapterLease>>) -> (Arc<ValidGenerateRequest>, ResponseStream) {
+    /// `arrived`: when the request came in (queue time and TTFT include validation and waiting
+    /// for the adapter to load).
+    fn enqueue(&self, valid: ValidGenerateRequest, permit: OwnedSemaphorePermit, lease: Option<Arc<AdapterLease>>,
+               arrived: Instant) -> (Arc<ValidGenerateRequest>, ResponseStream) {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut entry = Entry::new(valid, tx);
+        entry.queued = arrived;
         let request = entry.request.clone();
         let span = crate::telemetry::RequestSpan::start(request.input_length(), request.stopping.max_new_tokens);
         entry.span = span.as_ref().map(|s| s.span_context());
@@ -154,6 +159,7 @@ impl Infer {
 
     /// Like `generate_n`, as streams.
     pub async fn generate_streams(&self, req: GenerateRequest, n: Option<u32>) -> Result<Vec<(Arc<ValidGenerateRequest>, ResponseStream)>, InferError> {
+        let arrived = Instant::now();
         let valid = self.validation.validate(req).await?;
         // `best_of` was checked by validation; OpenAI's `n` may repeat a greedy request.
         let n = n.unwrap_or(valid.best_of).max(1);
@@ -169,7 +175,7 @@ impl Infer {
             .map(|(i, permit)| {
                 let mut v = valid.clone();
                 v.parameters.seed = base_seed.wrapping_add(i as u64);
-                self.enqueue(v, permit, lease.clone())
+                self.enqueue(v, permit, lease.clone(), arrived)
             })
             .collect())
     }
