@@ -1,4 +1,7 @@
-"""Where a decode step's time goes: the engine in-process (no gRPC), torch.profiler over steps."""
+"""Where a decode step's time goes: the engine in-process (no gRPC), torch.profiler over steps.
+
+With `--adapters DIR --num-adapters N` (DIR from make_adapters.py), row i uses adapter a<i mod N>:
+the W3 step, with the prefill of that batch timed too."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from text_generation_server.pb import generate_pb2 as pb  # noqa: E402
 BS = 16
 
 
-def batch(bid, b, ctx, steps, vocab):
+def batch(bid, b, ctx, steps, vocab, num_adapters=0):
     rng = np.random.default_rng(0)
     reqs, nb = [], 0
     for i in range(b):
@@ -28,6 +31,8 @@ def batch(bid, b, ctx, steps, vocab):
                                slots=[bl[p // BS] * BS + p % BS for p in range(ctx)],
                                parameters=pb.NextTokenChooserParameters(temperature=1, top_p=1, typical_p=1, repetition_penalty=1),
                                stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=steps + 2, ignore_eos_token=True)))
+        if num_adapters:
+            reqs[-1].adapter_id = f"a{i % num_adapters}"
     return pb.Batch(id=bid, requests=reqs, size=b)
 
 
@@ -37,12 +42,27 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--graphs", default="1,2,4,8,16,32,64,128")
+    ap.add_argument("--adapters", type=Path, default=None, help="adapter source (make_adapters.py output)")
+    ap.add_argument("--num-adapters", type=int, default=0)
+    ap.add_argument("--max-lora-rank", type=int, default=16)
     a = ap.parse_args()
     graphs = tuple(int(x) for x in a.graphs.split(",") if int(x) > 0)
-    eng = Engine(EngineConfig(a.model_dir, torch.bfloat16, torch.device("cuda"), block_size=BS, cuda_graphs=graphs))
+    eng = Engine(EngineConfig(a.model_dir, torch.bfloat16, torch.device("cuda"), block_size=BS, cuda_graphs=graphs,
+                              adapter_source=a.adapters, max_active_adapters=max(a.num_adapters, 1),
+                              max_lora_rank=a.max_lora_rank))
     vocab = eng.model.config.vocab_size
     eng.warmup(batch(99, 1, 256, 1, vocab), 0, max_total_tokens=a.context + 64)
-    eng.prefill(batch(1, a.batch, a.context, 40, vocab))
+    n_ad = a.num_adapters if a.adapters else 0
+    if n_ad:
+        eng.adapters.get({f"a{i}" for i in range(n_ad)})  # resident before timing
+        for i in range(2):  # compile and time the prefill of the adapter batch
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            eng.prefill(batch(50 + i, a.batch, a.context, 1, vocab, n_ad))
+            torch.cuda.synchronize()
+            eng.clear(50 + i)
+        print(f"prefill with {n_ad} adapters: {(time.perf_counter() - t0) * 1e3:.2f} ms (batch {a.batch} x {a.context} tokens)")
+    eng.prefill(batch(1, a.batch, a.context, 40, vocab, n_ad))
     for _ in range(5):
         eng.decode([1])
     torch.cuda.synchronize()
