@@ -9,37 +9,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-
-
-def shapes(cfg: dict) -> dict[str, tuple[int, int]]:
-    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    heads, kvh = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
-    d = cfg.get("head_dim") or h // heads
-    return {"q_proj": (heads * d, h), "k_proj": (kvh * d, h), "v_proj": (kvh * d, h), "o_proj": (h, heads * d),
-            "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}
-
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
+from text_generation_server.lora.adapter import PROJECTIONS, peft_key, projection_shapes  # noqa: E402
+from text_generation_server.models.config import ModelConfig  # noqa: E402
 
 def write(model_dir: Path, out: Path, n: int, rank: int, targets: list[str], device: str) -> None:
-    cfg = json.loads((model_dir / "config.json").read_text())
-    sh = shapes(cfg)
+    cfg = ModelConfig.from_dir(model_dir)
+    sh = projection_shapes(cfg)
     g = torch.Generator(device=device)
     for i in range(n):
         g.manual_seed(i)
         tensors = {}
-        for layer in range(cfg["num_hidden_layers"]):
+        for layer in range(cfg.num_layers):
             for t in targets:
                 out_f, in_f = sh[t]
-                key = f"base_model.model.model.layers.{layer}.{PROJECTIONS[t]}.{t}"
                 for ab, shape in (("A", (rank, in_f)), ("B", (out_f, rank))):
                     w = torch.randn(*shape, generator=g, device=device) * 0.01
-                    tensors[f"{key}.lora_{ab}.weight"] = w.to(torch.bfloat16).cpu()
+                    tensors[peft_key(layer, t, ab)] = w.to(torch.bfloat16).cpu()
         d = out / f"a{i}"
         d.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(d / "adapter_model.safetensors"))

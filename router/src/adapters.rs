@@ -138,10 +138,6 @@ impl Adapters {
         Self { inner: Arc::new(inner) }
     }
 
-    pub fn capacity(&self) -> usize {
-        self.inner.capacity
-    }
-
     /// Names resident or loading now.
     pub fn resident(&self) -> Vec<String> {
         let st = self.inner.state.lock().unwrap();

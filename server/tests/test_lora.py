@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from text_generation_server.errors import ErrorCode, ShardError
-from text_generation_server.lora.adapter import projection_shapes
+from text_generation_server.lora.adapter import peft_key, projection_shapes
 from text_generation_server.lora.pool import AdapterPool
 from text_generation_server.lora.segment import SegmentLoraStep, SlotTable, torch_segment_matmul
 from text_generation_server.lora.step import LoraStep
@@ -31,10 +31,8 @@ def write_adapter(d, rank, targets=("q_proj", "v_proj"), alpha=None, rslora=Fals
     for layer in range(CFG.num_layers):
         for t in targets:
             out_f, in_f = shapes[t]
-            part = "mlp" if t in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            key = f"base_model.model.model.layers.{layer}.{part}.{t}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_f) * 0.3
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, rank) * 0.3
+            tensors[peft_key(layer, t, "A")] = torch.randn(rank, in_f) * 0.3
+            tensors[peft_key(layer, t, "B")] = torch.randn(out_f, rank) * 0.3
     save_file(tensors, str(d / "adapter_model.safetensors"))
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": alpha or 2 * rank,
                                                        "use_rslora": rslora, "target_modules": list(targets)}))
@@ -62,7 +60,7 @@ def test_lru_eviction_never_drops_pinned(source):
     p.load("a4")
     p.load("a8")
     p.load("a4")  # a8 is now least recently used
-    p.load("a16", pinned=frozenset({"a8"}))  # ...but pinned: a4 goes
+    p.load("a16", pinned=lambda: frozenset({"a8"}))  # ...but pinned: a4 goes
     assert set(p.active) == {"a8", "a16"} and p.loads == 3 and p.evictions == 1
 
 

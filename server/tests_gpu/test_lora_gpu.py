@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from text_generation_server.engine import Engine, EngineConfig
-from text_generation_server.lora.adapter import PROJECTIONS, Adapter, projection_shapes
+from text_generation_server.lora.adapter import PROJECTIONS, Adapter, peft_key, projection_shapes
 from text_generation_server.lora.segment import FlashInferSegmentMatmul, SegmentLoraStep, SlotTable
 from text_generation_server.lora.step import LoraStep
 from text_generation_server.lora.triton_lora import TritonLoraStep
@@ -80,10 +80,8 @@ def write_peft(path, cfg_dict, rank, targets, seed):
     for layer in range(cfg.num_layers):
         for t in targets:
             out_f, in_f = shapes[t]
-            part = "mlp" if t in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-            key = f"base_model.model.model.layers.{layer}.{part}.{t}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_f, generator=g) * 0.05
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, rank, generator=g) * 0.05
+            tensors[peft_key(layer, t, "A")] = torch.randn(rank, in_f, generator=g) * 0.05
+            tensors[peft_key(layer, t, "B")] = torch.randn(out_f, rank, generator=g) * 0.05
     path.mkdir(parents=True)
     save_file(tensors, str(path / "adapter_model.safetensors"))
     (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank}))

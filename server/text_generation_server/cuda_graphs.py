@@ -26,9 +26,6 @@ from text_generation_server.models.forward_context import ForwardContext, forwar
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 96, 128)
-
-
 class DecodeGraphs:
     def __init__(self, model, attention, cache, buckets: tuple[int, ...], max_pages: int, scratch_block: int,
                  lora_slots=None, lora_matmul=None, lora_kernel: str = "triton"):
@@ -49,8 +46,9 @@ class DecodeGraphs:
         self.lora_slots, self.lora_matmul, self.lora_kernel = lora_slots, lora_matmul, lora_kernel
         self.lora_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.lora_logits: dict[int, torch.Tensor] = {}
-        if lora_slots is not None:
+        if lora_slots is not None and lora_kernel == "triton":
             self.row_slots = torch.zeros(top, dtype=torch.int64, device=dev)  # [max bucket]: each row's slot
+        elif lora_slots is not None:
             self.perm = torch.zeros(top, dtype=torch.int64, device=dev)  # [max bucket]: rows sorted by slot
             self.indptr = torch.zeros(lora_slots.num_slots + 2, dtype=torch.int64, device=dev)  # segment offsets
         pool = torch.cuda.graph_pool_handle()

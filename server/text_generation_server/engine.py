@@ -19,6 +19,7 @@ from text_generation_server.attention import make_backend
 from text_generation_server.batch import Batch, StepInputs, check_request
 from text_generation_server.cache.kv_cache import KVCache
 from text_generation_server.errors import ErrorCode, ShardError
+from text_generation_server.lora.pool import AdapterPool
 from text_generation_server.lora.segment import SegmentLoraStep
 from text_generation_server.lora.step import LoraStep
 from text_generation_server.models import load_model
@@ -87,8 +88,6 @@ class Engine:
             head_dim=mc.head_dim, block_size=cfg.block_size, sliding_window=mc.sliding_window,
         )
         self.graphs = None  # DecodeGraphs, captured at warmup
-        from text_generation_server.lora.pool import AdapterPool
-
         self.adapters = AdapterPool(mc, cfg.dtype, cfg.device, dict(cfg.lora_adapters), cfg.adapter_source,
                                     cfg.max_active_adapters)
         self.segment_matmul = None
@@ -163,7 +162,7 @@ class Engine:
         adapter_errors: dict[str, ShardError] = {}
         for name in {r.adapter_id for r in pb_batch.requests if r.HasField("adapter_id") and r.adapter_id}:
             try:
-                self.adapters.get({name}, self.pinned())
+                self.adapters.get({name}, self.pinned)
             except ShardError as e:
                 adapter_errors[name] = e
         for r in pb_batch.requests:
@@ -252,7 +251,7 @@ class Engine:
         prompts = batch.prompt_ids
         lora = row_slots = None  # the torch-path LoraStep, or each token's slot in the CUDA slot table
         if names:
-            resident = self.adapters.get(names, self.pinned())
+            resident = self.adapters.get(names, self.pinned)
             token_adapters = np.repeat(batch.adapters, tokens_in) if prefill else batch.adapters
             if self.adapters.slots is not None:
                 slot_of = {"": 0, **{n: r.slot for n, r in resident.items()}}
@@ -279,7 +278,7 @@ class Engine:
             out = sample(logits, batch.sampling, steps, batch.counts, batch.out_counts, prev)
             batch.advance(out.ids, tokens_in)
             top = torch.topk(out.distribution, max_n, dim=-1) if max_n else None
-        if self.attention.name == "flashinfer":
+        if self.attention.plans_pages_on_host:
             batch.prepare_decode_host()  # the next step's page tables, while the GPU works on this one
         # The step's one host sync: everything the response needs comes over together.
         ids_h, lp_h = out.ids.cpu().numpy(), out.logprobs.float().cpu().numpy()

@@ -122,7 +122,6 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             forward_ns=result.forward_ns, decode_ns=result.sample_ns, total_ns=time.perf_counter_ns() - t0,
         )
 
-
     # Adapter management runs beside the steps (no step lock): the pool has its own lock, and a
     # load copies into a slot no running step reads.
 
@@ -139,8 +138,8 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         elif not request.activate:
             host = pool.register(request.name, pool.path(request.name))
         if request.activate:
-            pool.load(request.name, host, self.engine.pinned())
-        return _adapter_info(*next(a for a in pool.known() if a[0] == request.name))
+            pool.load(request.name, host, self.engine.pinned)
+        return _adapter_info(*pool.info(request.name))
 
     async def UnloadAdapter(self, request, context):
         await self._run(context, self.engine.adapters.unload, request.name, request.forget, locked=False)

@@ -36,6 +36,7 @@ class AttentionInputs:
 
 class AttentionBackend(ABC):
     name: str = "abstract"
+    plans_pages_on_host: bool = False  # plan() reads AttentionInputs.paged_host when given
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, sliding_window: int | None):
         self.num_heads = num_heads

@@ -23,6 +23,7 @@ WORKSPACE_BYTES = 256 * 1024 * 1024
 
 class FlashInferAttention(AttentionBackend):
     name = "flashinfer"
+    plans_pages_on_host = True
 
     def __init__(self, num_heads, num_kv_heads, head_dim, block_size, sliding_window, device: torch.device,
                  dtype: torch.dtype, workspace: torch.Tensor | None = None):

@@ -17,6 +17,12 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
 
 
+def peft_key(layer: int, proj: str, ab: str) -> str:
+    """The tensor name peft saves for one LoRA matrix (`ab`: "A" or "B"); `_KEY` reads it back."""
+    part = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+    return f"base_model.model.model.layers.{layer}.{part}.{proj}.lora_{ab}.weight"
+
+
 def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """Projection name -> (out features, in features) of the base model."""
     h, d = cfg.hidden_size, cfg.head_dim

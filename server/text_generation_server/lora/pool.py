@@ -20,6 +20,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -96,8 +97,7 @@ class AdapterPool:
             names = set(self.static) | set(self.active)
             if self.source is not None and self.source.is_dir():
                 names |= {p.name for p in self.source.iterdir() if (p / "adapter_config.json").is_file() and _NAME.match(p.name)}
-            return [(n, self.ranks.get(n, 0), n in self.active, self.active[n].nbytes if n in self.active else 0)
-                    for n in sorted(names)]
+            return [self.info(n) for n in sorted(names)]
 
     def register(self, name: str, path: Path) -> Adapter:
         """Validates the adapter at `path` and registers it under `name`; returns it on the host."""
@@ -118,9 +118,9 @@ class AdapterPool:
         self.ranks[name] = host.rank
         return host
 
-    def load(self, name: str, host: Adapter | None = None, pinned: frozenset[str] = frozenset()) -> Resident:
+    def load(self, name: str, host: Adapter | None = None, pinned: Callable[[], frozenset[str]] = frozenset) -> Resident:
         """Makes `name` resident (reading it unless `host` is given), evicting the least recently used
-        adapter not in `pinned` when the pool is full. Safe to call from several threads."""
+        adapter not in `pinned()` when the pool is full. Safe to call from several threads."""
         while True:
             with self._lock:
                 if name in self.active:
@@ -137,7 +137,7 @@ class AdapterPool:
                 host = self._read(name, self.path(name))
             with self._lock:
                 while len(self.active) >= self.max_active:
-                    if not self._evict_one(pinned | {name}):
+                    if not self._evict_one(pinned() | {name}):
                         break
             res = self._place(host)
             with self._lock:
@@ -178,13 +178,22 @@ class AdapterPool:
         if self.slots is not None and res.slot:
             self.slots.give_back(res.slot)
 
-    def get(self, names: set[str], pinned: frozenset[str] = frozenset()) -> dict[str, Resident]:
+    def get(self, names: set[str], pinned: Callable[[], frozenset[str]] = frozenset) -> dict[str, Resident]:
         """The resident adapters of one step, loading any missing one (never evicting a name in
-        `names` or `pinned`)."""
-        out = {}
-        for name in names:
-            out[name] = self.load(name, pinned=pinned | frozenset(names))
-        return out
+        `names` or `pinned()`, which is asked for only when something must load)."""
+        with self._lock:
+            if all(n in self.active for n in names):  # every step after the first: no loading
+                for n in names:
+                    self.active.move_to_end(n)
+                return {n: self.active[n] for n in names}
+        keep = frozenset(names)
+        return {n: self.load(n, pinned=lambda: pinned() | keep) for n in names}
+
+    def info(self, name: str) -> tuple[str, int, bool, int]:
+        """(name, rank or 0, resident, device bytes) of one adapter."""
+        with self._lock:
+            res = self.active.get(name)
+            return name, self.ranks.get(name, 0), res is not None, res.nbytes if res else 0
 
     def unload(self, name: str, forget: bool) -> None:
         check_name(name)

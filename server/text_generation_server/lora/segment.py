@@ -10,6 +10,7 @@ zero-padded, which leaves the product unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Callable
 
@@ -86,7 +87,7 @@ class SlotTable:
         self.check(host)
         r = host.rank
         stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        ctx = torch.cuda.stream(stream) if stream is not None else _null()
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
             for key, a_all in self.a.items():
                 a, b = a_all[slot], self.b[key][slot]
@@ -105,14 +106,6 @@ class SlotTable:
                 b[:, :r].copy_(hb, non_blocking=True)
         if stream is not None:
             stream.synchronize()
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 class SegmentLoraStep:
