@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import save_file
 
 from text_generation_server.errors import ErrorCode, ShardError
-from text_generation_server.lora.adapter import peft_key, projection_shapes
+from text_generation_server.lora.adapter import GROUPS, peft_key, projection_shapes
 from text_generation_server.lora.pool import AdapterPool
-from text_generation_server.lora.segment import SegmentLoraStep, SlotTable, torch_segment_matmul
+from text_generation_server.lora.segment import SegmentLoraStep, torch_segment_matmul
+from text_generation_server.lora.slots import SlotTable
 from text_generation_server.lora.step import LoraStep
 from text_generation_server.models.config import ModelConfig
 
@@ -132,8 +133,8 @@ def test_slots_are_reused_after_eviction(source):
     s4, s8 = p.load("a4").slot, p.load("a8").slot
     assert {s4, s8} == {1, 2}
     assert p.load("a16").slot == s4  # a4 was least recently used: its slot is rewritten
-    a = table.a[(0, "k_proj")][s4]
-    assert torch.count_nonzero(a) == 0  # a16 has no k_proj: the old a4 weights are gone
+    a, b = table.weights(0, "k_proj")
+    assert torch.count_nonzero(a[s4]) == 0 and torch.count_nonzero(b[s4]) == 0  # a16 has no k_proj: the old a4 weights are gone
 
 
 def test_segmented_step_matches_grouped_torch(source):
@@ -152,9 +153,11 @@ def test_segmented_step_matches_grouped_torch(source):
     grouped = LoraStep(token_adapters, ref, torch.device("cpu"))
     shapes = projection_shapes(CFG)
     for layer in range(CFG.num_layers):
-        for proj, (out_f, in_f) in shapes.items():
-            x, y = torch.randn(23, in_f), torch.randn(23, out_f)
-            torch.testing.assert_close(seg.apply(layer, proj, x, y), grouped.apply(layer, proj, x, y), rtol=1e-4, atol=1e-4)
+        for group in GROUPS:
+            x = torch.randn(23, shapes[group[0]][1])
+            ys = [torch.randn(23, shapes[p][0]) for p in group]
+            for got, want in zip(seg.apply(layer, group, x, ys), grouped.apply(layer, group, x, ys)):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert seg.indptr_host[-1] == 23 and (np.diff(seg.indptr_host) == np.bincount(slots, minlength=5)).all()
 
 

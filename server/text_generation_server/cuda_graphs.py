@@ -6,8 +6,8 @@ router's blocks, the graph-mode FlashInfer wrapper is re-planned (host work only
 of the first n rows are returned. Sampling stays outside the graph.
 
 With a LoRA slot table, each bucket is captured twice: without LoRA (base-only steps) and with the
-LoRA delta, whose per-row slots (Triton kernels) or row order and segment offsets (segment GEMM)
-are static buffers refilled per replay; padding rows sit in slot 0 (no delta). Any mix of adapters
+LoRA delta, whose tile plan (Triton kernels) or row order and segment offsets (segment GEMM) are
+static buffers refilled per replay; padding rows sit in slot 0 (no delta). Any mix of adapters
 and ranks replays the same graph.
 """
 
@@ -47,7 +47,7 @@ class DecodeGraphs:
         self.lora_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.lora_logits: dict[int, torch.Tensor] = {}
         if lora_slots is not None and lora_kernel == "triton":
-            self.row_slots = torch.zeros(top, dtype=torch.int64, device=dev)  # [max bucket]: each row's slot
+            self.plan = {}  # bucket -> [4, bucket] int32: the Triton kernels' tile plan (triton_lora.plan_tiles)
         elif lora_slots is not None:
             self.perm = torch.zeros(top, dtype=torch.int64, device=dev)  # [max bucket]: rows sorted by slot
             self.indptr = torch.zeros(lora_slots.num_slots + 2, dtype=torch.int64, device=dev)  # segment offsets
@@ -56,6 +56,8 @@ class DecodeGraphs:
             be = FlashInferAttention.for_cuda_graph(attention, bs, max_pages, scratch_block)
             be.slots = self.slots[:bs]
             be.plan(_empty_decode())
+            if lora_slots is not None and lora_kernel == "triton":
+                self.plan[bs] = torch.zeros(4, bs, dtype=torch.int32, device=dev)
             self.graphs[bs], self.logits[bs] = self._capture(bs, ForwardContext(be), pool)
             if lora_slots is not None:
                 ctx = ForwardContext(be, lora=self._lora_step(np.zeros(bs, dtype=np.int64)))
@@ -80,9 +82,9 @@ class DecodeGraphs:
     def _lora_step(self, row_slots: np.ndarray):
         """A LoRA step over the static buffers (at capture: all padding; at replay: refills them)."""
         if self.lora_kernel == "triton":
-            from text_generation_server.lora.triton_lora import TritonLoraStep
+            from text_generation_server.lora.triton_lora import DECODE_BLOCK_M, TritonLoraStep
 
-            return TritonLoraStep(self.lora_slots, row_slots, self.row_slots)
+            return TritonLoraStep(self.lora_slots, row_slots, DECODE_BLOCK_M, self.plan[len(row_slots)])
         from text_generation_server.lora.segment import SegmentLoraStep
 
         return SegmentLoraStep(self.lora_slots, row_slots, self.lora_matmul, self.perm, self.indptr)

@@ -31,17 +31,18 @@ def log_level() -> str:
 
 
 def segment_gemm_backend() -> str:
-    """FlashInfer segment-GEMM backend for LoRA on CUDA: auto | sm80 | sm90 (TESSERA_SEGMENT_GEMM)."""
+    """FlashInfer segment-GEMM backend for LoRA on CUDA with TESSERA_LORA_KERNEL=segment: auto | sm80 |
+    sm90 (TESSERA_SEGMENT_GEMM)."""
     v = os.environ.get("TESSERA_SEGMENT_GEMM", "auto")
     if v not in ("auto", "sm80", "sm90"):
         raise ValueError(f"TESSERA_SEGMENT_GEMM must be auto, sm80 or sm90, got {v!r}")
     return v
 
 
-def lora_decode_kernel() -> str:
-    """LoRA kernels of decode steps on CUDA: triton (per-row kernels, default) or segment (FlashInfer
-    segment GEMM over rows sorted by adapter) (TESSERA_LORA_DECODE)."""
-    v = os.environ.get("TESSERA_LORA_DECODE", "triton")
+def lora_kernel() -> str:
+    """LoRA kernels on CUDA (TESSERA_LORA_KERNEL): triton (our grouped kernels, default) or segment
+    (FlashInfer's segment GEMM over rows sorted by adapter)."""
+    v = os.environ.get("TESSERA_LORA_KERNEL", "triton")
     if v not in ("triton", "segment"):
-        raise ValueError(f"TESSERA_LORA_DECODE must be triton or segment, got {v!r}")
+        raise ValueError(f"TESSERA_LORA_KERNEL must be triton or segment, got {v!r}")
     return v

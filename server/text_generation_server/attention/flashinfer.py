@@ -103,5 +103,5 @@ class FlashInferAttention(AttentionBackend):
         if self.mode == "decode":
             return self.decode.run(q, (k_cache, v_cache))
         if self.mode == "ragged":
-            return self.ragged.run(q, k, v)
+            return self.ragged.run(q, k, v.contiguous())  # v may be a column view of the fused q/k/v output
         return self.paged.run(q, (k_cache, v_cache))

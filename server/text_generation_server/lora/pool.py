@@ -2,8 +2,8 @@
 
 A registry maps names to PEFT directories (`--lora-adapters name=path`, `LoadAdapter` with a path,
 or a subdirectory of `--adapter-source`); at most `max_active` adapters are resident on the device
-at once, least recently used evicted first. On CUDA the resident adapters live in a SlotTable (the
-segmented-matmul layout); elsewhere each keeps its own tensors for the grouped torch path.
+at once, least recently used evicted first. On CUDA the resident adapters live in a SlotTable (slots.py,
+read by the LoRA kernels); elsewhere each keeps its own tensors for the grouped torch path.
 
 Loading (disk -> host -> device) runs in the caller's thread, outside the pool's lock, so the
 `LoadAdapter` RPC can run beside a step. The router decides residency (it sends LoadAdapter /
@@ -48,7 +48,7 @@ class Resident:
 class AdapterPool:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, static: dict[str, Path],
                  source: Path | None, max_active: int, slots=None):
-        """`slots`: a SlotTable (CUDA segmented path) or None (grouped torch path)."""
+        """`slots`: a SlotTable (CUDA kernels) or None (grouped torch path)."""
         self.cfg, self.dtype, self.device = cfg, dtype, device
         self.static = dict(static)
         self.source = source.resolve() if source else None

@@ -1,24 +1,17 @@
-"""LoRA on CUDA: every resident adapter has a slot in stacked, rank-padded weight tensors, and a
-step computes each projection's delta for all rows with two segmented matmuls (shrink x A^T,
-expand v B^T) over rows sorted by slot. Shapes depend only on the number of rows and slots, so the
-same code runs inside CUDA graphs.
-
-Slot 0 is all zeros: base-model rows (and CUDA-graph padding rows) sit in its segment and get a
-zero delta. B is stored pre-multiplied by the adapter's scaling; ranks below `max_rank` are
-zero-padded, which leaves the product unchanged.
+"""LoRA on CUDA with FlashInfer's segment GEMM (the alternative to triton_lora.py, chosen with
+TESSERA_LORA_KERNEL=segment): rows sorted by slot, then two segmented matmuls over the SlotTable
+per projection group, shrink x A^T for the whole group and expand v_g B^T per projection. The
+argument setup runs on the device, so the same code runs inside CUDA graphs.
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from typing import Callable
 
 import numpy as np
 import torch
 
-from text_generation_server.lora.adapter import PROJECTIONS, Adapter, bad, projection_shapes
-from text_generation_server.models.config import ModelConfig
+from text_generation_server.lora.slots import SlotTable
 
 # (x [T, in], w [S, out, in], num segments, seg_indptr [S+1] device int64, seg_indptr host) -> [T, out]
 SegmentMatmul = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor, np.ndarray], torch.Tensor]
@@ -48,66 +41,6 @@ class FlashInferSegmentMatmul:
         return self.wrapper.run(x, w, n, True, seg_indptr=indptr)
 
 
-class SlotTable:
-    """Stacked adapter weights on the device: per (layer, projection) A [S+1, R, in] and
-    B [S+1, out, R], slot 0 zero."""
-
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, num_slots: int, max_rank: int):
-        # A power of two (at least 16): the Triton decode kernels tile the rank whole.
-        max_rank = 1 << (max(16, max_rank) - 1).bit_length()
-        self.num_slots, self.max_rank, self.device = num_slots, max_rank, device
-        shapes = projection_shapes(cfg)
-        self.a: dict[tuple[int, str], torch.Tensor] = {}
-        self.b: dict[tuple[int, str], torch.Tensor] = {}
-        for layer in range(cfg.num_layers):
-            for proj in PROJECTIONS:
-                out_f, in_f = shapes[proj]
-                self.a[(layer, proj)] = torch.zeros(num_slots + 1, max_rank, in_f, dtype=dtype, device=device)
-                self.b[(layer, proj)] = torch.zeros(num_slots + 1, out_f, max_rank, dtype=dtype, device=device)
-        self._free = list(range(num_slots, 0, -1))
-        self._lock = threading.Lock()
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.a, self.b) for t in d.values())
-
-    def check(self, host: Adapter) -> None:
-        if host.rank > self.max_rank:
-            raise bad(host.name, f"rank {host.rank} is above --max-lora-rank {self.max_rank}")
-
-    def take(self) -> int | None:
-        with self._lock:
-            return self._free.pop() if self._free else None
-
-    def give_back(self, slot: int) -> None:
-        with self._lock:
-            self._free.append(slot)
-
-    def write(self, slot: int, host: Adapter) -> None:
-        """Copies a host adapter into `slot` (which no step is using) on a side stream."""
-        self.check(host)
-        r = host.rank
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-        with ctx:
-            for key, a_all in self.a.items():
-                a, b = a_all[slot], self.b[key][slot]
-                w = host.weights.get(key)
-                if w is None:
-                    a.zero_()
-                    b.zero_()
-                    continue
-                ha, hb = w
-                hb = hb * host.scaling
-                if stream is not None:
-                    ha, hb = ha.pin_memory(), hb.pin_memory()
-                a[r:].zero_()
-                b[:, r:].zero_()
-                a[:r].copy_(ha, non_blocking=True)
-                b[:, :r].copy_(hb, non_blocking=True)
-        if stream is not None:
-            stream.synchronize()
-
-
 class SegmentLoraStep:
     """The LoRA part of one step on a SlotTable. `row_slots[i]` is token i's slot (0 = base)."""
 
@@ -127,9 +60,20 @@ class SegmentLoraStep:
             indptr_buf.copy_(torch.from_numpy(self.indptr_host), non_blocking=True)
             self.perm, self.indptr = perm_buf[: len(order)], indptr_buf
 
-    def apply(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        key = (layer, proj)
+    def begin(self, layer: int, projs: tuple[str, ...], x: torch.Tensor) -> None:
+        return None  # nothing to start before the base GEMM
+
+    def apply(self, layer: int, projs: tuple[str, ...], x: torch.Tensor, ys: list[torch.Tensor],
+              begun: None = None) -> list[torch.Tensor]:
+        key = (layer, projs)
+        r, cols = self.table.max_rank, self.table.cols[projs]
         xs = x.index_select(0, self.perm)
-        v = self.matmul(xs, self.table.a[key], self.n, self.indptr, self.indptr_host)
-        d = self.matmul(v, self.table.b[key], self.n, self.indptr, self.indptr_host)
-        return y.index_add(0, self.perm, d)
+        v = self.matmul(xs, self.table.a[key], self.n, self.indptr, self.indptr_host)  # [T, G*R]
+        out = []
+        for i, y in enumerate(ys):
+            # B's slots are contiguous only whole: this expands into every column of the group and
+            # keeps projection i's (G times the FLOPs of a tiny GEMM).
+            vi = v[:, i * r:(i + 1) * r].contiguous() if len(ys) > 1 else v
+            d = self.matmul(vi, self.table.b[key], self.n, self.indptr, self.indptr_host)
+            out.append(y.index_add(0, self.perm, d[:, cols[i]:cols[i + 1]]))
+        return out

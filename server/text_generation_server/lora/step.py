@@ -19,8 +19,16 @@ class LoraStep:
             idx = np.flatnonzero(token_adapters == name)
             self.groups.append((adapters[name], torch.from_numpy(idx).to(device)))
 
-    def apply(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y = x W^T (+ b) for all tokens; adds scaling * x A^T B^T for each adapter's tokens."""
+    def begin(self, layer: int, projs: tuple[str, ...], x: torch.Tensor) -> None:
+        return None  # nothing to start before the base GEMM
+
+    def apply(self, layer: int, projs: tuple[str, ...], x: torch.Tensor, ys: list[torch.Tensor],
+              begun: None = None) -> list[torch.Tensor]:
+        """ys[i] = x W_i^T (+ b) for all tokens (projection projs[i]); adds scaling * x A^T B^T for
+        each adapter's tokens."""
+        return [self._apply(layer, proj, x, y) for proj, y in zip(projs, ys)]
+
+    def _apply(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         for adapter, idx in self.groups:
             w = adapter.weights.get((layer, proj))
             if w is None:

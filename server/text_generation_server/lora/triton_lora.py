@@ -1,85 +1,204 @@
-"""LoRA for decode steps on CUDA: two Triton kernels per projection over the SlotTable, one program
-per row (shrink) or per row and output block (expand), each reading its row's slot.
+"""LoRA on CUDA with two Triton kernels per projection group (q/k/v, o, gate/up, down), for prefill
+and decode steps alike.
 
-Rows need no sorting and no scatter: the expand kernel adds into the base projection's output in
-place, and rows of slot 0 (base model, CUDA-graph padding) return at once. Shapes depend only on
-the number of rows, so the kernels are captured in the decode CUDA graphs. Prefill steps, where
-many tokens share an adapter, use the segment GEMM instead (segment.py).
+Rows are grouped by adapter into tiles of at most BLOCK_M rows of one slot (`plan_tiles`, on the
+host; base rows get no tile). Per tile:
+- shrink: v = x A^T for every projection of the group at once (x is their shared input), on
+  tensor cores, split along the input dimension into fp32 partials;
+- expand: y += v_g B_g^T over the group's fused output (the columns of projection g read its
+  part of v), adding into the base projection's output in place.
+So each adapter's weights are read once per tile, not once per row, and a step launches 8 kernels
+per layer. The grid depends only on the number of rows, so decode steps are captured in CUDA
+graphs with the tile plan in a static buffer; tiles past the plan's end return at once.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+DECODE_BLOCK_M = 16  # rows per tile in decode steps (few rows share an adapter)
+PREFILL_BLOCK_M = 64  # rows per tile in prefill steps (a prompt's tokens share one)
 
-@triton.jit
-def _shrink(x_ptr, a_ptr, slot_ptr, v_ptr, x_stride, a_slot_stride,
-            D_IN: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """v[t, :] = x[t, :] @ A[slot[t]]^T, in fp32 (A: [S+1, R, d_in])."""
-    t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t)
-    if slot == 0:
+
+@dataclass(frozen=True)
+class Tuning:
+    k_split: int = 1024  # input features per shrink program: small batches still spread over the GPU
+    block_n: int = 128  # most output columns per expand program
+    warps: int = 4
+    stages: int = 3
+
+
+TUNING = Tuning()
+
+
+# The step's row count is not specialized on: one compiled kernel serves every batch and prompt length.
+@triton.jit(do_not_specialize=["PLAN", "V_ROWS"])
+def _shrink(x_ptr, x_stride, a_ptr, plan_ptr, v_ptr, PLAN, V_ROWS,
+            D_IN: tl.constexpr, R: tl.constexpr, G: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr):
+    """v[s, row, g*R:(g+1)*R] = x[row, s-th K_SPLIT] @ A[slot, g*R:(g+1)*R, same]^T for the rows
+    of one tile; program (tile, g, s). A: [S+1, G*R, D_IN]; v: [splits, V_ROWS, G*R] fp32."""
+    tile, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    n = tl.load(plan_ptr + 2 * PLAN + tile)
+    if n == 0:
         return
+    start = tl.load(plan_ptr + PLAN + tile)
+    slot = tl.load(plan_ptr + 3 * PLAN + tile).to(tl.int64)
+    m = tl.arange(0, BLOCK_M)
+    live = m < n
+    rows = tl.load(plan_ptr + start + m, mask=live, other=0).to(tl.int64)
     r = tl.arange(0, R)
-    acc = tl.zeros((R,), dtype=tl.float32)
-    a_row = a_ptr + slot.to(tl.int64) * a_slot_stride + r[:, None] * D_IN
-    for k0 in range(0, D_IN, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        mask = k < D_IN
-        x = tl.load(x_ptr + t.to(tl.int64) * x_stride + k, mask=mask, other=0.0).to(tl.float32)
-        a = tl.load(a_row + k[None, :], mask=mask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(a * x[None, :], axis=1)
-    tl.store(v_ptr + t * R + r, acc)
+    a_base = a_ptr + (slot * G + g) * (R * D_IN)
+    acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    for kk in range(0, K_SPLIT, BLOCK_K):
+        k = s * K_SPLIT + kk + tl.arange(0, BLOCK_K)
+        kin = k < D_IN
+        x = tl.load(x_ptr + rows[:, None] * x_stride + k[None, :], mask=live[:, None] & kin[None, :], other=0.0)
+        a = tl.load(a_base + r[None, :] * D_IN + k[:, None], mask=kin[:, None], other=0.0)  # [BLOCK_K, R]
+        acc += tl.dot(x, a)
+    tl.store(v_ptr + (s * V_ROWS + rows[:, None]) * (G * R) + g * R + r[None, :], acc, mask=live[:, None])
 
 
-@triton.jit
-def _expand(v_ptr, b_ptr, slot_ptr, y_ptr, y_stride, b_slot_stride,
-            D_OUT: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y[t, n-block] += v[t, :] @ B[slot[t]][n-block, :]^T (B: [S+1, d_out, R], pre-scaled)."""
-    t = tl.program_id(0)
-    slot = tl.load(slot_ptr + t)
-    if slot == 0:
+@triton.jit(do_not_specialize=["PLAN", "V_ROWS"])
+def _expand(v_ptr, b_ptr, plan_ptr, y_ptr, y_stride, PLAN, V_ROWS,
+            N_OUT: tl.constexpr, R: tl.constexpr, G: tl.constexpr, SPLITS: tl.constexpr,
+            C1: tl.constexpr, C2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[row, n-block] += v_g[row] @ B[slot, n-block]^T for the rows of one tile, g the projection
+    whose columns (from C1, from C2) hold the block; program (tile, n-block). B: [S+1, N_OUT, R]
+    (pre-scaled); y: the group's fused output [T, N_OUT] (row stride y_stride)."""
+    tile, nb = tl.program_id(0), tl.program_id(1)
+    n = tl.load(plan_ptr + 2 * PLAN + tile)
+    if n == 0:
         return
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = n < D_OUT
+    start = tl.load(plan_ptr + PLAN + tile)
+    slot = tl.load(plan_ptr + 3 * PLAN + tile).to(tl.int64)
+    m = tl.arange(0, BLOCK_M)
+    live = m < n
+    rows = tl.load(plan_ptr + start + m, mask=live, other=0).to(tl.int64)
     r = tl.arange(0, R)
-    v = tl.load(v_ptr + t * R + r)
-    b = tl.load(b_ptr + slot.to(tl.int64) * b_slot_stride + n[:, None] * R + r[None, :], mask=mask[:, None], other=0.0)
-    delta = tl.sum(b.to(tl.float32) * v[None, :], axis=1)
-    y_at = y_ptr + t.to(tl.int64) * y_stride + n
-    y = tl.load(y_at, mask=mask, other=0.0)
-    tl.store(y_at, (y.to(tl.float32) + delta).to(y.dtype), mask=mask)
+    c = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = (nb * BLOCK_N >= C1).to(tl.int32) + (nb * BLOCK_N >= C2).to(tl.int32)  # blocks never straddle
+    v = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    for s in tl.static_range(SPLITS):
+        v += tl.load(v_ptr + (s * V_ROWS + rows[:, None]) * (G * R) + g * R + r[None, :], mask=live[:, None], other=0.0)
+    cin = c < N_OUT
+    b = tl.load(b_ptr + slot * (N_OUT * R) + c[None, :] * R + r[:, None], mask=cin[None, :], other=0.0)  # [R, BLOCK_N]
+    delta = tl.dot(v.to(b.dtype), b)
+    y_at = y_ptr + rows[:, None] * y_stride + c[None, :]
+    both = live[:, None] & cin[None, :]
+    y = tl.load(y_at, mask=both, other=0.0)
+    tl.store(y_at, (y.to(tl.float32) + delta).to(y.dtype), mask=both)
+
+
+def plan_tiles(row_slots: np.ndarray, block_m: int, size: int | None = None) -> tuple[np.ndarray, int]:
+    """Rows grouped by slot into tiles of at most `block_m` rows; base rows (slot 0) get none.
+
+    Returns (plan, number of tiles). plan: int32 [4, size] (size >= rows): the rows in slot order,
+    then per tile its start in that order, its length (0 past the last tile) and its slot."""
+    t = len(row_slots)
+    size = t if size is None else size
+    plan = np.zeros((4, size), dtype=np.int32)
+    order = np.argsort(row_slots, kind="stable")
+    plan[0, :t] = order
+    s = np.asarray(row_slots)[order]
+    edges = np.flatnonzero(np.diff(s)) + 1
+    starts, ends = np.concatenate([[0], edges]), np.concatenate([edges, [t]])
+    keep = s[starts] != 0 if t else np.zeros(0, dtype=bool)
+    starts, ends = starts[keep], ends[keep]
+    chunks = -(-(ends - starts) // block_m)
+    n = int(chunks.sum())
+    first = np.repeat(np.cumsum(chunks) - chunks, chunks)  # index of each tile's run's first tile
+    tile_start = np.repeat(starts, chunks) + block_m * (np.arange(n) - first)
+    plan[1, :n] = tile_start
+    plan[2, :n] = np.minimum(block_m, np.repeat(ends, chunks) - tile_start)
+    plan[3, :n] = np.repeat(s[starts], chunks)
+    return plan, n
+
+
+def block_n(cols: list[int], most: int = 128) -> int:
+    """Output columns per expand program: a power of two up to `most` that divides every boundary
+    between the group's projections (so a block belongs to one projection); 16 at least."""
+    bn = most
+    for c in cols[1:-1]:
+        while c % bn:
+            bn //= 2
+    if bn < 16:
+        raise ValueError(f"projection sizes {cols} are not multiples of 16: no Triton LoRA kernels for this model")
+    return bn
 
 
 class TritonLoraStep:
-    """The LoRA part of a decode step on a SlotTable. `row_slots[i]`: row i's slot (0 = base)."""
+    """The LoRA part of one step on a SlotTable. `row_slots[i]`: row i's slot (0 = base)."""
 
-    def __init__(self, table, row_slots: np.ndarray, slots_buf: torch.Tensor | None = None):
-        self.table = table
+    def __init__(self, table, row_slots: np.ndarray, block_m: int = DECODE_BLOCK_M, plan_buf: torch.Tensor | None = None,
+                 tuning: Tuning = TUNING):
+        self.table, self.block_m, self.tuning = table, block_m, tuning
         r = table.max_rank
         assert r & (r - 1) == 0, "the slot table's rank must be a power of two"
-        self.block_k = max(32, 2048 // r)
-        host = torch.from_numpy(np.ascontiguousarray(row_slots, dtype=np.int64))
-        if slots_buf is None:
-            self.slots = host.to(table.device)  # [T] int64
-        else:  # the static buffer of a captured graph
-            slots_buf[: len(host)].copy_(host, non_blocking=True)
-            self.slots = slots_buf[: len(host)]
+        size = len(row_slots) if plan_buf is None else plan_buf.shape[1]
+        plan, tiles = plan_tiles(np.asarray(row_slots, dtype=np.int64), block_m, size)
+        host = torch.from_numpy(plan)
+        if plan_buf is None:
+            self.plan, self.tiles = host.to(table.device), tiles
+        else:  # the static buffer of a captured graph: the grid covers every possible tile
+            plan_buf.copy_(host, non_blocking=True)
+            self.plan, self.tiles = plan_buf, size
+        self.v_rows = size
+        self.block_k = min(128 if block_m <= 16 else 64, tuning.k_split)
 
-    def apply(self, layer: int, proj: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        key = (layer, proj)
-        a, b = self.table.a[key], self.table.b[key]
-        t, r = x.shape[0], self.table.max_rank
-        if t == 0:
-            return y
-        if x.stride(1) != 1:
-            x = x.contiguous()
-        assert y.stride(1) == 1, "the delta is added into y in place"
-        v = torch.empty(t, r, dtype=torch.float32, device=x.device)
-        _shrink[(t,)](x, a, self.slots, v, x.stride(0), a.stride(0), D_IN=a.shape[2], R=r, BLOCK_K=self.block_k)
-        d_out = b.shape[1]
-        _expand[(t, triton.cdiv(d_out, 64))](v, b, self.slots, y, y.stride(0), b.stride(0), D_OUT=d_out, R=r, BLOCK_N=64)
-        return y
+    def begin(self, layer: int, projs: tuple[str, ...], x: torch.Tensor):
+        """Launches the group's shrink (before the base GEMM); returns what `apply` needs, or None
+        when the step has no LoRA rows. (A side stream for it, beside the base GEMM, measured no
+        gain on the H100.)"""
+        if self.tiles == 0:
+            return None
+        a = self.table.a[(layer, projs)]
+        g, r, d_in = len(projs), self.table.max_rank, a.shape[2]
+        assert x.stride(1) == 1
+        k_split = min(self.tuning.k_split, triton.cdiv(d_in, self.block_k) * self.block_k)
+        splits = triton.cdiv(d_in, k_split)
+        v = torch.empty(splits, self.v_rows, g * r, dtype=torch.float32, device=x.device)
+        _shrink[(self.tiles, g, splits)](x, x.stride(0), a, self.plan, v, self.plan.shape[1], self.v_rows, D_IN=d_in,
+                                         R=r, G=g, BLOCK_M=self.block_m, BLOCK_K=self.block_k, K_SPLIT=k_split,
+                                         num_warps=self.tuning.warps, num_stages=self.tuning.stages)
+        return v
+
+    def apply(self, layer: int, projs: tuple[str, ...], x: torch.Tensor, ys: list[torch.Tensor],
+              v: torch.Tensor | None = None) -> list[torch.Tensor]:
+        if v is None:
+            v = self.begin(layer, projs, x)
+            if v is None:
+                return ys
+        b = self.table.b[(layer, projs)]
+        cols, r, g = self.table.cols[projs], self.table.max_rank, len(projs)
+        y = ys[0]
+        for i, yi in enumerate(ys):  # the group's outputs must be column views of one tensor
+            assert yi.stride() == y.stride() and yi.data_ptr() == y.data_ptr() + cols[i] * y.element_size(), \
+                "LoRA kernels add into the fused output of the group"
+        assert y.stride(1) == 1
+        n_out = b.shape[1]
+        bn = block_n(cols, self.tuning.block_n)
+        c1, c2 = (cols[1:3] + [n_out, n_out])[:2]
+        _expand[(self.tiles, triton.cdiv(n_out, bn))](v, b, self.plan, y, y.stride(0), self.plan.shape[1], self.v_rows,
+                                                      N_OUT=n_out, R=r, G=g, SPLITS=v.shape[0], C1=c1, C2=c2,
+                                                      BLOCK_M=self.block_m, BLOCK_N=bn, num_warps=self.tuning.warps)
+        return ys
+
+
+def compile_kernels(table, dtype: torch.dtype, rows: int = 64) -> None:
+    """Compiles the kernels of every group for prefill and decode tiles (at warmup, so no request
+    waits for Triton): one launch each over an empty plan, whose programs return at once."""
+    for block_m in (DECODE_BLOCK_M, PREFILL_BLOCK_M):
+        step = TritonLoraStep(table, np.zeros(rows, dtype=np.int64), block_m,
+                              torch.zeros(4, rows, dtype=torch.int32, device=table.device))
+        for group, cols in table.cols.items():
+            d_in = table.a[(0, group)].shape[2]
+            x = torch.zeros(rows, d_in, dtype=dtype, device=table.device)
+            ys = list(torch.zeros(rows, cols[-1], dtype=dtype, device=table.device).split(
+                [cols[i + 1] - cols[i] for i in range(len(group))], dim=1))
+            step.apply(0, group, x, ys)

@@ -20,37 +20,39 @@ from text_generation_server.weights.loader import Weights
 class Attention:
     def __init__(self, cfg: ModelConfig, w: Weights, prefix: str, layer: int):
         h, kvh, d, hid = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-        bias = cfg.qkv_bias
+        qkv_bias = cfg.qkv_bias
 
-        def proj(name: str, out: int, inp: int, with_bias: bool) -> Linear:
-            b = w.get(f"{prefix}.{name}.bias", (out,)) if with_bias else None
-            return Linear(w.get(f"{prefix}.{name}.weight", (out, inp)), b, name, layer)
+        def weight(name: str, out: int, inp: int) -> torch.Tensor:
+            return w.get(f"{prefix}.{name}.weight", (out, inp))
 
-        self.q_proj = proj("q_proj", h * d, hid, bias)
-        self.k_proj = proj("k_proj", kvh * d, hid, bias)
-        self.v_proj = proj("v_proj", kvh * d, hid, bias)
-        self.o_proj = proj("o_proj", hid, h * d, False)
+        def bias(name: str, out: int) -> torch.Tensor | None:
+            return w.get(f"{prefix}.{name}.bias", (out,)) if qkv_bias else None
+
+        names = ("q_proj", "k_proj", "v_proj")
+        outs = (h * d, kvh * d, kvh * d)
+        self.qkv_proj = Linear([weight(n, o, hid) for n, o in zip(names, outs)],
+                               [bias(n, o) for n, o in zip(names, outs)], names, layer)
+        self.o_proj = Linear([weight("o_proj", hid, h * d)], None, ("o_proj",), layer)
         self.layer, self.h, self.kvh, self.d = layer, h, kvh, d
 
     def __call__(self, x, positions, rotary: RotaryEmbedding, k_cache, v_cache):
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.h, self.d)
-        k = self.k_proj(x).view(t, self.kvh, self.d)
-        v = self.v_proj(x).view(t, self.kvh, self.d)
-        q, k = rotary.apply(q, k, positions)
-        out = get_forward_context().attention.forward(q, k, v, k_cache, v_cache)
-        return self.o_proj(out.reshape(t, self.h * self.d))
+        q, k, v = self.qkv_proj(x)
+        q, k = rotary.apply(q.view(t, self.h, self.d), k.view(t, self.kvh, self.d), positions)
+        out = get_forward_context().attention.forward(q, k, v.view(t, self.kvh, self.d), k_cache, v_cache)
+        return self.o_proj(out.reshape(t, self.h * self.d))[0]
 
 
 class MLP:
     def __init__(self, cfg: ModelConfig, w: Weights, prefix: str, layer: int):
         hid, inter = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(w.get(f"{prefix}.gate_proj.weight", (inter, hid)), name="gate_proj", layer=layer)
-        self.up_proj = Linear(w.get(f"{prefix}.up_proj.weight", (inter, hid)), name="up_proj", layer=layer)
-        self.down_proj = Linear(w.get(f"{prefix}.down_proj.weight", (hid, inter)), name="down_proj", layer=layer)
+        self.gate_up_proj = Linear([w.get(f"{prefix}.gate_proj.weight", (inter, hid)),
+                                    w.get(f"{prefix}.up_proj.weight", (inter, hid))], None, ("gate_proj", "up_proj"), layer)
+        self.down_proj = Linear([w.get(f"{prefix}.down_proj.weight", (hid, inter))], None, ("down_proj",), layer)
 
     def __call__(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x)
+        return self.down_proj(F.silu(gate) * up)[0]
 
 
 class DecoderLayer:
