@@ -105,12 +105,12 @@ def main():
             step(power_law(b, n, np.random.default_rng(1)), False, plan)
         out = {"all": timed(g.replay)}
         if parts and n:
-            shrinks = graph(lambda: [lora.begin(layer, grp, x[grp[0]]) for layer in range(cfg.num_layers) for grp in GROUPS])
+            shrinks = graph(lambda: [lora.shrink(layer, grp, x[grp[0]]) for layer in range(cfg.num_layers) for grp in GROUPS])
             out["shrink"] = timed(shrinks.replay)
-            vs = {(layer, grp): lora.begin(layer, grp, x[grp[0]]) for layer in range(cfg.num_layers) for grp in GROUPS}
+            vs = {(layer, grp): lora.shrink(layer, grp, x[grp[0]]) for layer in range(cfg.num_layers) for grp in GROUPS}
             ys = {grp: list(torch.zeros(b, sum(shapes[p][0] for p in grp), device=dev, dtype=dt).split(
                 [shapes[p][0] for p in grp], dim=1)) for grp in GROUPS}
-            expands = graph(lambda: [lora.apply(layer, grp, x[grp[0]], ys[grp], vs[(layer, grp)])
+            expands = graph(lambda: [lora.expand(layer, grp, vs[(layer, grp)], ys[grp])
                                      for layer in range(cfg.num_layers) for grp in GROUPS])
             out["expand"] = timed(expands.replay)
         return out

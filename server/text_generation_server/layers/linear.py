@@ -33,13 +33,11 @@ class Linear:
             self.parts = list(zip(weights, biases))  # [(weight [out, in], bias [out] or None)]
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        ctx = current_context()
-        lora = ctx.lora if ctx is not None else None
-        begun = lora.begin(self.layer, self.names, x) if lora is not None else None  # the LoRA shrink may start first
         if self.fused:
             ys = list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=1))
         else:
             ys = [F.linear(x, w, b) for w, b in self.parts]
-        if lora is not None:
-            ys = lora.apply(self.layer, self.names, x, ys, begun)
+        ctx = current_context()
+        if ctx is not None and ctx.lora is not None:
+            ys = ctx.lora.apply(self.layer, self.names, x, ys)
         return ys

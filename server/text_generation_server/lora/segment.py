@@ -60,11 +60,7 @@ class SegmentLoraStep:
             indptr_buf.copy_(torch.from_numpy(self.indptr_host), non_blocking=True)
             self.perm, self.indptr = perm_buf[: len(order)], indptr_buf
 
-    def begin(self, layer: int, projs: tuple[str, ...], x: torch.Tensor) -> None:
-        return None  # nothing to start before the base GEMM
-
-    def apply(self, layer: int, projs: tuple[str, ...], x: torch.Tensor, ys: list[torch.Tensor],
-              begun: None = None) -> list[torch.Tensor]:
+    def apply(self, layer: int, projs: tuple[str, ...], x: torch.Tensor, ys: list[torch.Tensor]) -> list[torch.Tensor]:
         key = (layer, projs)
         r, cols = self.table.max_rank, self.table.cols[projs]
         xs = x.index_select(0, self.perm)

@@ -19,11 +19,7 @@ class LoraStep:
             idx = np.flatnonzero(token_adapters == name)
             self.groups.append((adapters[name], torch.from_numpy(idx).to(device)))
 
-    def begin(self, layer: int, projs: tuple[str, ...], x: torch.Tensor) -> None:
-        return None  # nothing to start before the base GEMM
-
-    def apply(self, layer: int, projs: tuple[str, ...], x: torch.Tensor, ys: list[torch.Tensor],
-              begun: None = None) -> list[torch.Tensor]:
+    def apply(self, layer: int, projs: tuple[str, ...], x: torch.Tensor, ys: list[torch.Tensor]) -> list[torch.Tensor]:
         """ys[i] = x W_i^T (+ b) for all tokens (projection projs[i]); adds scaling * x A^T B^T for
         each adapter's tokens."""
         return [self._apply(layer, proj, x, y) for proj, y in zip(projs, ys)]

@@ -36,6 +36,16 @@ class Tuning:
 TUNING = Tuning()
 
 
+@triton.jit
+def _tile(plan_ptr, PLAN, tile, n, BLOCK_M: tl.constexpr):
+    """A non-empty tile's slot, its `n` rows (padded to BLOCK_M) and which of them are live."""
+    start = tl.load(plan_ptr + PLAN + tile)
+    slot = tl.load(plan_ptr + 3 * PLAN + tile).to(tl.int64)
+    live = tl.arange(0, BLOCK_M) < n
+    rows = tl.load(plan_ptr + start + tl.arange(0, BLOCK_M), mask=live, other=0).to(tl.int64)
+    return slot, rows, live
+
+
 # The step's row count is not specialized on: one compiled kernel serves every batch and prompt length.
 @triton.jit(do_not_specialize=["PLAN", "V_ROWS"])
 def _shrink(x_ptr, x_stride, a_ptr, plan_ptr, v_ptr, PLAN, V_ROWS,
@@ -47,11 +57,7 @@ def _shrink(x_ptr, x_stride, a_ptr, plan_ptr, v_ptr, PLAN, V_ROWS,
     n = tl.load(plan_ptr + 2 * PLAN + tile)
     if n == 0:
         return
-    start = tl.load(plan_ptr + PLAN + tile)
-    slot = tl.load(plan_ptr + 3 * PLAN + tile).to(tl.int64)
-    m = tl.arange(0, BLOCK_M)
-    live = m < n
-    rows = tl.load(plan_ptr + start + m, mask=live, other=0).to(tl.int64)
+    slot, rows, live = _tile(plan_ptr, PLAN, tile, n, BLOCK_M)
     r = tl.arange(0, R)
     a_base = a_ptr + (slot * G + g) * (R * D_IN)
     acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
@@ -75,11 +81,7 @@ def _expand(v_ptr, b_ptr, plan_ptr, y_ptr, y_stride, PLAN, V_ROWS,
     n = tl.load(plan_ptr + 2 * PLAN + tile)
     if n == 0:
         return
-    start = tl.load(plan_ptr + PLAN + tile)
-    slot = tl.load(plan_ptr + 3 * PLAN + tile).to(tl.int64)
-    m = tl.arange(0, BLOCK_M)
-    live = m < n
-    rows = tl.load(plan_ptr + start + m, mask=live, other=0).to(tl.int64)
+    slot, rows, live = _tile(plan_ptr, PLAN, tile, n, BLOCK_M)
     r = tl.arange(0, R)
     c = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     g = (nb * BLOCK_N >= C1).to(tl.int32) + (nb * BLOCK_N >= C2).to(tl.int32)  # blocks never straddle
@@ -150,13 +152,15 @@ class TritonLoraStep:
             self.plan, self.tiles = plan_buf, size
         self.v_rows = size
         self.block_k = min(128 if block_m <= 16 else 64, tuning.k_split)
+        self.block_n = {group: block_n(cols, tuning.block_n) for group, cols in table.cols.items()}
 
-    def begin(self, layer: int, projs: tuple[str, ...], x: torch.Tensor):
-        """Launches the group's shrink (before the base GEMM); returns what `apply` needs, or None
-        when the step has no LoRA rows. (A side stream for it, beside the base GEMM, measured no
-        gain on the H100.)"""
+    def apply(self, layer: int, projs: tuple[str, ...], x: torch.Tensor, ys: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.tiles == 0:
-            return None
+            return ys
+        return self.expand(layer, projs, self.shrink(layer, projs, x), ys)
+
+    def shrink(self, layer: int, projs: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+        """v = x A^T for the group's projections: fp32 partials [splits, rows, G*R]."""
         a = self.table.a[(layer, projs)]
         g, r, d_in = len(projs), self.table.max_rank, a.shape[2]
         assert x.stride(1) == 1
@@ -168,12 +172,8 @@ class TritonLoraStep:
                                          num_warps=self.tuning.warps, num_stages=self.tuning.stages)
         return v
 
-    def apply(self, layer: int, projs: tuple[str, ...], x: torch.Tensor, ys: list[torch.Tensor],
-              v: torch.Tensor | None = None) -> list[torch.Tensor]:
-        if v is None:
-            v = self.begin(layer, projs, x)
-            if v is None:
-                return ys
+    def expand(self, layer: int, projs: tuple[str, ...], v: torch.Tensor, ys: list[torch.Tensor]) -> list[torch.Tensor]:
+        """ys += v_g B_g^T, in place into the group's fused output."""
         b = self.table.b[(layer, projs)]
         cols, r, g = self.table.cols[projs], self.table.max_rank, len(projs)
         y = ys[0]
@@ -181,8 +181,7 @@ class TritonLoraStep:
             assert yi.stride() == y.stride() and yi.data_ptr() == y.data_ptr() + cols[i] * y.element_size(), \
                 "LoRA kernels add into the fused output of the group"
         assert y.stride(1) == 1
-        n_out = b.shape[1]
-        bn = block_n(cols, self.tuning.block_n)
+        n_out, bn = b.shape[1], self.block_n[projs]
         c1, c2 = (cols[1:3] + [n_out, n_out])[:2]
         _expand[(self.tiles, triton.cdiv(n_out, bn))](v, b, self.plan, y, y.stride(0), self.plan.shape[1], self.v_rows,
                                                       N_OUT=n_out, R=r, G=g, SPLITS=v.shape[0], C1=c1, C2=c2,
