@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,10 @@ def main():
     ap.add_argument("--batches", default="1,8,32,64,128")
     ap.add_argument("--adapters", default="1,8,32,100")
     ap.add_argument("--prefill-tokens", type=int, default=4096)
+    ap.add_argument("--eager-batch", type=int, default=256, help="a decode step above the largest graph bucket")
+    ap.add_argument("--host-profile", action="store_true", help="cProfile the host side of eager LoRA steps")
     ap.add_argument("--sweep", default="", help="tunings to compare first at batch 1 and 128 with N=100: "
-                    "k<k_split>-n<block_n>-w<warps>-s<stages>, comma-separated")
+                    "k<k_split>-n<block_n>-w<warps>-s<stages>-p<programs>, comma-separated")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -117,7 +120,8 @@ def main():
 
     for spec in [v for v in a.sweep.split(",") if v]:
         f = {p[0]: int(p[1:]) for p in spec.split("-")}
-        tuning = Tuning(k_split=f.get("k", 1024), block_n=f.get("n", 128), warps=f.get("w", 4), stages=f.get("s", 3))
+        tuning = Tuning(**{k: f[c] for c, k in (("k", "k_split"), ("n", "block_n"), ("w", "warps"), ("s", "stages"),
+                                                ("p", "programs")) if c in f})
         t1, t128 = decode_ms(1, 100)["all"], decode_ms(128, 100)["all"]
         print(f"sweep {spec}: batch 1 {t1:.3f} ms, batch 128 {t128:.3f} ms", flush=True)
     tuning = TUNING
@@ -155,6 +159,29 @@ def main():
         results["decode"].append(row)
         print(f"decode batch {b:4d}: " + "  ".join(f"{k} {v:.3f}" + ("" if k == "base" else f" (x{v / row['base']:.3f})")
                                                    for k, v in row.items() if k != "batch"))
+    b = a.eager_batch
+    x = inputs(b)
+    for n in (0, 100):
+        issue = wall = 0.0
+        for i in range(6):  # host time to issue a step (queue empty at its start), then the step's wall time
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            layers(x, step(power_law(b, n, rng), False) if n else None)
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            if i:
+                issue, wall = issue + (t1 - t0) / 5, wall + (time.perf_counter() - t0) / 5
+        print(f"eager decode batch {b}, N={n}: host issue {issue * 1e3:.3f} ms, wall {wall * 1e3:.3f} ms", flush=True)
+    if a.host_profile:  # where the host time of an eager step goes
+        import cProfile
+        import pstats
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(5):
+            layers(x, step(power_law(b, 100, rng), False))
+        prof.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(18)
     t = a.prefill_tokens
     x = inputs(t)
     row = {"tokens": t, "base": timed(lambda: layers(x, None), 5)}

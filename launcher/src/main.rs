@@ -50,7 +50,7 @@ struct Args {
     #[arg(long, env = "MAX_LORA_RANK", default_value_t = 64)]
     max_lora_rank: usize,
     /// Decode batch sizes captured as CUDA graphs at warmup (comma-separated; 0 disables).
-    #[arg(long, env = "CUDA_GRAPHS", default_value = "1,2,4,8,16,32,64,96,128")]
+    #[arg(long, env = "CUDA_GRAPHS", default_value = "1,2,4,8,16,32,48,64,96,128,160,192,224,256,320,384,448,512")]
     cuda_graphs: String,
     /// Share of free GPU memory the KV cache may take after warmup.
     #[arg(long, env = "CUDA_MEMORY_FRACTION", default_value_t = 0.9)]

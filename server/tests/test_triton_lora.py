@@ -80,8 +80,11 @@ def _interpreted() -> None:
         shapes = projection_shapes(CFG)
         rng = np.random.default_rng(0)
         checked = 0
-        # (rows, rows per tile, padding rows, input features per shrink program: 16 splits K in 2-3)
-        for tokens, block_m, pad, k_split in ((1, 16, 0, 1024), (9, 16, 7, 16), (40, 16, 0, 1024), (70, 64, 0, 16)):
+        # (rows, rows per tile, padding rows, tuning): k_split 16 splits K in 2-3; with padding, as
+        # in a CUDA graph, programs=1 makes one program walk every tile and, with 16-column blocks,
+        # loop over the blocks of a chunk
+        for tokens, block_m, pad, tuning in ((1, 16, 0, Tuning()), (9, 16, 7, Tuning(k_split=16)), (40, 16, 0, Tuning()),
+                                             (40, 16, 8, Tuning(programs=1, block_n=16)), (70, 64, 0, Tuning(k_split=16))):
             rows = np.array(rng.choice(["", *names], size=tokens).tolist(), dtype=object)
             if tokens == 70:
                 rows = np.repeat(["a8", "", "a4", "a16"], [30, 10, 20, 10]).astype(object)  # prompts
@@ -89,7 +92,7 @@ def _interpreted() -> None:
             buf = torch.zeros(4, tokens + pad, dtype=torch.int32) if pad else None
             if pad:
                 slots = np.concatenate([slots, np.zeros(pad, dtype=np.int64)])
-            step = TritonLoraStep(table, slots, block_m, buf, Tuning(k_split=k_split))
+            step = TritonLoraStep(table, slots, block_m, buf, tuning)
             want_step = LoraStep(rows, ref, torch.device("cpu"))
             for layer in range(CFG.num_layers):
                 for group in GROUPS:

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     s.add_argument("--block-size", type=int, default=16)
     s.add_argument("--cuda-memory-fraction", type=float, default=0.9)
-    s.add_argument("--cuda-graphs", default="1,2,4,8,16,32,64,96,128",
+    s.add_argument("--cuda-graphs", default="1,2,4,8,16,32,48,64,96,128,160,192,224,256,320,384,448,512",
                    help="decode batch sizes captured as CUDA graphs (comma list; 0 disables)")
     s.add_argument("--attention", default=None, choices=["torch", "flashinfer"], help="force an attention backend")
     s.add_argument("--lora-adapters", default="", help="name=path,... PEFT adapters known at start")

@@ -41,7 +41,9 @@ class DecodeGraphs:
         self.positions = torch.zeros(top, dtype=torch.int64, device=dev)  # [max bucket], device, copied each replay
         self.slots = torch.full((top,), self.scratch_slot, dtype=torch.int64, device=dev)  # [max bucket], device
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}  # bucket -> [bucket, vocab] float32, graph output
+        # Every graph writes its logits into the rows of one buffer (they never run at once).
+        self.out = torch.empty(top, model.config.vocab_size, dtype=torch.float32, device=dev)  # [max bucket, vocab]
+        self.logits: dict[int, torch.Tensor] = {}  # bucket -> its rows of `out`
         self.backends: dict[int, FlashInferAttention] = {}
         self.lora_slots, self.lora_matmul, self.lora_kernel = lora_slots, lora_matmul, lora_kernel
         self.lora_graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -91,7 +93,7 @@ class DecodeGraphs:
 
     def _forward(self, bs: int) -> torch.Tensor:
         hidden = self.model.forward(self.input_ids[:bs], self.positions[:bs], self.cache.k, self.cache.v)
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, self.out[:bs])
 
     def run(self, inputs: StepInputs, n: int, row_slots: np.ndarray | None = None) -> torch.Tensor | None:
         """Logits [n, vocab] of a decode step, or None when no bucket holds n rows (or LoRA rows

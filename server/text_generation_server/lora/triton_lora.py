@@ -8,8 +8,9 @@ host; base rows get no tile). Per tile:
 - expand: y += v_g B_g^T over the group's fused output (the columns of projection g read its
   part of v), adding into the base projection's output in place.
 So each adapter's weights are read once per tile, not once per row, and a step launches 8 kernels
-per layer. The grid depends only on the number of rows, so decode steps are captured in CUDA
-graphs with the tile plan in a static buffer; tiles past the plan's end return at once.
+per layer. Under a CUDA graph the plan sits in a static buffer sized for the bucket and the number
+of tiles is known only on the device: there a bounded number of programs walk the tiles with a
+stride (a decode step at batch 128 has ~8-60 tiles, not 128) and stop at the first empty one.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ PREFILL_BLOCK_M = 64  # rows per tile in prefill steps (a prompt's tokens share 
 @dataclass(frozen=True)
 class Tuning:
     k_split: int = 1024  # input features per shrink program: small batches still spread over the GPU
-    block_n: int = 128  # most output columns per expand program
+    block_n: int = 128  # most output columns per expand block
+    chunk: int = 1024  # most output columns per expand program (a loop of blocks) in large steps
     warps: int = 4
     stages: int = 3
+    programs: int = 1024  # about how many programs a kernel launches when only an upper bound of tiles is known
 
 
 TUNING = Tuning()
@@ -46,6 +49,14 @@ def _tile(plan_ptr, PLAN, tile, n, BLOCK_M: tl.constexpr):
     return slot, rows, live
 
 
+@triton.jit
+def _next(plan_ptr, PLAN, tile):
+    """The tile this program takes after `tile` (programs stride over the tiles) and its length: 0
+    past the plan's last tile or its end."""
+    tile += tl.num_programs(0)
+    return tile, tl.load(plan_ptr + 2 * PLAN + tile, mask=tile < PLAN, other=0)
+
+
 # The step's row count is not specialized on: one compiled kernel serves every batch and prompt length.
 @triton.jit(do_not_specialize=["PLAN", "V_ROWS"])
 def _shrink(x_ptr, x_stride, a_ptr, plan_ptr, v_ptr, PLAN, V_ROWS,
@@ -54,47 +65,50 @@ def _shrink(x_ptr, x_stride, a_ptr, plan_ptr, v_ptr, PLAN, V_ROWS,
     """v[s, row, g*R:(g+1)*R] = x[row, s-th K_SPLIT] @ A[slot, g*R:(g+1)*R, same]^T for the rows
     of one tile; program (tile, g, s). A: [S+1, G*R, D_IN]; v: [splits, V_ROWS, G*R] fp32."""
     tile, g, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    n = tl.load(plan_ptr + 2 * PLAN + tile)
-    if n == 0:
-        return
-    slot, rows, live = _tile(plan_ptr, PLAN, tile, n, BLOCK_M)
     r = tl.arange(0, R)
-    a_base = a_ptr + (slot * G + g) * (R * D_IN)
-    acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
-    for kk in range(0, K_SPLIT, BLOCK_K):
-        k = s * K_SPLIT + kk + tl.arange(0, BLOCK_K)
-        kin = k < D_IN
-        x = tl.load(x_ptr + rows[:, None] * x_stride + k[None, :], mask=live[:, None] & kin[None, :], other=0.0)
-        a = tl.load(a_base + r[None, :] * D_IN + k[:, None], mask=kin[:, None], other=0.0)  # [BLOCK_K, R]
-        acc += tl.dot(x, a)
-    tl.store(v_ptr + (s * V_ROWS + rows[:, None]) * (G * R) + g * R + r[None, :], acc, mask=live[:, None])
+    n = tl.load(plan_ptr + 2 * PLAN + tile)
+    while n > 0:
+        slot, rows, live = _tile(plan_ptr, PLAN, tile, n, BLOCK_M)
+        a_base = a_ptr + (slot * G + g) * (R * D_IN)
+        acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+        for kk in range(0, K_SPLIT, BLOCK_K):
+            k = s * K_SPLIT + kk + tl.arange(0, BLOCK_K)
+            kin = k < D_IN
+            x = tl.load(x_ptr + rows[:, None] * x_stride + k[None, :], mask=live[:, None] & kin[None, :], other=0.0)
+            a = tl.load(a_base + r[None, :] * D_IN + k[:, None], mask=kin[:, None], other=0.0)  # [BLOCK_K, R]
+            acc += tl.dot(x, a)
+        tl.store(v_ptr + (s * V_ROWS + rows[:, None]) * (G * R) + g * R + r[None, :], acc, mask=live[:, None])
+        tile, n = _next(plan_ptr, PLAN, tile)
 
 
 @triton.jit(do_not_specialize=["PLAN", "V_ROWS"])
 def _expand(v_ptr, b_ptr, plan_ptr, y_ptr, y_stride, PLAN, V_ROWS,
             N_OUT: tl.constexpr, R: tl.constexpr, G: tl.constexpr, SPLITS: tl.constexpr,
-            C1: tl.constexpr, C2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y[row, n-block] += v_g[row] @ B[slot, n-block]^T for the rows of one tile, g the projection
-    whose columns (from C1, from C2) hold the block; program (tile, n-block). B: [S+1, N_OUT, R]
-    (pre-scaled); y: the group's fused output [T, N_OUT] (row stride y_stride)."""
-    tile, nb = tl.program_id(0), tl.program_id(1)
-    n = tl.load(plan_ptr + 2 * PLAN + tile)
-    if n == 0:
-        return
-    slot, rows, live = _tile(plan_ptr, PLAN, tile, n, BLOCK_M)
+            C1: tl.constexpr, C2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """y[row, chunk] += v_g[row] @ B[slot, chunk]^T for the rows of one tile, g the projection
+    whose columns (from C1, from C2) hold the chunk, BLOCK_N columns at a time; program (tile,
+    chunk). B: [S+1, N_OUT, R] (pre-scaled); y: the group's fused output [T, N_OUT] (row stride
+    y_stride). A chunk of many blocks spreads the tile's fixed cost (plan, rows, v) over more bytes."""
+    tile, nc = tl.program_id(0), tl.program_id(1)
     r = tl.arange(0, R)
-    c = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    g = (nb * BLOCK_N >= C1).to(tl.int32) + (nb * BLOCK_N >= C2).to(tl.int32)  # blocks never straddle
-    v = tl.zeros((BLOCK_M, R), dtype=tl.float32)
-    for s in tl.static_range(SPLITS):
-        v += tl.load(v_ptr + (s * V_ROWS + rows[:, None]) * (G * R) + g * R + r[None, :], mask=live[:, None], other=0.0)
-    cin = c < N_OUT
-    b = tl.load(b_ptr + slot * (N_OUT * R) + c[None, :] * R + r[:, None], mask=cin[None, :], other=0.0)  # [R, BLOCK_N]
-    delta = tl.dot(v.to(b.dtype), b)
-    y_at = y_ptr + rows[:, None] * y_stride + c[None, :]
-    both = live[:, None] & cin[None, :]
-    y = tl.load(y_at, mask=both, other=0.0)
-    tl.store(y_at, (y.to(tl.float32) + delta).to(y.dtype), mask=both)
+    g = (nc * CHUNK >= C1).to(tl.int32) + (nc * CHUNK >= C2).to(tl.int32)  # chunks never straddle
+    n = tl.load(plan_ptr + 2 * PLAN + tile)
+    while n > 0:
+        slot, rows, live = _tile(plan_ptr, PLAN, tile, n, BLOCK_M)
+        v = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            v += tl.load(v_ptr + (s * V_ROWS + rows[:, None]) * (G * R) + g * R + r[None, :], mask=live[:, None], other=0.0)
+        v = v.to(b_ptr.dtype.element_ty)
+        b_at = b_ptr + slot * (N_OUT * R) + r[:, None]
+        y_rows = y_ptr + rows[:, None] * y_stride
+        for cb in range(0, CHUNK, BLOCK_N):
+            c = nc * CHUNK + cb + tl.arange(0, BLOCK_N)
+            cin = c < N_OUT
+            b = tl.load(b_at + c[None, :] * R, mask=cin[None, :], other=0.0)  # [R, BLOCK_N]
+            both = live[:, None] & cin[None, :]
+            y = tl.load(y_rows + c[None, :], mask=both, other=0.0)
+            tl.store(y_rows + c[None, :], (y.to(tl.float32) + tl.dot(v, b)).to(y.dtype), mask=both)
+        tile, n = _next(plan_ptr, PLAN, tile)
 
 
 def plan_tiles(row_slots: np.ndarray, block_m: int, size: int | None = None) -> tuple[np.ndarray, int]:
@@ -145,14 +159,29 @@ class TritonLoraStep:
         size = len(row_slots) if plan_buf is None else plan_buf.shape[1]
         plan, tiles = plan_tiles(np.asarray(row_slots, dtype=np.int64), block_m, size)
         host = torch.from_numpy(plan)
-        if plan_buf is None:
-            self.plan, self.tiles = host.to(table.device), tiles
-        else:  # the static buffer of a captured graph: the grid covers every possible tile
+        if plan_buf is None:  # one program per tile along the tile axis
+            self.plan, self.tiles, bound = host.to(table.device), tiles, None
+        else:  # the static buffer of a captured graph: programs stride over however many tiles there are
             plan_buf.copy_(host, non_blocking=True)
             self.plan, self.tiles = plan_buf, size
+            bound = min(size, table.num_slots + size // block_m)  # a tile per slot present, and one per full tile
         self.v_rows = size
         self.block_k = min(128 if block_m <= 16 else 64, tuning.k_split)
-        self.block_n = {group: block_n(cols, tuning.block_n) for group, cols in table.cols.items()}
+
+        def along(other: int) -> int:  # programs along the tile axis beside `other` programs per tile
+            return self.tiles if bound is None else max(1, min(bound, tuning.programs // other))
+
+        self.launch = {}  # group -> (shrink grid, K_SPLIT, expand grid, BLOCK_N, CHUNK)
+        for group, cols in table.cols.items():
+            d_in, n_out = table.a[(0, group)].shape[2], cols[-1]
+            k_split = min(tuning.k_split, triton.cdiv(d_in, self.block_k) * self.block_k)
+            splits, bn = triton.cdiv(d_in, k_split), block_n(cols, tuning.block_n)
+            # Columns per expand program: one block while there are few tiles (a decode step of a few
+            # rows needs every program it can get), up to `chunk` as the tiles fill the GPU.
+            many = triton.cdiv(n_out, bn) * (self.tiles if bound is None else bound)
+            chunk = bn * max(1, min(block_n(cols, tuning.chunk) // bn, 1 << (max(1, many // tuning.programs).bit_length() - 1)))
+            chunks = triton.cdiv(n_out, chunk)
+            self.launch[group] = ((along(len(group) * splits), len(group), splits), k_split, (along(chunks), chunks), bn, chunk)
 
     def apply(self, layer: int, projs: tuple[str, ...], x: torch.Tensor, ys: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.tiles == 0:
@@ -162,30 +191,31 @@ class TritonLoraStep:
     def shrink(self, layer: int, projs: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
         """v = x A^T for the group's projections: fp32 partials [splits, rows, G*R]."""
         a = self.table.a[(layer, projs)]
-        g, r, d_in = len(projs), self.table.max_rank, a.shape[2]
+        grid, k_split = self.launch[projs][:2]
+        g, r = len(projs), self.table.max_rank
         assert x.stride(1) == 1
-        k_split = min(self.tuning.k_split, triton.cdiv(d_in, self.block_k) * self.block_k)
-        splits = triton.cdiv(d_in, k_split)
-        v = torch.empty(splits, self.v_rows, g * r, dtype=torch.float32, device=x.device)
-        _shrink[(self.tiles, g, splits)](x, x.stride(0), a, self.plan, v, self.plan.shape[1], self.v_rows, D_IN=d_in,
-                                         R=r, G=g, BLOCK_M=self.block_m, BLOCK_K=self.block_k, K_SPLIT=k_split,
-                                         num_warps=self.tuning.warps, num_stages=self.tuning.stages)
+        v = torch.empty(grid[2], self.v_rows, g * r, dtype=torch.float32, device=x.device)
+        _shrink[grid](x, x.stride(0), a, self.plan, v, self.plan.shape[1], self.v_rows, D_IN=a.shape[2],
+                      R=r, G=g, BLOCK_M=self.block_m, BLOCK_K=self.block_k, K_SPLIT=k_split,
+                      num_warps=self.tuning.warps, num_stages=self.tuning.stages)
         return v
 
     def expand(self, layer: int, projs: tuple[str, ...], v: torch.Tensor, ys: list[torch.Tensor]) -> list[torch.Tensor]:
         """ys += v_g B_g^T, in place into the group's fused output."""
         b = self.table.b[(layer, projs)]
-        cols, r, g = self.table.cols[projs], self.table.max_rank, len(projs)
+        cols = self.table.cols[projs]
+        grid, bn, chunk = self.launch[projs][2:]
         y = ys[0]
         for i, yi in enumerate(ys):  # the group's outputs must be column views of one tensor
             assert yi.stride() == y.stride() and yi.data_ptr() == y.data_ptr() + cols[i] * y.element_size(), \
                 "LoRA kernels add into the fused output of the group"
         assert y.stride(1) == 1
-        n_out, bn = b.shape[1], self.block_n[projs]
+        n_out = cols[-1]
         c1, c2 = (cols[1:3] + [n_out, n_out])[:2]
-        _expand[(self.tiles, triton.cdiv(n_out, bn))](v, b, self.plan, y, y.stride(0), self.plan.shape[1], self.v_rows,
-                                                      N_OUT=n_out, R=r, G=g, SPLITS=v.shape[0], C1=c1, C2=c2,
-                                                      BLOCK_M=self.block_m, BLOCK_N=bn, num_warps=self.tuning.warps)
+        _expand[grid](v, b, self.plan, y, y.stride(0), self.plan.shape[1], self.v_rows,
+                      N_OUT=n_out, R=self.table.max_rank, G=len(projs), SPLITS=v.shape[0], C1=c1, C2=c2,
+                      BLOCK_M=self.block_m, BLOCK_N=bn, CHUNK=chunk, num_warps=self.tuning.warps,
+                      num_stages=self.tuning.stages)
         return ys
 
 

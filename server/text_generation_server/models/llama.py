@@ -92,6 +92,7 @@ class LlamaForCausalLM:
         return self.norm(x)
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, hidden] -> float32 logits [N, vocab]."""
-        return F.linear(hidden, self.lm_head).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden: [N, hidden] -> float32 logits [N, vocab] (written into `out` when given)."""
+        logits = F.linear(hidden, self.lm_head)
+        return logits.float() if out is None else out.copy_(logits)
