@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -49,8 +50,11 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         self.engine = engine
         self.socket_paths = socket_paths
         # Steps run in a worker thread (torch releases the GIL) so Health stays responsive;
-        # the lock keeps them one at a time.
+        # the lock keeps them one at a time. Always the same thread: each thread that runs a GEMM
+        # gets its own cuBLAS handle and workspace, and a thread new to it once the KV cache has
+        # filled the GPU fails to create one (CUBLAS_STATUS_ALLOC_FAILED).
         self.lock = asyncio.Lock()
+        self.step_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
 
     async def _run(self, context, fn, *args, locked: bool = True):
         """Runs `fn` in a worker thread (holding the step lock unless `locked` is False); any
@@ -58,7 +62,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         try:
             if locked:
                 async with self.lock:
-                    return await asyncio.to_thread(fn, *args)
+                    return await asyncio.get_running_loop().run_in_executor(self.step_thread, fn, *args)
             return await asyncio.to_thread(fn, *args)
         except ShardError as e:
             err = ShardError_to_pb(e)
