@@ -108,8 +108,9 @@ def _interpreted() -> None:
                     base = torch.from_numpy(slots[:tokens] == 0)
                     assert torch.equal(fused[:tokens][base], before[:tokens][base]), "base rows untouched"
                     checked += 1
-        compile_kernels(table, torch.float32, rows=5)  # launches over empty plans write nothing
-        assert torch.equal(table.a[(0, GROUPS[0])][0], torch.zeros_like(table.a[(0, GROUPS[0])][0]))
+        before = [t.clone() for d in (table.a, table.b) for t in d.values()]
+        compile_kernels(table, torch.float32)  # reads slot 1 (times zero inputs), writes only scratch outputs
+        assert all(torch.equal(b, t) for b, t in zip(before, [t for d in (table.a, table.b) for t in d.values()]))
         print("checked", checked)
 
 

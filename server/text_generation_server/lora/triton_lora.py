@@ -176,10 +176,17 @@ class TritonLoraStep:
             d_in, n_out = table.a[(0, group)].shape[2], cols[-1]
             k_split = min(tuning.k_split, triton.cdiv(d_in, self.block_k) * self.block_k)
             splits, bn = triton.cdiv(d_in, k_split), block_n(cols, tuning.block_n)
-            # Columns per expand program: one block while there are few tiles (a decode step of a few
-            # rows needs every program it can get), up to `chunk` as the tiles fill the GPU.
-            many = triton.cdiv(n_out, bn) * (self.tiles if bound is None else bound)
-            chunk = bn * max(1, min(block_n(cols, tuning.chunk) // bn, 1 << (max(1, many // tuning.programs).bit_length() - 1)))
+            # Columns per expand program (a power of two times BLOCK_N, so few compiled variants):
+            # under a graph, one block while there can be only few tiles (a decode step of a few rows
+            # needs every program it can get), up to `chunk` as they could fill the GPU; eager steps
+            # (prefills, or decodes above the largest graph) always take the most, the variant that
+            # compile_kernels compiles at warmup (a graph's are compiled when it is captured).
+            top = block_n(cols, tuning.chunk)
+            if bound is None:
+                chunk = top
+            else:
+                many = triton.cdiv(n_out, bn) * bound // tuning.programs
+                chunk = bn * min(top // bn, 1 << (max(1, many).bit_length() - 1))
             chunks = triton.cdiv(n_out, chunk)
             self.launch[group] = ((along(len(group) * splits), len(group), splits), k_split, (along(chunks), chunks), bn, chunk)
 
@@ -219,15 +226,14 @@ class TritonLoraStep:
         return ys
 
 
-def compile_kernels(table, dtype: torch.dtype, rows: int = 64) -> None:
-    """Compiles the kernels of every group for prefill and decode tiles (at warmup, so no request
-    waits for Triton): one launch each over an empty plan, whose programs return at once."""
+def compile_kernels(table, dtype: torch.dtype) -> None:
+    """Compiles the kernels of every group for the eager prefill and decode steps (at warmup, so no
+    request waits for Triton): one tile of zero inputs each, on slot 1, into scratch outputs."""
     for block_m in (DECODE_BLOCK_M, PREFILL_BLOCK_M):
-        step = TritonLoraStep(table, np.zeros(rows, dtype=np.int64), block_m,
-                              torch.zeros(4, rows, dtype=torch.int32, device=table.device))
+        step = TritonLoraStep(table, np.ones(block_m, dtype=np.int64), block_m)
         for group, cols in table.cols.items():
             d_in = table.a[(0, group)].shape[2]
-            x = torch.zeros(rows, d_in, dtype=dtype, device=table.device)
-            ys = list(torch.zeros(rows, cols[-1], dtype=dtype, device=table.device).split(
+            x = torch.zeros(block_m, d_in, dtype=dtype, device=table.device)
+            ys = list(torch.zeros(block_m, cols[-1], dtype=dtype, device=table.device).split(
                 [cols[i + 1] - cols[i] for i in range(len(group))], dim=1))
             step.apply(0, group, x, ys)
