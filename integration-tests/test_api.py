@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import openai
 import pytest
 import requests
 from openai import OpenAI
@@ -124,11 +125,23 @@ def test_openai_models(oai, server):
     assert ids == [requests.get(server.url("/info")).json()["model_id"]]
 
 
-def test_openai_errors_are_json(server):
+def test_openai_errors_are_json_in_openais_shape(server, oai):
     r = requests.post(server.url("/v1/chat/completions"), json={"messages": [], "max_tokens": 3})
-    assert r.status_code == 422 and r.json()["error_type"] == "validation"
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["code"] == "validation" and err["type"] == "invalid_request_error" and "empty" in err["message"]
+    assert err["param"] is None
     r = requests.post(server.url("/v1/completions"), json={"prompt": "x", "temperature": 3})
-    assert r.status_code == 422
+    assert r.status_code == 422 and "between 0 and 2, got 3" in r.json()["error"]["message"]
+    r = requests.post(server.url("/v1/completions"), data="{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "malformed"
+    # The openai client shows the message (it reads only error.message).
+    with pytest.raises(openai.UnprocessableEntityError, match="cannot be empty") as e:
+        oai.chat.completions.create(model="tessera", messages=[], max_tokens=3)
+    assert e.value.code == "validation"
+    # TGI's routes keep TGI's flat body.
+    r = requests.post(server.url("/generate"), json={"inputs": "x", "parameters": {"top_p": 5}})
+    assert r.status_code == 422 and r.json()["error_type"] == "validation" and isinstance(r.json()["error"], str)
 
 
 def test_openapi_document_describes_every_route(server):

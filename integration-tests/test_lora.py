@@ -102,7 +102,9 @@ def test_mixed_adapters_in_one_batch_match_peft(adapters, reference, chat):
         for unknown in ("gpt-4o", "org/some-model"):
             with pytest.raises(openai.NotFoundError) as e:
                 oai.chat.completions.create(model=unknown, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
-            assert e.value.status_code == 404 and unknown in e.value.response.json()["error"]
+            err = e.value  # OpenAI's error shape: the SDK shows error.message and reads code and type
+            assert err.status_code == 404 and unknown in str(err) and unknown in err.response.json()["error"]["message"]
+            assert err.code == "model_not_found" and err.type == "invalid_request_error"
         with pytest.raises(openai.NotFoundError):
             list(oai.completions.create(model="gpt-4o", prompt="hi", max_tokens=2, stream=True))
 

@@ -26,6 +26,8 @@ pub enum ValidationError {
     MaxNewTokens(i64),
     #[error("`temperature` must be strictly positive, got {0}")]
     Temperature(f32),
+    #[error("`temperature` must be between 0 and 2, got {0}")]
+    OpenAiTemperature(f32),
     #[error("`top_p` must be > 0.0 and <= 1.0, got {0}")]
     TopP(f32),
     #[error("`top_k` must be >= 0, got {0}")]
@@ -111,6 +113,37 @@ pub enum RequestError {
 pub struct ErrorBody {
     pub error: String,
     pub error_type: String,
+}
+
+/// The error body of the OpenAI routes, the shape OpenAI answers with and its SDKs read (they show
+/// `error.message`): `{"error": {"message", "type", "param", "code"}}`. `code` is our error type
+/// (`model_not_found` for an unknown `model`, as OpenAI names it).
+#[derive(Debug, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct OpenAiErrorBody {
+    pub error: OpenAiError,
+}
+
+#[derive(Debug, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct OpenAiError {
+    pub message: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub param: Option<String>,
+    pub code: Option<String>,
+}
+
+impl ErrorBody {
+    /// The same error in OpenAI's shape; `status` picks OpenAI's error type.
+    pub fn openai(self, status: StatusCode) -> OpenAiErrorBody {
+        let kind = match status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            s if s.is_client_error() && s != StatusCode::FAILED_DEPENDENCY => "invalid_request_error",
+            _ => "server_error",
+        };
+        let code = if self.error_type == "not_found" { "model_not_found".to_string() } else { self.error_type };
+        OpenAiErrorBody { error: OpenAiError { message: self.error, kind: kind.to_string(), param: None, code: Some(code) } }
+    }
 }
 
 /// Status and error type for every error: the single mapping table.
@@ -210,6 +243,21 @@ impl IntoResponse for RequestError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn openai_shape_names_the_message_type_and_code() {
+        let body = RequestError::NotFound("the model `x` does not exist".into()).body().openai(StatusCode::NOT_FOUND);
+        let v = serde_json::to_value(&body).unwrap();
+        assert_eq!(v["error"]["message"], "not found: the model `x` does not exist");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert!(v["error"]["param"].is_null());
+        let kind = |b: ErrorBody, s: StatusCode| b.openai(s).error.kind;
+        assert_eq!(kind(RequestError::Unauthorized.body(), StatusCode::UNAUTHORIZED), "authentication_error");
+        assert_eq!(kind(InferError::Overloaded.body(), StatusCode::TOO_MANY_REQUESTS), "rate_limit_error");
+        assert_eq!(kind(InferError::Dropped.body(), StatusCode::FAILED_DEPENDENCY), "server_error");
+        assert_eq!(InferError::Overloaded.body().openai(StatusCode::TOO_MANY_REQUESTS).error.code.as_deref(), Some("overloaded"));
+    }
 
     #[test]
     fn statuses() {

@@ -276,7 +276,7 @@ fn finish_reason(f: FinishReason) -> String {
 fn to_parameters(s: &OpenAiSampling, max_new_tokens: Option<i64>, top_n: u32) -> Result<GenerateParameters, InferError> {
     let temperature = s.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(crate::error::ValidationError::Temperature(temperature).into());
+        return Err(crate::error::ValidationError::OpenAiTemperature(temperature).into());
     }
     let greedy = temperature == 0.0;
     Ok(GenerateParameters {
@@ -352,11 +352,11 @@ fn chat_logprobs(tokens: &[Token], tops: &[Vec<Token>]) -> ChatLogprobs {
 /// `POST /v1/completions`
 #[utoipa::path(post, path = "/v1/completions", tag = "OpenAI", request_body = CompletionRequest,
     responses((status = 200, description = "Completion (or SSE chunks when stream)", body = CompletionResponse),
-              (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
-              (status = 404, description = "`model` is neither the base model nor a known adapter", body = crate::error::ErrorBody),
-              (status = 413, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody),
-              (status = 424, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody),
-              (status = 503, body = crate::error::ErrorBody)))]
+              (status = 400, body = crate::error::OpenAiErrorBody), (status = 401, body = crate::error::OpenAiErrorBody),
+              (status = 404, description = "`model` is neither the base model nor a known adapter", body = crate::error::OpenAiErrorBody),
+              (status = 413, body = crate::error::OpenAiErrorBody), (status = 422, body = crate::error::OpenAiErrorBody),
+              (status = 424, body = crate::error::OpenAiErrorBody), (status = 429, body = crate::error::OpenAiErrorBody),
+              (status = 503, body = crate::error::OpenAiErrorBody)))]
 pub async fn completions(State(s): State<AppState>, payload: Result<Json<CompletionRequest>, JsonRejection>) -> Response {
     let req = match parse_json(payload, s.payload_limit) {
         Ok(r) => r,
@@ -460,11 +460,11 @@ async fn completions_inner(s: AppState, req: CompletionRequest) -> Result<Respon
 /// `POST /v1/chat/completions`
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "OpenAI", request_body = ChatCompletionRequest,
     responses((status = 200, description = "Chat completion (or SSE chunks when stream)", body = ChatCompletionResponse),
-              (status = 400, body = crate::error::ErrorBody), (status = 401, body = crate::error::ErrorBody),
-              (status = 404, description = "`model` is neither the base model nor a known adapter", body = crate::error::ErrorBody),
-              (status = 413, body = crate::error::ErrorBody), (status = 422, body = crate::error::ErrorBody),
-              (status = 424, body = crate::error::ErrorBody), (status = 429, body = crate::error::ErrorBody),
-              (status = 503, body = crate::error::ErrorBody)))]
+              (status = 400, body = crate::error::OpenAiErrorBody), (status = 401, body = crate::error::OpenAiErrorBody),
+              (status = 404, description = "`model` is neither the base model nor a known adapter", body = crate::error::OpenAiErrorBody),
+              (status = 413, body = crate::error::OpenAiErrorBody), (status = 422, body = crate::error::OpenAiErrorBody),
+              (status = 424, body = crate::error::OpenAiErrorBody), (status = 429, body = crate::error::OpenAiErrorBody),
+              (status = 503, body = crate::error::OpenAiErrorBody)))]
 pub async fn chat_completions(State(s): State<AppState>, payload: Result<Json<ChatCompletionRequest>, JsonRejection>) -> Response {
     let req = match parse_json(payload, s.payload_limit) {
         Ok(r) => r,
@@ -645,7 +645,7 @@ where
                     generated.insert(p.index, p.generated);
                     yield Ok(Event::default().json_data(to_chunk(p)).unwrap_or_default());
                 }
-                Err(e) => yield Ok(Event::default().json_data(e.body()).unwrap_or_default()),
+                Err(e) => yield Ok(Event::default().json_data(e.body().openai(e.status())).unwrap_or_default()),
             }
         }
         if let Some(make) = usage_chunk {
@@ -655,6 +655,11 @@ where
         yield Ok(Event::default().data("[DONE]"));
     };
     Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// The routes that answer errors in OpenAI's shape (`error::OpenAiErrorBody`).
+pub fn is_route(path: &str) -> bool {
+    matches!(path, "/v1/completions" | "/v1/chat/completions" | "/v1/models")
 }
 
 /// Names that mean the base model on the OpenAI routes: none, the model id (or its last path
@@ -692,7 +697,7 @@ fn model_error(e: InferError, model: Option<&str>) -> Response {
 
 /// `GET /v1/models`: the base model, then every adapter usable by name.
 #[utoipa::path(get, path = "/v1/models", tag = "OpenAI", responses((status = 200, body = ModelList),
-    (status = 424, body = crate::error::ErrorBody)))]
+    (status = 424, body = crate::error::OpenAiErrorBody)))]
 pub async fn models(State(s): State<AppState>) -> Response {
     let adapters = match s.infer.adapters().list().await {
         Ok(a) => a,

@@ -50,6 +50,7 @@ pub struct AppState {
           openai::completions, openai::chat_completions, openai::models, load_lora_adapter, unload_lora_adapter),
     components(schemas(GenerateRequest, GenerateParameters, GenerateResponse, Details, BestOfSequence, PrefillToken,
                         Token, FinishReason, StreamResponse, StreamDetails, SimpleToken, Info, ErrorBody,
+                        crate::error::OpenAiErrorBody, crate::error::OpenAiError,
                         openai::CompletionRequest, openai::CompletionResponse, openai::ChatCompletionRequest,
                         openai::ChatCompletionResponse, openai::ChatCompletionChunk, openai::ModelList,
                         LoadLoraAdapterRequest, UnloadLoraAdapterRequest)),
@@ -76,7 +77,29 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(openai_errors))
         .with_state(state)
+}
+
+/// The OpenAI routes answer errors in OpenAI's shape (`openai::is_route`), whichever layer made
+/// them (the guard's 401 and 503 included); the other routes keep TGI's flat body.
+async fn openai_errors(req: Request, next: Next) -> Response {
+    let openai = openai::is_route(req.uri().path());
+    let res = next.run(req).await;
+    if !openai || !(res.status().is_client_error() || res.status().is_server_error()) {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let status = parts.status;
+    let flat = match axum::body::to_bytes(body, 1 << 20).await {
+        Ok(bytes) => match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(flat) => flat,
+            Err(_) => return Response::from_parts(parts, axum::body::Body::from(bytes)),
+        },
+        Err(_) => ErrorBody { error: "error body unreadable".into(), error_type: "generation".into() },
+    };
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(serde_json::to_vec(&flat.openai(status)).unwrap_or_default()))
 }
 
 /// API key on every route but /health; while draining, new POSTs get 503.
