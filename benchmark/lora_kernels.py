@@ -45,7 +45,7 @@ def main():
     ap.add_argument("--eager-batch", type=int, default=256, help="a decode step above the largest graph bucket")
     ap.add_argument("--host-profile", action="store_true", help="cProfile the host side of eager LoRA steps")
     ap.add_argument("--sweep", default="", help="tunings to compare first at batch 1 and 128 with N=100: "
-                    "k<k_split>-n<block_n>-w<warps>-s<stages>-p<programs>, comma-separated")
+                    "k<k_split>-n<block_n>-c<chunk>-w<warps>-s<stages>-p<programs>, comma-separated")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
@@ -119,9 +119,8 @@ def main():
         return out
 
     for spec in [v for v in a.sweep.split(",") if v]:
-        f = {p[0]: int(p[1:]) for p in spec.split("-")}
-        tuning = Tuning(**{k: f[c] for c, k in (("k", "k_split"), ("n", "block_n"), ("w", "warps"), ("s", "stages"),
-                                                ("p", "programs")) if c in f})
+        fields = {"k": "k_split", "n": "block_n", "c": "chunk", "w": "warps", "s": "stages", "p": "programs"}
+        tuning = Tuning(**{fields[p[0]]: int(p[1:]) for p in spec.split("-")})  # an unknown letter is a KeyError
         t1, t128 = decode_ms(1, 100)["all"], decode_ms(128, 100)["all"]
         print(f"sweep {spec}: batch 1 {t1:.3f} ms, batch 128 {t128:.3f} ms", flush=True)
     tuning = TUNING
@@ -141,15 +140,7 @@ def main():
         plan = torch.zeros(4, b, dtype=torch.int32, device=dev)
         for label in ["base"] + [f"N={n}" for n in a.adapters.split(",")]:
             lora = None if label == "base" else step(np.zeros(b, dtype=np.int64), False, plan)
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                layers(x, lora)
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                layers(x, lora)
-            graphs[label] = g
+            graphs[label] = graph(lambda: layers(x, lora))
         row = {"batch": b}
         for label, g in graphs.items():
             if label != "base":

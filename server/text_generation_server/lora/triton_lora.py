@@ -15,6 +15,7 @@ stride (a decode step at batch 128 has ~8-60 tiles, not 128) and stop at the fir
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,6 +149,20 @@ def block_n(cols: list[int], most: int = 128) -> int:
     return bn
 
 
+@functools.lru_cache(maxsize=None)
+def _group_launch(table, block_m: int, tuning: Tuning) -> tuple[int, dict]:
+    """What a step's launches take from the table alone (computed once, not per step): BLOCK_K, and
+    per group (K_SPLIT, splits, BLOCK_N, most columns per expand program, output columns)."""
+    block_k = min(128 if block_m <= 16 else 64, tuning.k_split)
+    groups = {}
+    for group, cols in table.cols.items():
+        d_in = table.a[(0, group)].shape[2]
+        k_split = min(tuning.k_split, triton.cdiv(d_in, block_k) * block_k)
+        groups[group] = (k_split, triton.cdiv(d_in, k_split), block_n(cols, tuning.block_n), block_n(cols, tuning.chunk),
+                         cols[-1])
+    return block_k, groups
+
+
 class TritonLoraStep:
     """The LoRA part of one step on a SlotTable. `row_slots[i]`: row i's slot (0 = base)."""
 
@@ -166,22 +181,18 @@ class TritonLoraStep:
             self.plan, self.tiles = plan_buf, size
             bound = min(size, table.num_slots + size // block_m)  # a tile per slot present, and one per full tile
         self.v_rows = size
-        self.block_k = min(128 if block_m <= 16 else 64, tuning.k_split)
+        self.block_k, groups = _group_launch(table, block_m, tuning)
 
         def along(other: int) -> int:  # programs along the tile axis beside `other` programs per tile
             return self.tiles if bound is None else max(1, min(bound, tuning.programs // other))
 
         self.launch = {}  # group -> (shrink grid, K_SPLIT, expand grid, BLOCK_N, CHUNK)
-        for group, cols in table.cols.items():
-            d_in, n_out = table.a[(0, group)].shape[2], cols[-1]
-            k_split = min(tuning.k_split, triton.cdiv(d_in, self.block_k) * self.block_k)
-            splits, bn = triton.cdiv(d_in, k_split), block_n(cols, tuning.block_n)
+        for group, (k_split, splits, bn, top, n_out) in groups.items():
             # Columns per expand program (a power of two times BLOCK_N, so few compiled variants):
             # under a graph, one block while there can be only few tiles (a decode step of a few rows
-            # needs every program it can get), up to `chunk` as they could fill the GPU; eager steps
-            # (prefills, or decodes above the largest graph) always take the most, the variant that
+            # needs every program it can get), up to `top` as they could fill the GPU; eager steps
+            # (prefills, or decodes above the largest graph) always take `top`, the variant that
             # compile_kernels compiles at warmup (a graph's are compiled when it is captured).
-            top = block_n(cols, tuning.chunk)
             if bound is None:
                 chunk = top
             else:
