@@ -1,7 +1,9 @@
 //! `text-generation-launcher`: the one command a user runs. Resolves the model, starts one
-//! shard per GPU and the router, and supervises them: any child dying stops the rest and exits
-//! non-zero; SIGTERM/SIGINT drain the router, then stop the shards, and exit 0.
+//! shard per GPU and the router, and supervises them: any child dying, or a shard that stops
+//! answering for `--shard-watchdog-timeout`, stops the rest and exits non-zero; SIGTERM/SIGINT
+//! drain the router, then stop the shards, and exit 0.
 
+mod shard_log;
 mod supervise;
 
 use std::path::PathBuf;
@@ -12,7 +14,7 @@ use clap::Parser;
 use text_generation_router::args::{LimitArgs, ServiceArgs};
 use tokio::process::Command;
 
-use crate::supervise::{wait_for_shard, Children};
+use crate::supervise::{check_socket_free, spawn_error, wait_for_shard, watchdog, Children, Output};
 
 #[derive(Parser, Debug)]
 #[command(name = "text-generation-launcher", version, about = "Tessera: serve a language model over HTTP")]
@@ -67,9 +69,14 @@ struct Args {
     /// Seconds to wait for the shards to load and report healthy.
     #[arg(long, env = "SHARD_STARTUP_TIMEOUT", default_value_t = 600)]
     shard_startup_timeout: u64,
-    /// Seconds in-flight requests get to finish on SIGTERM.
+    /// Seconds in-flight requests get to finish on SIGTERM/SIGINT; those still running then end
+    /// with an error.
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value_t = 60)]
     shutdown_timeout: u64,
+    /// Seconds a shard may go without answering a health check before the launcher stops
+    /// everything and exits 1, so that an orchestrator restarts the server (0: never).
+    #[arg(long, env = "SHARD_WATCHDOG_TIMEOUT", default_value_t = 60)]
+    shard_watchdog_timeout: u64,
     /// Log as JSON lines.
     #[arg(long, env = "JSON_OUTPUT")]
     json_output: bool,
@@ -100,10 +107,16 @@ async fn resolve_model(args: &Args) -> Result<PathBuf, String> {
     }
     tracing::info!("resolving model {}", args.model_id.as_deref().unwrap_or("(default)"));
     let mut cmd = Command::new(&args.server_bin);
-    cmd.arg("prepare-model").args(args.model_id.iter()).stdin(Stdio::null()).stderr(Stdio::inherit());
-    let out = cmd.output().await.map_err(|e| format!("running {} prepare-model: {e}", args.server_bin))?;
+    cmd.arg("prepare-model").args(args.model_id.iter()).stdin(Stdio::null()).env("TESSERA_LOG_FORMAT", "json");
+    let out = cmd.output().await.map_err(|e| spawn_error(&args.server_bin, "--server-bin", &e))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for line in stderr.lines() {
+        shard_log::emit("prepare-model", line, true);
+    }
     if !out.status.success() {
-        return Err(format!("{} prepare-model failed ({})", args.server_bin, out.status));
+        let why = shard_log::texts(&stderr);
+        let last: Vec<&str> = why.iter().rev().take(5).rev().map(String::as_str).collect();
+        return Err(format!("resolving the model failed ({}): {}", out.status, last.join(" | ")));
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let dir = stdout.lines().last().unwrap_or("").trim();
@@ -126,9 +139,16 @@ async fn run(args: Args) -> Result<i32, String> {
     if args.num_shard == 0 {
         return Err("--num-shard must be at least 1".into());
     }
+    let paths: Vec<String> = (0..args.num_shard).map(|rank| format!("{}-{rank}", args.shard_uds_path)).collect();
+    for p in &paths {
+        check_socket_free(p).await?;
+    }
     let model_dir = resolve_model(&args).await?;
     tracing::info!(model = %model_dir.display(), shards = args.num_shard, "starting");
     let mut children = Children::new();
+    // Shards report it in Info; we and the router refuse a shard that does not (one of another
+    // instance that took the socket path).
+    let token = launch_token()?;
 
     for rank in 0..args.num_shard {
         let mut cmd = Command::new(&args.server_bin);
@@ -151,17 +171,18 @@ async fn run(args: Args) -> Result<i32, String> {
         if let Some(ep) = &args.service.otlp_endpoint {
             cmd.arg(format!("--otlp-endpoint={ep}")).arg(format!("--otlp-service-name={}", args.service.otlp_service_name));
         }
-        children.spawn(&format!("shard-{rank}"), cmd, true)?;
+        cmd.env("TESSERA_LAUNCH_TOKEN", &token).env("TESSERA_LOG_FORMAT", "json");
+        children.spawn(&format!("shard-{rank}"), cmd, Output::Shard, "--server-bin")?;
     }
     let deadline = Duration::from_secs(args.shard_startup_timeout);
-    for rank in 0..args.num_shard {
-        let path = format!("{}-{rank}", args.shard_uds_path);
-        tokio::select! {
-            r = wait_for_shard(&path, deadline) => r?,
-            exited = children.next_exit() => {
-                children.stop_all(Duration::from_secs(5)).await;
-                return Err(format!("{exited} before becoming healthy"));
-            }
+    for (rank, path) in paths.iter().enumerate() {
+        let waited = tokio::select! {
+            r = wait_for_shard(path, deadline, &token) => r,
+            exited = children.next_exit() => Err(format!("{exited}\n(before becoming healthy)")),
+        };
+        if let Err(e) = waited {
+            children.stop_all(Duration::from_secs(5)).await;
+            return Err(e);
         }
         tracing::info!(rank, "shard ready");
     }
@@ -176,10 +197,21 @@ async fn run(args: Args) -> Result<i32, String> {
         .arg(format!("--shutdown-timeout={}", args.shutdown_timeout))
         .args(args.limits.to_args());
     let (service_args, service_env) = args.service.to_args();
-    cmd.args(service_args).envs(service_env);
+    cmd.args(service_args).envs(service_env).env("TESSERA_LAUNCH_TOKEN", &token);
     if args.json_output {
         cmd.arg("--json-output");
     }
-    let router = children.spawn("router", cmd, false)?;
-    children.supervise(router, Duration::from_secs(args.shutdown_timeout + 10)).await
+    let router = children.spawn("router", cmd, Output::Verbatim, "--router-bin")?;
+    // The router drains for --shutdown-timeout, then ends what is left and closes its
+    // connections within a few seconds.
+    let drain = Duration::from_secs(args.shutdown_timeout + 15);
+    children.supervise(router, drain, watchdog(paths, Duration::from_secs(args.shard_watchdog_timeout))).await
+}
+
+/// 128 random bits, hex.
+fn launch_token() -> Result<String, String> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).map_err(|e| format!("reading /dev/urandom: {e}"))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }

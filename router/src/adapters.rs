@@ -76,6 +76,9 @@ struct State {
     slots: HashMap<String, Slot>,
     /// Unloaded through the API: refused until registered again.
     forgotten: HashSet<String>,
+    /// Names the shards listed last time we asked (refreshed when a request names another), so
+    /// that an unknown name is refused before it takes a slot, evicts anything or labels a metric.
+    known: HashSet<String>,
     tick: u64,
 }
 
@@ -148,6 +151,7 @@ impl Adapters {
 
     /// A lease on `name`, loading it first when needed; waits while every slot is in use.
     pub async fn acquire(&self, name: &str) -> Result<Arc<AdapterLease>, InferError> {
+        self.check_known(name).await?;
         loop {
             let notified = self.inner.changed.notified();
             tokio::pin!(notified);
@@ -163,6 +167,25 @@ impl Adapters {
             };
             load.await?;
             return Ok(lease);
+        }
+    }
+
+    /// Refuses a name that is neither resident nor listed by the shards (asking them again when
+    /// it is new to us).
+    async fn check_known(&self, name: &str) -> Result<(), InferError> {
+        {
+            let st = self.inner.state.lock().unwrap();
+            if st.forgotten.contains(name) {
+                return Err(not_found(name, "was unloaded"));
+            }
+            if st.slots.contains_key(name) || st.known.contains(name) {
+                return Ok(());
+            }
+        }
+        if self.list().await?.iter().any(|a| a.name == name) {
+            Ok(())
+        } else {
+            Err(not_found(name, "is neither loaded nor in the adapter source"))
         }
     }
 
@@ -310,8 +333,9 @@ impl Adapters {
     /// Every adapter usable by name (registered, resident, or in the adapter source), minus the
     /// unloaded ones.
     pub async fn list(&self) -> Result<Vec<pb::AdapterInfo>, InferError> {
-        let all = self.inner.shards.list().await.map_err(|e| InferError::from(&e))?;
-        let st = self.inner.state.lock().unwrap();
+        let all = crate::health::bounded("listing adapters", self.inner.shards.list()).await?;
+        let mut st = self.inner.state.lock().unwrap();
+        st.known = all.iter().map(|a| a.name.clone()).collect();
         Ok(all.into_iter().filter(|a| !st.forgotten.contains(&a.name)).collect())
     }
 }
@@ -331,13 +355,17 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
-    /// Records calls; `slow` adapters take 200 ms to load, `missing` ones fail.
+    /// Records calls; `slow` adapters take 200 ms to load, `missing` ones are listed but fail to
+    /// load (deleted after listing); any other name in `SOURCE` is in the adapter source.
     #[derive(Default)]
     struct FakeShards {
         log: Mutex<Vec<String>>,
         loads: AtomicUsize,
         registered: Mutex<HashSet<String>>,
+        lists: AtomicUsize,
     }
+
+    const SOURCE: [&str; 6] = ["a", "b", "c", "slow-a", "slow-b", "missing-x"];
 
     impl AdapterShards for Arc<FakeShards> {
         fn load(&self, req: pb::LoadAdapterRequest) -> BoxFuture<'static, client::Result<pb::LoadAdapterResponse>> {
@@ -375,7 +403,9 @@ mod tests {
             .boxed()
         }
         fn list(&self) -> BoxFuture<'static, client::Result<Vec<pb::AdapterInfo>>> {
-            let names: Vec<String> = self.registered.lock().unwrap().iter().cloned().collect();
+            self.lists.fetch_add(1, Ordering::SeqCst);
+            let mut names: HashSet<String> = self.registered.lock().unwrap().iter().cloned().collect();
+            names.extend(SOURCE.iter().map(|s| s.to_string()));
             async move { Ok(names.into_iter().map(|name| pb::AdapterInfo { name, ..Default::default() }).collect()) }.boxed()
         }
     }
@@ -455,10 +485,26 @@ mod tests {
         drop(lease);
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(fake.log.lock().unwrap().iter().any(|l| l == "unload a forget"));
-        assert!(m.list().await.unwrap().is_empty());
+        assert!(!m.list().await.unwrap().iter().any(|a| a.name == "a"));
         assert!(matches!(m.unregister("a").await, Err(None)));
         m.register("a", Some("a".into())).await.unwrap(); // registering again lifts the refusal
         m.acquire("a").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn unknown_names_are_refused_without_a_slot_or_an_eviction() {
+        let (m, fake) = manager(1);
+        drop(m.acquire("a").await.unwrap());
+        let lists = fake.lists.load(Ordering::SeqCst);
+        for i in 0..3 {
+            let e = m.acquire(&format!("nope-{i}")).await.err().unwrap();
+            assert!(matches!(e, InferError::Shard { code: pb::ErrorCode::AdapterNotFound, .. }), "{e}");
+        }
+        assert_eq!(fake.lists.load(Ordering::SeqCst), lists + 3, "each new name asks the shards once");
+        assert_eq!(m.resident(), vec!["a"], "nothing evicted for a name that does not exist");
+        assert_eq!(fake.log.lock().unwrap().as_slice(), ["load a"]);
+        drop(m.acquire("a").await.unwrap()); // known names ask nobody
+        assert_eq!(fake.lists.load(Ordering::SeqCst), lists + 3);
     }
 
     #[tokio::test]

@@ -1,7 +1,38 @@
 //! TGI-compatible HTTP bodies (field names as TGI's), with their OpenAPI schemas.
 
-use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
+
+/// `null` reads as the field's default, as if it were absent: clients send `"field": null` for
+/// every optional they leave unset (`text_generation`'s pydantic models, the OpenAI SDKs).
+pub fn null_as_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// Fields a body carries that this server does not know. Anything in it but `null` (or an empty
+/// list or object, which say "none") is refused with 422, never silently ignored.
+pub type UnknownFields = BTreeMap<String, serde_json::Value>;
+
+/// The first unknown field that says something, if any.
+pub fn first_meaningful(unknown: &UnknownFields) -> Option<&str> {
+    unknown.iter().find(|(_, v)| !is_empty_value(v)).map(|(k, _)| k.as_str())
+}
+
+/// `null`, `[]` and `{}`: a field present but saying nothing.
+pub fn is_empty_value(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::Null => true,
+        serde_json::Value::Array(a) => a.is_empty(),
+        serde_json::Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
+}
 
 /// `parameters` of a TGI generate request. Numbers are parsed wide so that out-of-range
 /// values reach validation and get a precise message.
@@ -37,7 +68,7 @@ pub struct GenerateParameters {
     #[schema(minimum = 0)]
     pub seed: Option<u64>,
     /// Stop generating when any of these appears.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub stop: Vec<String>,
     /// Keep only the last `truncate` prompt tokens.
     #[schema(minimum = 1)]
@@ -46,10 +77,10 @@ pub struct GenerateParameters {
     #[serde(default)]
     pub return_full_text: Option<bool>,
     /// Return details (tokens, logprobs, finish reason).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub details: bool,
     /// Return the prompt tokens with their logprobs.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub decoder_input_details: bool,
     /// Return the n most likely alternatives of each token.
     #[schema(minimum = 0, maximum = 5)]
@@ -58,23 +89,34 @@ pub struct GenerateParameters {
     #[schema(minimum = 1, maximum = 2)]
     pub best_of: Option<u32>,
     /// Watermark the output (Kirchenbauer et al.).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub watermark: bool,
     /// LoRA adapter to use.
     pub adapter_id: Option<String>,
+    /// TGI's guided generation: not supported yet, refused (422) unless null.
+    #[schema(value_type = Option<Object>)]
+    pub grammar: Option<serde_json::Value>,
+    /// Parameters this server does not know: refused (422) unless null.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub unknown: UnknownFields,
 }
 
 /// Body of `POST /generate`, `POST /generate_stream` and `POST /`.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct GenerateRequest {
     /// The prompt.
     #[schema(example = "What is Deep Learning?")]
     pub inputs: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub parameters: GenerateParameters,
     /// `POST /` only: stream server-sent events.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub stream: bool,
+    /// Fields this server does not know: refused (422) unless null.
+    #[serde(flatten)]
+    #[schema(ignore)]
+    pub unknown: UnknownFields,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

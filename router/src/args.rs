@@ -38,7 +38,7 @@ pub struct LimitArgs {
 }
 
 /// Service settings shared by the launcher and the router.
-#[derive(Args, Debug, Clone, Default)]
+#[derive(Args, Debug, Clone)]
 pub struct ServiceArgs {
     /// Bearer token required on every route but /health.
     #[arg(long, env = "API_KEY", hide_env_values = true)]
@@ -49,16 +49,33 @@ pub struct ServiceArgs {
     /// Service name of the traces.
     #[arg(long, env = "OTLP_SERVICE_NAME", default_value = "tessera")]
     pub otlp_service_name: String,
+    /// Seconds a client may take to send a request's headers; also how long an idle keep-alive
+    /// connection stays open.
+    #[arg(long, env = "HTTP_HEADER_TIMEOUT", default_value_t = 30)]
+    pub http_header_timeout: u64,
+    /// Seconds a client may take to send a request body (408 beyond).
+    #[arg(long, env = "HTTP_BODY_TIMEOUT", default_value_t = 60)]
+    pub http_body_timeout: u64,
+    /// Do not log one line per finished request.
+    #[arg(long, env = "DISABLE_REQUEST_LOGGING")]
+    pub disable_request_logging: bool,
 }
 
 impl ServiceArgs {
     /// The same settings as (argument, environment) for a child process; the API key goes
     /// through the environment so it does not show in `ps`.
     pub fn to_args(&self) -> (Vec<String>, Vec<(String, String)>) {
-        let mut args = vec![format!("--otlp-service-name={}", self.otlp_service_name)];
+        let mut args = vec![
+            format!("--otlp-service-name={}", self.otlp_service_name),
+            format!("--http-header-timeout={}", self.http_header_timeout),
+            format!("--http-body-timeout={}", self.http_body_timeout),
+        ];
         let mut env = vec![];
         if let Some(e) = &self.otlp_endpoint {
             args.push(format!("--otlp-endpoint={e}"));
+        }
+        if self.disable_request_logging {
+            args.push("--disable-request-logging".into());
         }
         if let Some(k) = &self.api_key {
             env.push(("API_KEY".to_string(), k.clone()));
@@ -68,19 +85,12 @@ impl ServiceArgs {
 }
 
 impl Default for LimitArgs {
+    /// The flags' own defaults, read from their declarations (stated once, above), ignoring the
+    /// environment.
     fn default() -> Self {
-        Self {
-            max_input_tokens: 1024,
-            max_total_tokens: 2048,
-            max_batch_prefill_tokens: 4096,
-            max_batch_total_tokens: None,
-            max_concurrent_requests: 128,
-            max_stop_sequences: 4,
-            max_batch_size: None,
-            max_best_of: 2,
-            max_top_n_tokens: 5,
-            payload_limit: 2_000_000,
-        }
+        use clap::FromArgMatches;
+        let cmd = <LimitArgs as Args>::augment_args(clap::Command::new("defaults")).mut_args(|a| a.env(None::<&'static str>));
+        LimitArgs::from_arg_matches(&cmd.get_matches_from(["defaults"])).expect("every limit flag has a default or is optional")
     }
 }
 
@@ -159,6 +169,25 @@ mod tests {
         argv.extend(a.to_args());
         let b = Wrap::parse_from(argv).limits;
         assert_eq!(format!("{a:?}"), format!("{b:?}"));
+    }
+
+    #[derive(clap::Parser)]
+    struct WrapService {
+        #[command(flatten)]
+        service: ServiceArgs,
+    }
+
+    #[test]
+    fn service_args_round_trip() {
+        use clap::Parser;
+        let argv = ["x", "--api-key", "k", "--http-header-timeout", "7", "--http-body-timeout", "9", "--disable-request-logging"];
+        let a = WrapService::parse_from(argv).service;
+        let (args, env) = a.to_args();
+        let mut argv = vec!["x".to_string()];
+        argv.extend(args);
+        let b = WrapService::parse_from(argv).service;
+        assert_eq!(env, vec![("API_KEY".to_string(), "k".to_string())]);
+        assert_eq!((b.http_header_timeout, b.http_body_timeout, b.disable_request_logging), (7, 9, true));
     }
 
     #[test]

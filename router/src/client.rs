@@ -122,6 +122,8 @@ fn traced<T>(msg: T, trace: Option<String>) -> tonic::Request<T> {
 #[derive(Clone)]
 pub struct ShardedClient {
     shards: Vec<ShardClient>,
+    /// Socket path of each shard, rank order.
+    paths: Vec<String>,
 }
 
 macro_rules! fan_out {
@@ -140,15 +142,22 @@ impl ShardedClient {
     /// Connects to the shard at `path`, then to every shard it reports.
     pub async fn connect_uds(path: &str) -> Result<Self> {
         let mut first = ShardClient::connect_uds(path).await?;
-        let urls = first.service_discovery().await?;
+        let mut urls = first.service_discovery().await?;
         let mut shards = Vec::with_capacity(urls.len().max(1));
         for url in &urls {
             shards.push(ShardClient::connect_uds(url).await?);
         }
         if shards.is_empty() {
             shards.push(first);
+            urls.push(path.to_string());
         }
-        Ok(Self { shards })
+        Ok(Self { shards, paths: urls })
+    }
+
+    /// Every shard's Info, with its socket path.
+    pub async fn infos(&mut self) -> Result<Vec<(String, pb::InfoResponse)>> {
+        let all = join_all(self.shards.iter_mut().map(|c| c.info())).await;
+        self.paths.iter().cloned().zip(all).map(|(p, r)| r.map(|i| (p, i))).collect()
     }
 
     pub fn num_shards(&self) -> usize {

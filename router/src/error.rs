@@ -65,7 +65,14 @@ pub enum ValidationError {
     #[error("`stop` sequences cannot be empty")]
     EmptyStop,
     #[error("`{0}` is not supported by this server yet")]
-    Unsupported(&'static str),
+    Unsupported(String),
+    #[error("unknown field `{0}`")]
+    UnknownField(String),
+    #[error("`inputs` is {0} bytes long: more than any prompt of at most {1} tokens can be")]
+    InputBytes(usize, u32),
+    /// A message in the OpenAI routes' own parameter names (`error.param` names the field).
+    #[error("{message}")]
+    Param { message: String, param: String },
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
 }
@@ -85,6 +92,8 @@ pub enum InferError {
     Dropped,
     #[error("the server is not ready: {0}")]
     NotReady(String),
+    #[error("the server is shutting down: the request was cut off after --shutdown-timeout")]
+    ShuttingDown,
 }
 
 /// A client-side problem with the HTTP body itself.
@@ -106,6 +115,10 @@ pub enum RequestError {
     Unauthorized,
     #[error("the server is shutting down; not accepting new requests")]
     Draining,
+    #[error("the request body did not arrive within {0} s")]
+    BodyTimeout(u64),
+    #[error("method {0} is not allowed on this route")]
+    MethodNotAllowed(String),
 }
 
 /// The JSON body of every error response and SSE error event.
@@ -113,6 +126,9 @@ pub enum RequestError {
 pub struct ErrorBody {
     pub error: String,
     pub error_type: String,
+    /// The request field at fault (OpenAI routes only; moved into `error.param` there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param: Option<String>,
 }
 
 /// The error body of the OpenAI routes, the shape OpenAI answers with and its SDKs read (they show
@@ -142,7 +158,7 @@ impl ErrorBody {
             _ => "server_error",
         };
         let code = if self.error_type == "not_found" { "model_not_found".to_string() } else { self.error_type };
-        OpenAiErrorBody { error: OpenAiError { message: self.error, kind: kind.to_string(), param: None, code: Some(code) } }
+        OpenAiErrorBody { error: OpenAiError { message: self.error, kind: kind.to_string(), param: self.param, code: Some(code) } }
     }
 }
 
@@ -150,11 +166,15 @@ impl ErrorBody {
 pub trait ErrorKind {
     fn status(&self) -> StatusCode;
     fn error_type(&self) -> &'static str;
+    /// The request field at fault, where one is named.
+    fn param(&self) -> Option<String> {
+        None
+    }
     fn body(&self) -> ErrorBody
     where
         Self: std::fmt::Display,
     {
-        ErrorBody { error: self.to_string(), error_type: self.error_type().to_string() }
+        ErrorBody { error: self.to_string(), error_type: self.error_type().to_string(), param: self.param() }
     }
 }
 
@@ -164,7 +184,7 @@ impl ErrorKind for InferError {
             InferError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             InferError::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             InferError::Generation(_) | InferError::Dropped => StatusCode::FAILED_DEPENDENCY,
-            InferError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            InferError::NotReady(_) | InferError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             InferError::Shard { code, .. } => match code {
                 ShardCode::OutOfMemory => StatusCode::SERVICE_UNAVAILABLE,
                 ShardCode::InvalidRequest | ShardCode::BadAdapter => StatusCode::UNPROCESSABLE_ENTITY,
@@ -179,7 +199,7 @@ impl ErrorKind for InferError {
             InferError::Overloaded => "overloaded",
             InferError::Generation(_) => "generation",
             InferError::Dropped => "dropped",
-            InferError::NotReady(_) => "unavailable",
+            InferError::NotReady(_) | InferError::ShuttingDown => "unavailable",
             InferError::Shard { code, .. } => match code {
                 ShardCode::OutOfMemory => "out_of_memory",
                 ShardCode::InvalidRequest => "validation",
@@ -187,6 +207,12 @@ impl ErrorKind for InferError {
                 ShardCode::BadAdapter => "bad_adapter",
                 _ => "generation",
             },
+        }
+    }
+    fn param(&self) -> Option<String> {
+        match self {
+            InferError::Validation(ValidationError::Param { param, .. }) => Some(param.clone()),
+            _ => None,
         }
     }
 }
@@ -208,6 +234,8 @@ impl ErrorKind for RequestError {
             RequestError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             RequestError::Unauthorized => StatusCode::UNAUTHORIZED,
             RequestError::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            RequestError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            RequestError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
     fn error_type(&self) -> &'static str {
@@ -220,16 +248,25 @@ impl ErrorKind for RequestError {
             RequestError::PayloadTooLarge(_) => "payload_too_large",
             RequestError::Unauthorized => "authentication",
             RequestError::Draining => "unavailable",
+            RequestError::BodyTimeout(_) => "timeout",
+            RequestError::MethodNotAllowed(_) => "method_not_allowed",
         }
     }
 }
 
 // Every error answered as a response is counted here (errors inside streams are counted where
 // the stream ends).
+/// Seconds a client told 429 should wait before trying again.
+const RETRY_AFTER_SECONDS: &str = "1";
+
 impl IntoResponse for InferError {
     fn into_response(self) -> Response {
         crate::metrics::request_failed(self.error_type());
-        (self.status(), Json(self.body())).into_response()
+        let mut res = (self.status(), Json(self.body())).into_response();
+        if matches!(self, InferError::Overloaded) {
+            res.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static(RETRY_AFTER_SECONDS));
+        }
+        res
     }
 }
 

@@ -2,12 +2,13 @@
 //! stream (detokenization and stop sequences happen here, per request, off the GPU loop).
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
 use tokenizers::Tokenizer;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::adapters::{AdapterLease, Adapters};
 use crate::api::{FinishReason, GenerateRequest, PrefillToken, Token};
@@ -64,13 +65,31 @@ pub struct Infer {
     tokenizer: Arc<Tokenizer>,
     special: Arc<HashSet<u32>>,
     adapters: Adapters,
+    /// Set at the end of a drain: every response still streaming ends with `ShuttingDown`.
+    cut_off: Arc<watch::Sender<bool>>,
+    /// One INFO line per finished request (`--disable-request-logging` turns it off).
+    request_log: bool,
+    next_id: Arc<AtomicU64>,
 }
 
 impl Infer {
     pub fn new(validation: Validation, queue: Queue, tokenizer: Arc<Tokenizer>, max_concurrent: usize, adapters: Adapters) -> Self {
         let special = tokenizer.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
         let limit = Arc::new(Semaphore::new(max_concurrent));
-        Self { validation, queue, limit, tokenizer, special: Arc::new(special), adapters }
+        let cut_off = Arc::new(watch::channel(false).0);
+        Self { validation, queue, limit, tokenizer, special: Arc::new(special), adapters, cut_off, request_log: true,
+               next_id: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// Whether each finished request is logged.
+    pub fn with_request_log(mut self, on: bool) -> Self {
+        self.request_log = on;
+        self
+    }
+
+    /// Ends every response still in flight with a `ShuttingDown` error (the drain ran out of time).
+    pub fn cut_off(&self) {
+        self.cut_off.send_replace(true);
     }
 
     pub fn adapters(&self) -> &Adapters {
@@ -83,7 +102,9 @@ impl Infer {
         match self.adapters.acquire(name).await {
             Ok(lease) => Ok(Some(lease)),
             Err(e) => {
-                m::RequestTimer::new(Some(name)).failed(e.error_type_name());
+                // Label values come from a bounded set: a name no shard knows is `_unknown`.
+                let known = !matches!(e, InferError::Shard { code: pb::ErrorCode::AdapterNotFound, .. });
+                m::RequestTimer::new(Some(if known { name } else { m::UNKNOWN_ADAPTER })).failed(e.error_type_name());
                 Err(e)
             }
         }
@@ -128,7 +149,14 @@ impl Infer {
         entry.span = span.as_ref().map(|s| s.span_context());
         m::request_started(&request);
         self.queue.append(entry);
-        let stream = response_stream(rx, request.clone(), self.tokenizer.clone(), self.special.clone(), (permit, span, lease));
+        let ctx = StreamContext {
+            tokenizer: self.tokenizer.clone(),
+            special: self.special.clone(),
+            cut_off: self.cut_off.subscribe(),
+            log_id: self.request_log.then(|| self.next_id.fetch_add(1, Ordering::Relaxed)),
+            arrived,
+        };
+        let stream = response_stream(rx, request.clone(), ctx, (permit, span, lease));
         (request, Box::pin(stream))
     }
 
@@ -160,11 +188,12 @@ impl Infer {
     /// Like `generate_n`, as streams.
     pub async fn generate_streams(&self, req: GenerateRequest, n: Option<u32>) -> Result<Vec<(Arc<ValidGenerateRequest>, ResponseStream)>, InferError> {
         let arrived = Instant::now();
+        // The first permit before tokenizing: over the limit, a request costs no CPU.
+        let mut permits = vec![self.permit()?];
         let valid = self.validation.validate(req).await?;
         // `best_of` was checked by validation; OpenAI's `n` may repeat a greedy request.
         let n = n.unwrap_or(valid.best_of).max(1);
-        let mut permits = Vec::with_capacity(n as usize);
-        for _ in 0..n {
+        for _ in 1..n {
             permits.push(self.permit()?);
         }
         let lease = self.lease(&valid).await?;
@@ -195,13 +224,72 @@ fn token_texts(tokenizer: &Tokenizer, ids: &[u32]) -> Vec<String> {
     ids.iter().map(|&id| tokenizer.decode(&[id], false).unwrap_or_default()).collect()
 }
 
+/// What a response stream needs besides its request.
+struct StreamContext {
+    tokenizer: Arc<Tokenizer>,
+    special: Arc<HashSet<u32>>,
+    cut_off: watch::Receiver<bool>,
+    /// The request's number in the request log; None: not logged.
+    log_id: Option<u64>,
+    arrived: Instant,
+}
+
+/// The request log line (target `tessera::request`), one per request that entered the queue:
+/// written when its response ends, or as `cancelled` when the client went away first.
+struct RequestLog {
+    id: Option<u64>,
+    request: Arc<ValidGenerateRequest>,
+    arrived: Instant,
+    first: Option<Instant>,
+    queued_for: Option<std::time::Duration>,
+    generated: u32,
+    written: bool,
+}
+
+impl RequestLog {
+    fn token(&mut self, queued: Instant, started: Instant) {
+        self.first.get_or_insert_with(Instant::now);
+        self.queued_for.get_or_insert(started.duration_since(queued));
+        self.generated += 1;
+    }
+
+    fn finish(&mut self, outcome: &str) {
+        if std::mem::replace(&mut self.written, true) {
+            return;
+        }
+        let Some(id) = self.id else { return };
+        let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e4).round() / 10.0;
+        let r = &self.request;
+        tracing::info!(
+            target: "tessera::request",
+            id,
+            adapter = r.adapter_id.as_deref().unwrap_or("-"),
+            input_tokens = r.input_length(),
+            output_tokens = self.generated,
+            max_new_tokens = r.stopping.max_new_tokens,
+            sampling = r.parameters.do_sample,
+            queue_ms = self.queued_for.map(ms),
+            ttft_ms = self.first.map(|t| ms(t.duration_since(self.arrived))),
+            total_ms = ms(self.arrived.elapsed()),
+            outcome,
+            "request done"
+        );
+    }
+}
+
+impl Drop for RequestLog {
+    fn drop(&mut self) {
+        self.finish("cancelled");
+    }
+}
+
 fn response_stream(
     mut rx: mpsc::UnboundedReceiver<Result<ShardEvent, InferError>>,
     request: Arc<ValidGenerateRequest>,
-    tokenizer: Arc<Tokenizer>,
-    special: Arc<HashSet<u32>>,
+    ctx: StreamContext,
     held: (OwnedSemaphorePermit, Option<crate::telemetry::RequestSpan>, Option<Arc<AdapterLease>>),
 ) -> impl Stream<Item = Result<InferStreamEvent, InferError>> + Send + 'static {
+    let StreamContext { tokenizer, special, mut cut_off, log_id, arrived } = ctx;
     async_stream::stream! {
         let (_permit, span, _lease) = held;
         let mut timer = m::RequestTimer::new(request.adapter_id.as_deref());
@@ -210,17 +298,26 @@ fn response_stream(
         let mut tokens: Vec<Token> = Vec::new();
         let mut top_tokens: Vec<Vec<Token>> = Vec::new();
         let mut prefill_tokens: Vec<PrefillToken> = Vec::new();
-        while let Some(event) = rx.recv().await {
+        let mut log = RequestLog { id: log_id, request: request.clone(), arrived, first: None, queued_for: None, generated: 0, written: false };
+        loop {
+            let event = tokio::select! {
+                biased;
+                e = rx.recv() => e,
+                _ = cut_off.wait_for(|c| *c) => Some(Err(InferError::ShuttingDown)),
+            };
+            let Some(event) = event else { break };
             let ShardEvent::Token { id, logprob, finish, seed, top, prefill, queued, started } = match event {
                 Ok(e) => e,
                 Err(e) => {
                     m::request_failed(e.error_type_name());
                     timer.failed(e.error_type_name());
                     if let Some(s) = &span { s.finish(tokens.len() as u32, e.error_type_name()); }
+                    log.finish(e.error_type_name());
                     yield Err(e);
                     return;
                 }
             };
+            log.token(queued, started);
             timer.token(queued, started);
             if let Some(p) = prefill {
                 let texts = token_texts(&tokenizer, &p.ids);
@@ -271,11 +368,18 @@ fn response_stream(
             };
             timer.finish(&details);
             if let Some(s) = &span { s.finish(details.generated_tokens, "success"); }
+            let outcome = match finish_reason {
+                FinishReason::Length => "length",
+                FinishReason::EosToken => "eos_token",
+                FinishReason::StopSequence => "stop_sequence",
+            };
+            log.finish(outcome);
             yield Ok(InferStreamEvent::End { token, top_tokens: top, generated_text, details });
             return; // dropping `rx` tells the loop to filter this request out
         }
         m::request_failed("dropped");
         timer.failed("dropped");
+        log.finish("dropped");
         yield Err(InferError::Dropped);
     }
 }

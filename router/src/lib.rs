@@ -1,6 +1,7 @@
 //! Tessera's router: HTTP front door, validation, queue, KV block allocation and the
 //! continuous batching loop that drives the shards over gRPC.
 
+pub mod accept;
 pub mod adapters;
 pub mod api;
 pub mod chat;
@@ -11,6 +12,7 @@ pub mod block_allocator;
 pub mod client;
 pub mod detokenize;
 pub mod error;
+pub mod health;
 pub mod infer;
 pub mod logging;
 pub mod pb;

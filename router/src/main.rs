@@ -6,14 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use tokio::sync::Mutex;
 
+use text_generation_router::accept::{self, AcceptConfig};
 use text_generation_router::adapters::Adapters;
 use text_generation_router::api::Info;
 use text_generation_router::args::{LimitArgs, ServiceArgs};
 use text_generation_router::chat::ChatTemplate;
 use text_generation_router::block_allocator::BlockAllocator;
 use text_generation_router::client::ShardedClient;
+use text_generation_router::health::ShardHealth;
 use text_generation_router::infer::Infer;
 use text_generation_router::pb;
 use text_generation_router::queue::Queue;
@@ -49,6 +50,10 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "JSON_OUTPUT")]
     json_output: bool,
+    /// The launch's token (set by the launcher): every shard must report it in Info, so that a
+    /// shard of another instance on the same socket path is refused.
+    #[arg(long, env = "TESSERA_LAUNCH_TOKEN", hide = true, hide_env_values = true)]
+    launch_token: Option<String>,
 }
 
 /// The largest prefill the router will ever send, as dummy requests.
@@ -108,6 +113,16 @@ async fn run(args: Args) -> Result<(), String> {
         tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| format!("loading {}: {e}", tokenizer_path.display()))?,
     );
     let mut client = connect(&args.master_shard_uds_path).await?;
+    if let Some(token) = &args.launch_token {
+        for (path, info) in client.infos().await.map_err(|e| e.to_string())? {
+            if &info.launch_token != token {
+                return Err(format!(
+                    "the shard at {path} was not started by this launch (another Tessera instance on the same \
+                     --shard-uds-path?); refusing to use it"
+                ));
+            }
+        }
+    }
     let shard_info = client.info().await.map_err(|e| e.to_string())?;
     tracing::info!(shards = client.num_shards(), ?shard_info, "connected");
     let block_size = shard_info.block_size;
@@ -173,17 +188,21 @@ async fn run(args: Args) -> Result<(), String> {
     };
     let validation = Validation::new(tokenizer.clone(), args.limits.clone());
     let adapters = Adapters::new(Arc::new(client.clone()), shard_info.max_active_adapters as usize);
-    let infer = Infer::new(validation, queue, tokenizer, args.limits.max_concurrent_requests, adapters);
+    let infer = Infer::new(validation, queue, tokenizer, args.limits.max_concurrent_requests, adapters)
+        .with_request_log(!args.service.disable_request_logging);
     let draining = Arc::new(AtomicBool::new(false));
+    let health = ShardHealth::new(client.clone());
+    health.spawn_monitor(Duration::from_secs(1));
     let state = AppState {
         infer: infer.clone(),
         allocator,
-        client: Arc::new(Mutex::new(client)),
+        health,
         info: Arc::new(info),
         chat_template,
         metrics,
         api_key: args.service.api_key.clone().map(Arc::new),
         payload_limit: args.limits.payload_limit,
+        body_timeout: Duration::from_secs(args.service.http_body_timeout),
         draining: draining.clone(),
     };
 
@@ -194,15 +213,25 @@ async fn run(args: Args) -> Result<(), String> {
     let drain = Duration::from_secs(args.shutdown_timeout);
     let shutdown = async move {
         shutdown_signal().await;
-        // New work gets 503 from here on; in-flight requests run to the end (or the timeout).
+        // New work gets 503 from here on; in-flight requests run to the end, or until the
+        // timeout, when those left are ended with an error event / 503.
         draining.store(true, Ordering::SeqCst);
         let end = std::time::Instant::now() + drain;
         while infer.in_flight(max) > 0 && std::time::Instant::now() < end {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        tracing::info!(left = infer.in_flight(max), "drained");
+        let left = infer.in_flight(max);
+        if left > 0 {
+            tracing::warn!(left, "--shutdown-timeout reached: ending the requests still in flight");
+            infer.cut_off();
+        }
+        tracing::info!("drained");
     };
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string())?;
+    let cfg = AcceptConfig {
+        header_timeout: Duration::from_secs(args.service.http_header_timeout),
+        close_grace: Duration::from_secs(5),
+    };
+    accept::serve(listener, app(state), cfg, shutdown).await;
     if let Some(p) = tracing_provider {
         // Flushes the spans still batched (blocking HTTP: off the runtime).
         let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;

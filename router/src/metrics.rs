@@ -59,6 +59,10 @@ fn describe() {
     describe_gauge!("tessera_adapters_resident", "Adapters resident on the shards");
 }
 
+/// The `adapter` label of requests naming an adapter no shard knows (client-chosen names never
+/// become label values).
+pub const UNKNOWN_ADAPTER: &str = "_unknown";
+
 /// The `adapter` label of per-adapter metrics: the adapter's name, or `_base` (no adapter name
 /// can start with `_`).
 pub fn adapter_label(adapter: Option<&str>) -> String {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -15,7 +15,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::sync::Mutex;
+use serde::de::DeserializeOwned;
 use utoipa::OpenApi;
 
 use crate::api::{
@@ -24,8 +24,8 @@ use crate::api::{
 };
 use crate::block_allocator::BlockAllocator;
 use crate::chat::ChatTemplate;
-use crate::client::ShardedClient;
 use crate::error::{ErrorBody, ErrorKind, InferError, RequestError, ValidationError};
+use crate::health::ShardHealth;
 use crate::infer::{EndDetails, Infer, InferResponse, InferStreamEvent};
 use crate::openai;
 
@@ -33,12 +33,14 @@ use crate::openai;
 pub struct AppState {
     pub infer: Infer,
     pub allocator: BlockAllocator,
-    pub client: Arc<Mutex<ShardedClient>>,
+    pub health: ShardHealth,
     pub info: Arc<Info>,
     pub chat_template: Option<Arc<ChatTemplate>>,
     pub metrics: Option<PrometheusHandle>,
     pub api_key: Option<Arc<String>>,
     pub payload_limit: usize,
+    /// How long a client may take to send a request body.
+    pub body_timeout: Duration,
     /// Set on SIGTERM: new work gets 503 while in-flight requests finish.
     pub draining: Arc<AtomicBool>,
 }
@@ -75,6 +77,8 @@ pub fn app(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api-doc/openapi.json", get(openapi))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), read_body))
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(openai_errors))
@@ -96,13 +100,41 @@ async fn openai_errors(req: Request, next: Next) -> Response {
             Ok(flat) => flat,
             Err(_) => return Response::from_parts(parts, axum::body::Body::from(bytes)),
         },
-        Err(_) => ErrorBody { error: "error body unreadable".into(), error_type: "generation".into() },
+        Err(_) => ErrorBody { error: "error body unreadable".into(), error_type: "generation".into(), param: None },
     };
     parts.headers.remove(axum::http::header::CONTENT_LENGTH);
     Response::from_parts(parts, axum::body::Body::from(serde_json::to_vec(&flat.openai(status)).unwrap_or_default()))
 }
 
-/// API key on every route but /health; while draining, new POSTs get 503.
+/// Reads the whole request body before the handler runs, within `--http-body-timeout` and
+/// `--payload-limit`: a client trickling its body gets 408 instead of holding a connection.
+async fn read_body(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    match tokio::time::timeout(s.body_timeout, axum::body::to_bytes(body, s.payload_limit)).await {
+        Err(_) => {
+            let mut res = RequestError::BodyTimeout(s.body_timeout.as_secs()).into_response();
+            res.headers_mut().insert(axum::http::header::CONNECTION, HeaderValue::from_static("close"));
+            res
+        }
+        Ok(Err(e)) if is_length_limit(&e) => RequestError::PayloadTooLarge(s.payload_limit).into_response(),
+        Ok(Err(e)) => RequestError::Malformed(format!("reading the body: {e}")).into_response(),
+        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, axum::body::Body::from(bytes))).await,
+    }
+}
+
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// API key on every route but /health; while draining, or while a shard does not answer, new
+/// POSTs get 503.
 async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     if path != "/health" {
@@ -118,8 +150,13 @@ async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response 
             }
         }
     }
-    if s.draining.load(Ordering::SeqCst) && req.method() == Method::POST {
-        return RequestError::Draining.into_response();
+    if req.method() == Method::POST {
+        if s.draining.load(Ordering::SeqCst) {
+            return RequestError::Draining.into_response();
+        }
+        if !s.health.ok() {
+            return InferError::NotReady("a shard is not answering".into()).into_response();
+        }
     }
     next.run(req).await
 }
@@ -128,14 +165,21 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Turns a JSON extraction result into the body or our error (400 syntax, 422 shape, 413 size).
-pub fn parse_json<T>(payload: Result<Json<T>, JsonRejection>, limit: usize) -> Result<T, RequestError> {
-    match payload {
-        Ok(Json(r)) => Ok(r),
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(RequestError::PayloadTooLarge(limit)),
-        Err(JsonRejection::JsonDataError(e)) => Err(RequestError::Invalid(e.body_text())),
-        Err(JsonRejection::MissingJsonContentType(_)) => Err(RequestError::ContentType),
-        Err(e) => Err(RequestError::Malformed(e.body_text())),
+/// A JSON request body, or our error for it (400 syntax, 415 content type, 422 shape, 413 size):
+/// the one place axum's rejections become `RequestError`s.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+    type Rejection = RequestError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(r)) => Ok(JsonBody(r)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(RequestError::PayloadTooLarge(state.payload_limit)),
+            Err(JsonRejection::JsonDataError(e)) => Err(RequestError::Invalid(e.body_text())),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(RequestError::ContentType),
+            Err(e) => Err(RequestError::Malformed(e.body_text())),
+        }
     }
 }
 
@@ -179,11 +223,7 @@ async fn generate_inner(s: &AppState, req: GenerateRequest) -> Result<(HeaderMap
               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 413, body = ErrorBody),
               (status = 422, body = ErrorBody), (status = 424, body = ErrorBody), (status = 429, body = ErrorBody),
               (status = 503, body = ErrorBody)))]
-async fn compat_generate(State(s): State<AppState>, payload: Result<Json<GenerateRequest>, JsonRejection>) -> Response {
-    let req = match parse_json(payload, s.payload_limit) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
+async fn compat_generate(State(s): State<AppState>, JsonBody(req): JsonBody<GenerateRequest>) -> Response {
     if req.stream {
         return stream_response(s, req).await;
     }
@@ -198,11 +238,7 @@ async fn compat_generate(State(s): State<AppState>, payload: Result<Json<Generat
     responses((status = 200, body = GenerateResponse), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
               (status = 413, body = ErrorBody), (status = 422, body = ErrorBody), (status = 424, body = ErrorBody),
               (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
-async fn generate(State(s): State<AppState>, payload: Result<Json<GenerateRequest>, JsonRejection>) -> Response {
-    let req = match parse_json(payload, s.payload_limit) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
+async fn generate(State(s): State<AppState>, JsonBody(req): JsonBody<GenerateRequest>) -> Response {
     match generate_inner(&s, req).await {
         Ok((h, body)) => (h, Json(body)).into_response(),
         Err(e) => e.into_response(),
@@ -240,11 +276,8 @@ fn timing_headers(d: &EndDetails) -> HeaderMap {
                content_type = "text/event-stream"),
               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 413, body = ErrorBody),
               (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
-async fn generate_stream(State(s): State<AppState>, payload: Result<Json<GenerateRequest>, JsonRejection>) -> Response {
-    match parse_json(payload, s.payload_limit) {
-        Ok(r) => stream_response(s, r).await,
-        Err(e) => e.into_response(),
-    }
+async fn generate_stream(State(s): State<AppState>, JsonBody(req): JsonBody<GenerateRequest>) -> Response {
+    stream_response(s, req).await
 }
 
 async fn stream_response(s: AppState, req: GenerateRequest) -> Response {
@@ -289,11 +322,7 @@ async fn stream_response(s: AppState, req: GenerateRequest) -> Response {
 #[utoipa::path(post, path = "/tokenize", tag = "Text Generation Inference", request_body = GenerateRequest,
     responses((status = 200, body = Vec<SimpleToken>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
               (status = 413, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
-async fn tokenize(State(s): State<AppState>, payload: Result<Json<GenerateRequest>, JsonRejection>) -> Response {
-    let req = match parse_json(payload, s.payload_limit) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
+async fn tokenize(State(s): State<AppState>, JsonBody(req): JsonBody<GenerateRequest>) -> Response {
     let inputs = req.inputs.clone();
     match s.infer.validation().encode(req.inputs).await {
         Ok(enc) => {
@@ -321,26 +350,27 @@ async fn health(State(s): State<AppState>) -> Response {
     if s.draining.load(Ordering::SeqCst) {
         return RequestError::Draining.into_response();
     }
-    match s.client.lock().await.health().await {
+    match s.health.check().await {
         Ok(()) => StatusCode::OK.into_response(),
-        Err(e) => InferError::NotReady(e.to_string()).into_response(),
+        Err(e) => e.into_response(),
     }
 }
 
 /// `GET /info`
 #[utoipa::path(get, path = "/info", tag = "Text Generation Inference", responses((status = 200, body = Info),
-    (status = 401, body = ErrorBody)))]
-async fn info(State(s): State<AppState>) -> Json<Info> {
+    (status = 401, body = ErrorBody), (status = 503, description = "A shard does not answer", body = ErrorBody)))]
+async fn info(State(s): State<AppState>) -> Response {
+    let adapters = match s.infer.adapters().list().await {
+        Ok(list) => list.into_iter().map(|a| a.name).collect(),
+        Err(e) => return e.into_response(),
+    };
     let stats = s.allocator.stats().await;
     let mut info = (*s.info).clone();
     info.kv_blocks_total = stats.total;
     info.kv_blocks_free = stats.free;
     info.queue_size = s.infer.queue().len().await;
-    match s.infer.adapters().list().await {
-        Ok(list) => info.adapters = list.into_iter().map(|a| a.name).collect(),
-        Err(e) => tracing::warn!("listing adapters: {e}"),
-    }
-    Json(info)
+    info.adapters = adapters;
+    Json(info).into_response()
 }
 
 /// Body of `POST /v1/load_lora_adapter` (vLLM's names).
@@ -380,11 +410,7 @@ fn admin_error(e: InferError) -> Response {
               (status = 400, description = "Malformed body, or a path outside the adapter source", body = ErrorBody),
               (status = 401, body = ErrorBody), (status = 404, description = "No adapter at that path", body = ErrorBody),
               (status = 422, description = "Invalid name, or the adapter does not fit the base model", body = ErrorBody)))]
-async fn load_lora_adapter(State(s): State<AppState>, payload: Result<Json<LoadLoraAdapterRequest>, JsonRejection>) -> Response {
-    let req = match parse_json(payload, s.payload_limit) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
+async fn load_lora_adapter(State(s): State<AppState>, JsonBody(req): JsonBody<LoadLoraAdapterRequest>) -> Response {
     if !crate::validation::valid_adapter_name(&req.lora_name) {
         return InferError::from(ValidationError::AdapterName(req.lora_name)).into_response();
     }
@@ -400,11 +426,7 @@ async fn load_lora_adapter(State(s): State<AppState>, payload: Result<Json<LoadL
     responses((status = 200, description = "Unloaded", body = String, content_type = "text/plain"),
               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
               (status = 404, description = "No such adapter", body = ErrorBody)))]
-async fn unload_lora_adapter(State(s): State<AppState>, payload: Result<Json<UnloadLoraAdapterRequest>, JsonRejection>) -> Response {
-    let req = match parse_json(payload, s.payload_limit) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
+async fn unload_lora_adapter(State(s): State<AppState>, JsonBody(req): JsonBody<UnloadLoraAdapterRequest>) -> Response {
     match s.infer.adapters().unregister(&req.lora_name).await {
         Ok(()) => (StatusCode::OK, format!("Success: LoRA adapter '{}' removed successfully.", req.lora_name)).into_response(),
         Err(None) => RequestError::NotFound(format!("the LoRA adapter '{}' is not loaded", req.lora_name)).into_response(),
@@ -429,4 +451,8 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 
 async fn not_found(uri: axum::http::Uri) -> Response {
     RequestError::NotFound(uri.path().to_string()).into_response()
+}
+
+async fn method_not_allowed(method: Method) -> Response {
+    RequestError::MethodNotAllowed(method.to_string()).into_response()
 }

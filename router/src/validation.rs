@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tokenizers::Tokenizer;
 
-use crate::api::GenerateRequest;
+use crate::api::{first_meaningful, GenerateRequest};
 use crate::args::LimitArgs;
 use crate::error::ValidationError;
 
@@ -65,11 +65,16 @@ impl ValidGenerateRequest {
 pub struct Validation {
     tokenizer: Arc<Tokenizer>,
     limits: Arc<LimitArgs>,
+    /// The most bytes of text one token can stand for, where the tokenizer bounds it (see
+    /// `max_token_bytes`): prompts longer than `max_input_tokens` times this are refused
+    /// without tokenizing them.
+    max_token_bytes: Option<usize>,
 }
 
 impl Validation {
     pub fn new(tokenizer: Arc<Tokenizer>, limits: LimitArgs) -> Self {
-        Self { tokenizer, limits: Arc::new(limits) }
+        let max_token_bytes = max_token_bytes(&tokenizer);
+        Self { tokenizer, limits: Arc::new(limits), max_token_bytes }
     }
 
     pub fn limits(&self) -> &LimitArgs {
@@ -78,6 +83,13 @@ impl Validation {
 
     pub async fn validate(&self, req: GenerateRequest) -> Result<ValidGenerateRequest, ValidationError> {
         let checked = check_parameters(&req, &self.limits)?;
+        // Cheap before costly: a prompt too long for any tokenization is refused untokenized.
+        // (With `truncate` the whole prompt must be tokenized to find its last tokens.)
+        if let (None, Some(per_token)) = (checked.truncate, self.max_token_bytes) {
+            if req.inputs.len() > per_token.saturating_mul(self.limits.max_input_tokens as usize) {
+                return Err(ValidationError::InputBytes(req.inputs.len(), self.limits.max_input_tokens));
+            }
+        }
         let (inputs, ids) = self.tokenize(req.inputs.clone(), checked.truncate).await?;
         finish(req, checked, inputs, ids, &self.limits)
     }
@@ -98,6 +110,21 @@ impl Validation {
             .map_err(|e| ValidationError::Tokenizer(e.to_string()))?
             .map_err(|e| ValidationError::Tokenizer(e.to_string()))
     }
+}
+
+/// The most bytes of input one token can cover, when the tokenizer guarantees a bound: a BPE
+/// model (every token is a merge of symbols spelled out in its vocabulary entry, so a token's
+/// text is at most its entry's UTF-8 length; an unknown character becomes one `unk` token unless
+/// `fuse_unk`) with no normalizer (which could delete characters). None: no bound, always tokenize.
+fn max_token_bytes(tokenizer: &Tokenizer) -> Option<usize> {
+    if tokenizer.get_normalizer().is_some() {
+        return None;
+    }
+    match tokenizer.get_model() {
+        tokenizers::ModelWrapper::BPE(bpe) if bpe.unk_token.is_none() || !bpe.fuse_unk => {}
+        _ => return None,
+    }
+    tokenizer.get_vocab(true).keys().map(|k| k.len().max(4)).max()
 }
 
 /// Parameter checks that need no tokens.
@@ -129,6 +156,12 @@ fn in_range(v: Option<f32>, neutral: f32, ok: impl Fn(f32) -> bool, err: impl Fn
 
 fn check_parameters(req: &GenerateRequest, limits: &LimitArgs) -> Result<Checked, ValidationError> {
     let p = &req.parameters;
+    if let Some(field) = first_meaningful(&req.unknown).or_else(|| first_meaningful(&p.unknown)) {
+        return Err(ValidationError::UnknownField(field.to_string()));
+    }
+    if p.grammar.as_ref().is_some_and(|g| !g.is_null()) {
+        return Err(ValidationError::Unsupported("grammar".into()));
+    }
     if req.inputs.is_empty() {
         return Err(ValidationError::EmptyInput);
     }
@@ -276,7 +309,7 @@ pub(crate) mod tests {
     }
 
     fn req(inputs: &str, parameters: GenerateParameters) -> GenerateRequest {
-        GenerateRequest { inputs: inputs.into(), parameters, stream: false }
+        GenerateRequest { inputs: inputs.into(), parameters, ..Default::default() }
     }
 
     #[tokio::test]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -14,6 +16,13 @@ from text_generation_server import env
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
+
+
+log = logging.getLogger("text_generation_server")
+
+
+class UsageError(Exception):
+    """A problem the operator must fix (bad flag, missing model, busy socket): logged without a traceback."""
 
 
 def resolve_model(model_id: str | None) -> Path:
@@ -24,8 +33,51 @@ def resolve_model(model_id: str | None) -> Path:
     path = Path(model_id).expanduser()
     if path.is_dir():
         return path.resolve()
-    raise SystemExit(f"model {model_id!r} is not a local directory (this build serves local model directories "
+    raise UsageError(f"model {model_id!r} is not a local directory (this build serves local model directories "
                      f"and the embedded default; no hub access)")
+
+
+def claim_socket(path: str) -> None:
+    """Removes a stale socket file at `path`; refuses one a live server listens on (another
+    instance started with the same --uds-path), whose clients would otherwise be taken over."""
+    if not os.path.exists(path):
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        try:
+            s.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)
+            return
+        except OSError:
+            pass
+    raise UsageError(f"{path} is in use by another running server (another Tessera instance?); "
+                     f"give each instance its own --uds-path / --shard-uds-path")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON record per line, which the launcher re-emits at its level (traceback included)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            out["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if env.log_json():
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=env.log_level(), handlers=[handler], force=True)
+    logging.captureWarnings(True)  # warnings.warn(...) as WARNING records
+
+    def excepthook(kind, value, tb):
+        log.critical("uncaught exception", exc_info=(kind, value, tb))
+
+    sys.excepthook = excepthook
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -44,13 +96,15 @@ def _serve(args: argparse.Namespace) -> None:
         torch.cuda.set_device(device)
     dtype_name = DTYPES.get(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if dtype_name is None:
-        raise SystemExit(f"--dtype must be one of {sorted(DTYPES)}, got {args.dtype!r}")
+        raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {args.dtype!r}")
+    uds = f"{args.uds_path}-{args.rank}"
+    claim_socket(uds)  # before loading anything: a busy path fails fast
     graphs = tuple(int(x) for x in args.cuda_graphs.split(",") if x.strip() and int(x) > 0)
     adapters = []
     for item in filter(None, (x.strip() for x in (args.lora_adapters or "").split(","))):
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"--lora-adapters entries are name=path, got {item!r}")
+            raise UsageError(f"--lora-adapters entries are name=path, got {item!r}")
         adapters.append((name, Path(path)))
     engine = Engine(EngineConfig(model_dir=resolve_model(args.model_id), dtype=getattr(torch, dtype_name),
                                  device=device, block_size=args.block_size,
@@ -58,9 +112,7 @@ def _serve(args: argparse.Namespace) -> None:
                                  cuda_graphs=graphs, lora_adapters=tuple(adapters),
                                  adapter_source=Path(args.adapter_source) if args.adapter_source else None,
                                  max_active_adapters=args.max_active_adapters, max_lora_rank=args.max_lora_rank))
-    uds = f"{args.uds_path}-{args.rank}"
-    if os.path.exists(uds):
-        os.unlink(uds)
+    claim_socket(uds)  # again: another instance may have taken it while we loaded
     paths = [f"{args.uds_path}-{r}" for r in range(args.world_size)]
 
     async def main() -> None:
@@ -79,8 +131,7 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=env.log_level(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     p = argparse.ArgumentParser(prog="text-generation-server")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="serve one shard over gRPC on a unix socket")
@@ -105,10 +156,14 @@ def main(argv: list[str] | None = None) -> None:
     m = sub.add_parser("prepare-model", help="print the model directory for an id, converting the default once")
     m.add_argument("model_id", nargs="?", default=None)
     args = p.parse_args(argv)
-    if args.cmd == "serve":
-        _serve(args)
-    else:
-        print(resolve_model(args.model_id))
+    try:
+        if args.cmd == "serve":
+            _serve(args)
+        else:
+            print(resolve_model(args.model_id))
+    except UsageError as e:
+        log.error("%s", e)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,18 @@ def log_level() -> str:
     return os.environ.get("LOG_LEVEL", "INFO").upper()
 
 
+def log_json() -> bool:
+    """Log JSON records, one per line (TESSERA_LOG_FORMAT=json; the launcher sets it and re-emits
+    each record at its level)."""
+    return os.environ.get("TESSERA_LOG_FORMAT", "text") == "json"
+
+
+def launch_token() -> str:
+    """The token of the launch that started this shard (TESSERA_LAUNCH_TOKEN), reported in Info so
+    that the launcher and the router can tell their own shards from another instance's."""
+    return os.environ.get("TESSERA_LAUNCH_TOKEN", "")
+
+
 def segment_gemm_backend() -> str:
     """FlashInfer segment-GEMM backend for LoRA on CUDA with TESSERA_LORA_KERNEL=segment: auto | sm80 |
     sm90 (TESSERA_SEGMENT_GEMM)."""

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from text_generation_server.pb import generate_pb2 as pb
 
-class ErrorCode(IntEnum):  # mirrors tessera.v1.ErrorCode
-    OUT_OF_MEMORY = 1
-    INVALID_REQUEST = 2
-    ADAPTER_NOT_FOUND = 3
-    BAD_ADAPTER = 4
-    BATCH_NOT_FOUND = 5
-    INTERNAL = 6
+# tessera.v1.ErrorCode, read from the generated module (one definition, in the .proto).
+ErrorCode = IntEnum("ErrorCode", {name: value for name, value in pb.ErrorCode.items() if value})
 
 
 class ShardError(Exception):

@@ -9,7 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
-from text_generation_server import tracing
+import torch
+
+from text_generation_server import env, tracing
 from text_generation_server.engine import Engine, StepResult
 from text_generation_server.errors import ErrorCode, ShardError
 from text_generation_server.pb import generate_pb2 as pb
@@ -67,8 +69,8 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         except ShardError as e:
             err = ShardError_to_pb(e)
         except Exception as e:  # noqa: BLE001 - every failure must reach the router typed
-            log.exception("shard call failed")
-            code = ErrorCode.OUT_OF_MEMORY if "out of memory" in str(e).lower() else ErrorCode.INTERNAL
+            log.exception("shard call %s failed", getattr(fn, "__name__", fn))
+            code = ErrorCode.OUT_OF_MEMORY if isinstance(e, (torch.OutOfMemoryError, MemoryError)) else ErrorCode.INTERNAL
             err = pb.ShardError(code=int(code), message=f"{type(e).__name__}: {e}")
         status = grpc.StatusCode.RESOURCE_EXHAUSTED if err.code == ErrorCode.OUT_OF_MEMORY else (
             grpc.StatusCode.INVALID_ARGUMENT if err.code in (ErrorCode.INVALID_REQUEST, ErrorCode.BAD_ADAPTER,
@@ -88,6 +90,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             max_position_embeddings=mc.max_position_embeddings,
             attention_backend=self.engine.attention.name,
             max_active_adapters=self.engine.adapters.max_active,
+            launch_token=env.launch_token(),
         )
 
     async def Health(self, request, context):

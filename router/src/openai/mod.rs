@@ -1,257 +1,24 @@
 //! OpenAI-compatible routes: `/v1/completions`, `/v1/chat/completions`, `/v1/models`.
 //! Requests become TGI `GenerateRequest`s and go through the same validation and queue.
 
-use std::convert::Infallible;
+mod checks;
+mod stream;
+mod types;
+
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::stream::{self, StreamExt};
-use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use futures::stream::select_all;
 
+use self::checks::Route;
+use self::stream::{openai_choice_stream, sse_response, ChoicePiece};
+pub use self::types::*;
 use crate::api::{FinishReason, GenerateParameters, GenerateRequest, Token};
-use crate::chat::TemplateMessage;
-use crate::detokenize::StopTrimmer;
-use crate::error::{ErrorKind, InferError};
-use crate::infer::{InferResponse, InferStreamEvent};
-use crate::server::{parse_json, AppState};
-
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-#[serde(untagged)]
-pub enum StringOrList {
-    One(String),
-    Many(Vec<String>),
-}
-
-impl StringOrList {
-    fn into_vec(self) -> Vec<String> {
-        match self {
-            StringOrList::One(s) => vec![s],
-            StringOrList::Many(v) => v,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
-pub struct StreamOptions {
-    /// Send a last chunk with token usage.
-    #[serde(default)]
-    pub include_usage: bool,
-}
-
-/// Sampling fields shared by both OpenAI routes.
-#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
-pub struct OpenAiSampling {
-    /// 0 means greedy; default 1.
-    #[schema(minimum = 0.0, maximum = 2.0)]
-    pub temperature: Option<f32>,
-    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
-    pub top_p: Option<f32>,
-    /// Choices to return (up to --max-best-of).
-    #[schema(minimum = 1)]
-    pub n: Option<u32>,
-    #[serde(default)]
-    pub stream: bool,
-    pub stream_options: Option<StreamOptions>,
-    pub stop: Option<StringOrList>,
-    #[schema(minimum = 0)]
-    pub seed: Option<u64>,
-    #[schema(minimum = -2.0, maximum = 2.0)]
-    pub frequency_penalty: Option<f32>,
-    #[schema(minimum = -2.0, maximum = 2.0)]
-    pub presence_penalty: Option<f32>,
-    /// Extension (vLLM): keep the k most likely tokens.
-    pub top_k: Option<i64>,
-    /// Extension (vLLM): multiplicative repetition penalty.
-    pub repetition_penalty: Option<f32>,
-    pub user: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-pub struct CompletionRequest {
-    pub model: Option<String>,
-    /// One prompt or several (one choice set per prompt).
-    pub prompt: StringOrList,
-    /// Tokens to generate (default 16).
-    #[schema(minimum = 1)]
-    pub max_tokens: Option<i64>,
-    /// Alternatives per token to return (0-5).
-    #[schema(minimum = 0, maximum = 5)]
-    pub logprobs: Option<u32>,
-    /// Prepend the prompt to the text.
-    #[serde(default)]
-    pub echo: bool,
-    #[serde(flatten)]
-    pub sampling: OpenAiSampling,
-}
-
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-pub struct ContentPart {
-    #[serde(rename = "type")]
-    pub kind: String,
-    #[serde(default)]
-    pub text: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-#[serde(untagged)]
-pub enum MessageContent {
-    Text(String),
-    Parts(Vec<ContentPart>),
-}
-
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: Option<MessageContent>,
-}
-
-#[derive(Debug, Clone, Deserialize, ToSchema)]
-pub struct ChatCompletionRequest {
-    pub model: Option<String>,
-    pub messages: Vec<ChatMessage>,
-    #[schema(minimum = 1)]
-    pub max_tokens: Option<i64>,
-    #[schema(minimum = 1)]
-    pub max_completion_tokens: Option<i64>,
-    /// Return logprobs of the output tokens.
-    #[serde(default)]
-    pub logprobs: bool,
-    /// Alternatives per token (0-5), with `logprobs`.
-    #[schema(minimum = 0, maximum = 5)]
-    pub top_logprobs: Option<u32>,
-    #[serde(flatten)]
-    pub sampling: OpenAiSampling,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct Usage {
-    pub prompt_tokens: u32,
-    pub completion_tokens: u32,
-    pub total_tokens: u32,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct CompletionLogprobs {
-    pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<std::collections::HashMap<String, f32>>,
-    pub text_offset: Vec<usize>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct CompletionChoice {
-    pub index: u32,
-    pub text: String,
-    pub logprobs: Option<CompletionLogprobs>,
-    pub finish_reason: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct CompletionResponse {
-    pub id: String,
-    pub object: String,
-    pub created: u64,
-    pub model: String,
-    pub system_fingerprint: String,
-    pub choices: Vec<CompletionChoice>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Usage>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct TopLogprob {
-    pub token: String,
-    pub logprob: f32,
-    pub bytes: Vec<u8>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct TokenLogprob {
-    pub token: String,
-    pub logprob: f32,
-    pub bytes: Vec<u8>,
-    pub top_logprobs: Vec<TopLogprob>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ChatLogprobs {
-    pub content: Vec<TokenLogprob>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct AssistantMessage {
-    pub role: String,
-    pub content: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ChatChoice {
-    pub index: u32,
-    pub message: AssistantMessage,
-    pub logprobs: Option<ChatLogprobs>,
-    pub finish_reason: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ChatCompletionResponse {
-    pub id: String,
-    pub object: String,
-    pub created: u64,
-    pub model: String,
-    pub system_fingerprint: String,
-    pub choices: Vec<ChatChoice>,
-    pub usage: Usage,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct Delta {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub role: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub content: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ChunkChoice {
-    pub index: u32,
-    pub delta: Delta,
-    pub logprobs: Option<ChatLogprobs>,
-    pub finish_reason: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ChatCompletionChunk {
-    pub id: String,
-    pub object: String,
-    pub created: u64,
-    pub model: String,
-    pub system_fingerprint: String,
-    pub choices: Vec<ChunkChoice>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Usage>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ModelCard {
-    pub id: String,
-    pub object: String,
-    pub created: u64,
-    pub owned_by: String,
-    /// Adapters: the base model they apply to (as vLLM lists LoRA modules).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub parent: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ModelList {
-    pub object: String,
-    pub data: Vec<ModelCard>,
-}
+use crate::error::{InferError, ValidationError};
+use crate::infer::InferResponse;
+use crate::server::{AppState, JsonBody};
 
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -276,7 +43,7 @@ fn finish_reason(f: FinishReason) -> String {
 fn to_parameters(s: &OpenAiSampling, max_new_tokens: Option<i64>, top_n: u32) -> Result<GenerateParameters, InferError> {
     let temperature = s.temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
-        return Err(crate::error::ValidationError::OpenAiTemperature(temperature).into());
+        return Err(ValidationError::OpenAiTemperature(temperature).into());
     }
     let greedy = temperature == 0.0;
     Ok(GenerateParameters {
@@ -296,15 +63,6 @@ fn to_parameters(s: &OpenAiSampling, max_new_tokens: Option<i64>, top_n: u32) ->
     })
 }
 
-fn check_n(state: &AppState, n: Option<u32>) -> Result<u32, InferError> {
-    let n = n.unwrap_or(1);
-    let max = state.infer.validation().limits().max_best_of;
-    if n == 0 || n > max {
-        return Err(crate::error::ValidationError::BestOf(max, n).into());
-    }
-    Ok(n)
-}
-
 fn text_before_stop(r: &InferResponse) -> String {
     match r.details.stop_at {
         Some(at) => r.generated_text[..at].to_string(),
@@ -312,7 +70,7 @@ fn text_before_stop(r: &InferResponse) -> String {
     }
 }
 
-fn usage(prompt: u32, completion: u32) -> Usage {
+pub(crate) fn usage(prompt: u32, completion: u32) -> Usage {
     Usage { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }
 }
 
@@ -357,26 +115,24 @@ fn chat_logprobs(tokens: &[Token], tops: &[Vec<Token>]) -> ChatLogprobs {
               (status = 413, body = crate::error::OpenAiErrorBody), (status = 422, body = crate::error::OpenAiErrorBody),
               (status = 424, body = crate::error::OpenAiErrorBody), (status = 429, body = crate::error::OpenAiErrorBody),
               (status = 503, body = crate::error::OpenAiErrorBody)))]
-pub async fn completions(State(s): State<AppState>, payload: Result<Json<CompletionRequest>, JsonRejection>) -> Response {
-    let req = match parse_json(payload, s.payload_limit) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
+pub async fn completions(State(s): State<AppState>, JsonBody(req): JsonBody<CompletionRequest>) -> Response {
     let model = req.model.clone();
     match completions_inner(s, req).await {
         Ok(r) => r,
-        Err(e) => model_error(e, model.as_deref()),
+        Err(e) => model_error(checks::rename(e, Route::Completions), model.as_deref()),
     }
 }
 
 async fn completions_inner(s: AppState, req: CompletionRequest) -> Result<Response, InferError> {
-    let n = check_n(&s, req.sampling.n)?;
-    let top_n = req.logprobs.unwrap_or(0);
+    checks::refuse_unsupported(&req.unknown)?;
+    let limits = s.infer.validation().limits();
+    let n = checks::choices(req.sampling.n, limits)?;
+    let top_n = checks::top_n(req.logprobs, Route::Completions, limits)?;
     let mut params = to_parameters(&req.sampling, Some(req.max_tokens.unwrap_or(16)), top_n)?;
     params.adapter_id = adapter_for_model(&s, req.model.as_deref())?;
     let prompts = req.prompt.clone().into_vec();
     if prompts.is_empty() {
-        return Err(crate::error::ValidationError::EmptyInput.into());
+        return Err(ValidationError::EmptyInput.into());
     }
     let model = req.model.clone().unwrap_or_else(|| s.info.model_id.clone());
     let id = new_id("cmpl");
@@ -385,7 +141,7 @@ async fn completions_inner(s: AppState, req: CompletionRequest) -> Result<Respon
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let mut streams = vec![];
         for (pi, prompt) in prompts.iter().enumerate() {
-            let gen = GenerateRequest { inputs: prompt.clone(), parameters: params.clone(), stream: true };
+            let gen = GenerateRequest { inputs: prompt.clone(), parameters: params.clone(), stream: true, ..Default::default() };
             for (j, (valid, st)) in s.infer.generate_streams(gen, Some(n)).await?.into_iter().enumerate() {
                 let index = (pi as u32) * n + j as u32;
                 let echo = req.echo.then(|| valid.inputs.clone());
@@ -423,15 +179,16 @@ async fn completions_inner(s: AppState, req: CompletionRequest) -> Result<Respon
             })
             .unwrap_or_default()
         };
-        return Ok(sse_response(vec![], stream::select_all(streams), to_chunk, include_usage.then_some(usage_chunk), n));
+        return Ok(sse_response(vec![], select_all(streams), to_chunk, include_usage.then_some(usage_chunk), n));
     }
     let mut choices = vec![];
     let (mut prompt_tokens, mut completion_tokens) = (0, 0);
     for (pi, prompt) in prompts.iter().enumerate() {
-        let gen = GenerateRequest { inputs: prompt.clone(), parameters: params.clone(), stream: false };
+        let gen = GenerateRequest { inputs: prompt.clone(), parameters: params.clone(), ..Default::default() };
         let all = s.infer.generate_n(gen, Some(n)).await?;
+        // Each prompt counts once, however many choices it has.
+        prompt_tokens += all.first().map_or(0, |r| r.details.input_length);
         for (j, r) in all.into_iter().enumerate() {
-            prompt_tokens = r.details.input_length;
             completion_tokens += r.details.generated_tokens;
             let mut text = text_before_stop(&r);
             if req.echo {
@@ -452,7 +209,7 @@ async fn completions_inner(s: AppState, req: CompletionRequest) -> Result<Respon
         model,
         system_fingerprint: fingerprint(),
         choices,
-        usage: Some(usage(prompt_tokens * prompts.len() as u32, completion_tokens)),
+        usage: Some(usage(prompt_tokens, completion_tokens)),
     };
     Ok(Json(body).into_response())
 }
@@ -465,42 +222,29 @@ async fn completions_inner(s: AppState, req: CompletionRequest) -> Result<Respon
               (status = 413, body = crate::error::OpenAiErrorBody), (status = 422, body = crate::error::OpenAiErrorBody),
               (status = 424, body = crate::error::OpenAiErrorBody), (status = 429, body = crate::error::OpenAiErrorBody),
               (status = 503, body = crate::error::OpenAiErrorBody)))]
-pub async fn chat_completions(State(s): State<AppState>, payload: Result<Json<ChatCompletionRequest>, JsonRejection>) -> Response {
-    let req = match parse_json(payload, s.payload_limit) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
+pub async fn chat_completions(State(s): State<AppState>, JsonBody(req): JsonBody<ChatCompletionRequest>) -> Response {
     let model = req.model.clone();
     match chat_inner(s, req).await {
         Ok(r) => r,
-        Err(e) => model_error(e, model.as_deref()),
+        Err(e) => model_error(checks::rename(e, Route::Chat), model.as_deref()),
     }
 }
 
 fn render_chat(s: &AppState, messages: &[ChatMessage]) -> Result<String, InferError> {
-    let template = s.chat_template.as_ref().ok_or_else(|| {
-        InferError::Validation(crate::error::ValidationError::Template("this model has no chat template".into()))
-    })?;
-    if messages.is_empty() {
-        return Err(crate::error::ValidationError::Template("`messages` cannot be empty".into()).into());
-    }
-    let msgs: Vec<TemplateMessage> = messages
-        .iter()
-        .map(|m| TemplateMessage {
-            role: m.role.clone(),
-            content: match &m.content {
-                None => String::new(),
-                Some(MessageContent::Text(t)) => t.clone(),
-                Some(MessageContent::Parts(parts)) => parts.iter().filter(|p| p.kind == "text").filter_map(|p| p.text.clone()).collect::<Vec<_>>().join(""),
-            },
-        })
-        .collect();
-    template.apply(&msgs, true).map_err(|e| crate::error::ValidationError::Template(e).into())
+    let template = s
+        .chat_template
+        .as_ref()
+        .ok_or_else(|| InferError::Validation(ValidationError::Template("this model has no chat template".into())))?;
+    let msgs = checks::template_messages(messages)?;
+    template.apply(&msgs, true).map_err(|e| ValidationError::Template(e).into())
 }
 
 async fn chat_inner(s: AppState, req: ChatCompletionRequest) -> Result<Response, InferError> {
-    let n = check_n(&s, req.sampling.n)?;
-    let top_n = if req.logprobs { req.top_logprobs.unwrap_or(0) } else { 0 };
+    checks::refuse_unsupported(&req.unknown)?;
+    let limits = s.infer.validation().limits();
+    let n = checks::choices(req.sampling.n, limits)?;
+    let top_n = checks::top_n(req.top_logprobs, Route::Chat, limits)?;
+    let top_n = if req.logprobs { top_n } else { 0 };
     let max = req.max_completion_tokens.or(req.max_tokens);
     let mut params = to_parameters(&req.sampling, max, top_n)?;
     params.adapter_id = adapter_for_model(&s, req.model.as_deref())?;
@@ -508,7 +252,7 @@ async fn chat_inner(s: AppState, req: ChatCompletionRequest) -> Result<Response,
     let model = req.model.clone().unwrap_or_else(|| s.info.model_id.clone());
     let id = new_id("chatcmpl");
     let created = now();
-    let gen = GenerateRequest { inputs: prompt, parameters: params, stream: req.sampling.stream };
+    let gen = GenerateRequest { inputs: prompt, parameters: params, stream: req.sampling.stream, ..Default::default() };
     if req.sampling.stream {
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let mut streams = vec![];
@@ -548,7 +292,7 @@ async fn chat_inner(s: AppState, req: ChatCompletionRequest) -> Result<Response,
             )
         };
         let usage_chunk = move |u: Usage| chunk(vec![], Some(u));
-        return Ok(sse_response(roles, stream::select_all(streams), to_chunk, include_usage.then_some(usage_chunk), n));
+        return Ok(sse_response(roles, select_all(streams), to_chunk, include_usage.then_some(usage_chunk), n));
     }
     let all = s.infer.generate_n(gen, Some(n)).await?;
     let prompt_tokens = all.first().map_or(0, |r| r.details.input_length);
@@ -575,99 +319,21 @@ async fn chat_inner(s: AppState, req: ChatCompletionRequest) -> Result<Response,
     .into_response())
 }
 
-/// A piece of one choice's stream: text ready to send (stop sequences held back and cut).
-struct ChoicePiece {
-    index: u32,
-    text: String,
-    tokens: Vec<Token>,
-    tops: Vec<Vec<Token>>,
-    finish: Option<FinishReason>,
-    prompt_tokens: u32,
-    generated: u32,
-}
-
-fn openai_choice_stream(
-    st: crate::infer::ResponseStream,
-    index: u32,
-    stops: Vec<String>,
-    echo: Option<String>,
-    prompt_tokens: u32,
-) -> std::pin::Pin<Box<dyn futures::Stream<Item = Result<ChoicePiece, InferError>> + Send>> {
-    Box::pin(async_stream::stream! {
-        let mut trimmer = StopTrimmer::new(stops);
-        let mut first = true;
-        let mut generated = 0u32;
-        futures::pin_mut!(st);
-        while let Some(ev) = st.next().await {
-            let (token, tops, end) = match ev {
-                Err(e) => { yield Err(e); return; }
-                Ok(InferStreamEvent::Token { token, top_tokens }) => (token, top_tokens, None),
-                Ok(InferStreamEvent::End { token, top_tokens, details, .. }) => (token, top_tokens, Some(details)),
-            };
-            generated += 1;
-            let mut text = if token.special { String::new() } else { trimmer.push(&token.text) };
-            if first {
-                if let Some(e) = &echo { text = format!("{e}{text}"); }
-                first = false;
-            }
-            let finish = end.as_ref().map(|d| d.finish_reason);
-            if finish.is_some() {
-                text.push_str(&trimmer.finish());
-            }
-            let tops = if tops.is_empty() { vec![] } else { vec![tops] };
-            yield Ok(ChoicePiece { index, text, tokens: vec![token], tops, finish, prompt_tokens, generated });
-            if finish.is_some() { return; }
-        }
-    })
-}
-
-/// The SSE body of an OpenAI stream: `first` chunks, one chunk per piece, the usage chunk if
-/// asked for (prompt tokens counted once per prompt, i.e. per `n` choices), then `[DONE]`.
-fn sse_response<P, F, U>(first: Vec<serde_json::Value>, pieces: P, mut to_chunk: F, usage_chunk: Option<U>, n: u32) -> Response
-where
-    P: futures::Stream<Item = Result<ChoicePiece, InferError>> + Send + 'static,
-    F: FnMut(ChoicePiece) -> serde_json::Value + Send + 'static,
-    U: Fn(Usage) -> serde_json::Value + Send + 'static,
-{
-    let events = async_stream::stream! {
-        for c in first {
-            yield Ok::<_, Infallible>(Event::default().json_data(c).unwrap_or_default());
-        }
-        let mut prompt = std::collections::HashMap::new();
-        let mut generated = std::collections::HashMap::new();
-        futures::pin_mut!(pieces);
-        while let Some(piece) = pieces.next().await {
-            match piece {
-                Ok(p) => {
-                    if p.index % n.max(1) == 0 {
-                        prompt.insert(p.index, p.prompt_tokens);
-                    }
-                    generated.insert(p.index, p.generated);
-                    yield Ok(Event::default().json_data(to_chunk(p)).unwrap_or_default());
-                }
-                Err(e) => yield Ok(Event::default().json_data(e.body().openai(e.status())).unwrap_or_default()),
-            }
-        }
-        if let Some(make) = usage_chunk {
-            let u = usage(prompt.values().sum(), generated.values().sum());
-            yield Ok(Event::default().json_data(make(u)).unwrap_or_default());
-        }
-        yield Ok(Event::default().data("[DONE]"));
-    };
-    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
-}
-
 /// The routes that answer errors in OpenAI's shape (`error::OpenAiErrorBody`).
 pub fn is_route(path: &str) -> bool {
     matches!(path, "/v1/completions" | "/v1/chat/completions" | "/v1/models")
 }
 
+/// Placeholders clients send for "whatever this server serves": TGI's client sends `tgi`,
+/// huggingface_hub's `InferenceClient(url)` sends `dummy`.
+const BASE_MODEL_ALIASES: [&str; 3] = ["tgi", "tessera", "dummy"];
+
 /// Names that mean the base model on the OpenAI routes: none, the model id (or its last path
-/// part), and the conventional placeholders `tgi` and `tessera`.
+/// part), and the placeholders above.
 fn is_base_model(s: &AppState, model: &str) -> bool {
     let id = s.info.model_id.as_str();
     let short = id.trim_end_matches('/').rsplit('/').next().unwrap_or(id);
-    model.is_empty() || model == id || model == short || model == "tgi" || model == "tessera"
+    model.is_empty() || model == id || model == short || BASE_MODEL_ALIASES.contains(&model)
 }
 
 /// The adapter an OpenAI `model` names (None: the base model). A name that cannot be an adapter
@@ -708,3 +374,4 @@ pub async fn models(State(s): State<AppState>) -> Response {
     data.extend(adapters.into_iter().map(|a| card(a.name, Some(s.info.model_id.clone()))));
     Json(ModelList { object: "list".into(), data }).into_response()
 }
+
