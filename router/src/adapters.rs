@@ -182,7 +182,8 @@ impl Adapters {
                 return Ok(());
             }
         }
-        if self.list().await?.iter().any(|a| a.name == name) {
+        self.list().await?;
+        if self.inner.state.lock().unwrap().known.contains(name) {
             Ok(())
         } else {
             Err(not_found(name, "is neither loaded nor in the adapter source"))
@@ -331,12 +332,13 @@ impl Adapters {
     }
 
     /// Every adapter usable by name (registered, resident, or in the adapter source), minus the
-    /// unloaded ones.
+    /// unloaded ones and those the shards report a problem with (which requests may still name,
+    /// to learn the problem).
     pub async fn list(&self) -> Result<Vec<pb::AdapterInfo>, InferError> {
         let all = crate::health::bounded("listing adapters", self.inner.shards.list()).await?;
         let mut st = self.inner.state.lock().unwrap();
         st.known = all.iter().map(|a| a.name.clone()).collect();
-        Ok(all.into_iter().filter(|a| !st.forgotten.contains(&a.name)).collect())
+        Ok(all.into_iter().filter(|a| a.problem.is_empty() && !st.forgotten.contains(&a.name)).collect())
     }
 }
 

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from text_generation_server.errors import ErrorCode, ShardError
 from text_generation_server.lora.adapter import GROUPS, peft_key, projection_shapes
@@ -69,7 +69,94 @@ def test_known_lists_source_and_residency(source):
     p = pool(source)
     p.load("a8")
     known = {n: (rank, resident) for n, rank, resident, _ in p.known()}
-    assert known == {"a2": (0, False), "a4": (0, False), "a8": (8, True), "a16": (0, False)}
+    assert known == {"a2": (2, False), "a4": (4, False), "a8": (8, True), "a16": (16, False)}
+
+
+def _load_error(p, name):
+    with pytest.raises(ShardError) as e:
+        p.load(name)
+    return e.value
+
+
+def test_files_linked_outside_the_source_are_never_opened(source, tmp_path):
+    secret = tmp_path / "secret.json"
+    secret.write_text('{"peft_type": "TOP SECRET"}')
+    d = write_adapter(source / "linked", 4)
+    (d / "adapter_config.json").unlink()
+    (d / "adapter_config.json").symlink_to(secret)
+    e = _load_error(pool(source), "linked")
+    assert e.code == ErrorCode.BAD_ADAPTER and "outside the adapter source" in e.message
+    assert "SECRET" not in e.message
+    d2 = write_adapter(source / "linked2", 4)
+    (d2 / "adapter_model.safetensors").unlink()
+    (d2 / "adapter_model.safetensors").symlink_to("/etc/passwd")
+    assert "outside the adapter source" in _load_error(pool(source), "linked2").message
+    # A link to a file inside the source is fine.
+    d3 = write_adapter(source / "inside", 4)
+    (d3 / "adapter_config.json").unlink()
+    (d3 / "adapter_config.json").symlink_to(source / "a4" / "adapter_config.json")
+    pool(source).load("inside")
+    names = [n for n, *_ in pool(source).known()]
+    assert "inside" in names and "linked" not in names and "linked2" not in names
+
+
+@pytest.mark.parametrize("conf, why", [
+    ({"peft_type": "LORA", "r": "abc"}, "`r` (the rank) must be an integer from 1 to 256, got a string"),
+    ({"peft_type": "LORA", "r": 4.5}, "`r` (the rank) must be an integer"),
+    ({"peft_type": "LORA", "r": 0}, "`r` (the rank) must be from 1 to 256, got 0"),
+    ({"peft_type": "LORA", "r": 4, "lora_alpha": "x"}, "`lora_alpha` must be a finite number"),
+    ({"peft_type": "LORA", "r": 4, "use_rslora": "yes"}, "`use_rslora` must be true or false"),
+    ({"peft_type": "LORA", "r": 4, "use_dora": True}, "DoRA"),
+    ({"peft_type": "LORA", "r": 4, "fan_in_fan_out": True}, "`fan_in_fan_out` must be false"),
+    ({"peft_type": "LORA", "r": 4, "alpha_pattern": {"q_proj": 3}}, "`alpha_pattern` must be empty"),
+    ({"peft_type": "IA3", "r": 4}, "`peft_type` must be \"LORA\", got 'IA3'"),
+    ({"peft_type": "root:x:0:0", "r": 4}, "a string that is not a PEFT type"),
+    ([1, 2, 3], "must hold a JSON object, not a list"),
+])
+def test_bad_configs_are_bad_adapter_with_a_clear_message(source, conf, why):
+    d = write_adapter(source / "broken", 4)
+    (d / "adapter_config.json").write_text(json.dumps(conf))
+    e = _load_error(pool(source), "broken")
+    assert e.code == ErrorCode.BAD_ADAPTER and why in e.message, e.message
+    usable, unusable = pool(source).listing()
+    assert "broken" not in [n for n, *_ in usable]
+    assert [why for n, why in unusable if n == "broken"] == [e.message]  # named, to explain a request for it
+
+
+def test_unreadable_files_are_bad_adapter_without_echoing_them(source):
+    d = write_adapter(source / "garbage", 4)
+    (d / "adapter_config.json").write_text("not json: hunter2")
+    e = _load_error(pool(source), "garbage")
+    assert e.code == ErrorCode.BAD_ADAPTER and "not valid JSON" in e.message and "hunter2" not in e.message
+    d = write_adapter(source / "garbage2", 4)
+    (d / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{hunter2 1234567}")
+    e = _load_error(pool(source), "garbage2")
+    assert e.code == ErrorCode.BAD_ADAPTER and "hunter2" not in e.message
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_bad_adapter_and_unlisted_after(source, value):
+    d = write_adapter(source / "nan", 4)
+    tensors = load_file(str(d / "adapter_model.safetensors"))
+    key = peft_key(1, "v_proj", "B")
+    tensors[key][3, 1] = value
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    p = pool(source)
+    assert "nan" in [n for n, *_ in p.known()]  # the header looks fine: listed until it fails to load
+    e = _load_error(p, "nan")
+    assert e.code == ErrorCode.BAD_ADAPTER and "layer 1 v_proj: lora_B holds NaN or infinite values" in e.message
+    assert "nan" not in [n for n, *_ in p.known()]
+    write_adapter(source / "nan2", 4)
+    (source / "nan").rename(source / "old")
+    (source / "nan2").rename(source / "nan")  # fixed files: listed and loadable again
+    assert "nan" in [n for n, *_ in p.known()]
+    p.load("nan")
+
+
+def test_paths_with_nul_are_invalid(source):
+    with pytest.raises(ShardError) as e:
+        pool(source).source_path("a4\0x")
+    assert e.value.code == ErrorCode.INVALID_REQUEST and "NUL" in e.value.message
 
 
 def test_paths_only_inside_the_source(source, tmp_path):

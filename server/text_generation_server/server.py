@@ -153,8 +153,9 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         return pb.UnloadAdapterResponse()
 
     async def ListAdapters(self, request, context):
-        known = await self._run(context, self.engine.adapters.known, locked=False)
-        return pb.ListAdaptersResponse(adapters=[_adapter_info(*a) for a in known])
+        usable, unusable = await self._run(context, self.engine.adapters.listing, locked=False)
+        return pb.ListAdaptersResponse(adapters=[_adapter_info(*a) for a in usable] +
+                                       [pb.AdapterInfo(name=n, problem=why) for n, why in unusable])
 
 
 def _adapter_info(name: str, rank: int, resident: bool, nbytes: int) -> pb.AdapterInfo:

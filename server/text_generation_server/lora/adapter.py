@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from text_generation_server.errors import ErrorCode, ShardError
+from text_generation_server.lora.peft_config import bad, read_config
 from text_generation_server.models.config import ModelConfig
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -47,15 +49,6 @@ class Adapter:
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
 
 
-def bad(name: str, why: str) -> ShardError:
-    return ShardError(ErrorCode.BAD_ADAPTER, f"adapter {name!r}: {why}")
-
-
-def load_adapter(name: str, path: Path, cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> Adapter:
-    """Reads a PEFT directory onto `device` (via the host)."""
-    return to_device(read_adapter(name, path, cfg, dtype), device)
-
-
 def to_device(host: Adapter, device: torch.device) -> Adapter:
     """Copies a host adapter to the device; on CUDA through pinned memory on a side stream, so a
     step running meanwhile is not serialized behind the copy."""
@@ -69,46 +62,90 @@ def to_device(host: Adapter, device: torch.device) -> Adapter:
     return Adapter(host.name, host.rank, host.scaling, weights)
 
 
-def read_adapter(name: str, path: Path, cfg: ModelConfig, dtype: torch.dtype) -> Adapter:
-    """Reads a PEFT directory into host memory in `dtype`; a shape or target mismatch with the base
-    model is a BAD_ADAPTER error."""
-    conf_path, weights_path = path / "adapter_config.json", path / "adapter_model.safetensors"
-    if not conf_path.is_file() or not weights_path.is_file():
-        raise ShardError(ErrorCode.ADAPTER_NOT_FOUND, f"adapter {name!r}: no adapter_config.json + adapter_model.safetensors in {path.name}")
-    try:
-        conf = json.loads(conf_path.read_text())
-        raw = load_file(str(weights_path))
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the adapter's fault
-        raise bad(name, f"unreadable: {e}") from e
-    if conf.get("peft_type", "LORA") != "LORA":
-        raise bad(name, f"peft_type {conf.get('peft_type')!r} is not LORA")
-    r = int(conf.get("r", 0))
-    if not 1 <= r <= 256:
-        raise bad(name, f"rank {r} outside 1..256")
-    alpha = float(conf.get("lora_alpha", r))
-    scaling = alpha / (r ** 0.5) if conf.get("use_rslora") else alpha / r
-    shapes = projection_shapes(cfg)
-    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for key, t in raw.items():
+CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
+
+
+def adapter_files(name: str, path: Path, root: Path | None) -> tuple[Path, Path]:
+    """The real paths of the adapter's config and weights. With `root` (the adapter source, resolved),
+    both must lie inside it: a file that is a link to elsewhere is refused before anything opens it."""
+    out = []
+    for fname in (CONFIG, WEIGHTS):
+        real = Path(os.path.realpath(path / fname))
+        if root is not None and root not in real.parents:
+            raise bad(name, f"{fname} is a link to a file outside the adapter source")
+        if not real.is_file():
+            raise ShardError(ErrorCode.ADAPTER_NOT_FOUND, f"adapter {name!r}: no {CONFIG} + {WEIGHTS} in {path.name}")
+        out.append(real)
+    return out[0], out[1]
+
+
+def _pairs(name: str, shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, r: int) -> dict[tuple[int, str], tuple[str, str]]:
+    """(layer, projection) -> (A's tensor name, B's), with every name and shape checked against the base model."""
+    proj_shapes = projection_shapes(cfg)
+    found: dict[tuple[int, str], dict[str, str]] = {}
+    for key in shapes:
         m = _KEY.search(key)
         if not m:
-            raise bad(name, f"unexpected tensor {key!r} (only q/k/v/o/gate/up/down LoRA A/B are supported)")
+            raise bad(name, f"unexpected tensor {key[:200]!r} (only q/k/v/o/gate/up/down LoRA A/B are supported)")
         layer, proj, ab = int(m.group(1)), m.group(2), m.group(3)
-        if proj not in shapes:
+        if proj not in proj_shapes:
             raise bad(name, f"targets {proj!r}, which the base model does not have")
         if layer >= cfg.num_layers:
             raise bad(name, f"layer {layer} beyond the base model's {cfg.num_layers}")
-        pairs.setdefault((layer, proj), {})[ab] = t
-    weights = {}
-    for (layer, proj), ab in pairs.items():
+        found.setdefault((layer, proj), {})[ab] = key
+    if not found:
+        raise bad(name, "no LoRA weights")
+    pairs = {}
+    for (layer, proj), ab in found.items():
         if set(ab) != {"A", "B"}:
             raise bad(name, f"layer {layer} {proj}: lora_A and lora_B must both be present")
-        out_f, in_f = shapes[proj]
-        a, b = ab["A"], ab["B"]
-        if tuple(a.shape) != (r, in_f) or tuple(b.shape) != (out_f, r):
-            raise bad(name, f"layer {layer} {proj}: shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit "
+        out_f, in_f = proj_shapes[proj]
+        a, b = shapes[ab["A"]], shapes[ab["B"]]
+        if tuple(a) != (r, in_f) or tuple(b) != (out_f, r):
+            raise bad(name, f"layer {layer} {proj}: shapes A{tuple(a)} B{tuple(b)} do not fit "
                             f"rank {r} and the base model's ({out_f}, {in_f})")
-        weights[(layer, proj)] = (a.to(dtype).contiguous(), b.to(dtype).contiguous())
-    if not weights:
-        raise bad(name, "no LoRA weights")
-    return Adapter(name, r, scaling, weights)
+        pairs[(layer, proj)] = (ab["A"], ab["B"])
+    return pairs
+
+
+def probe_adapter(name: str, path: Path, cfg: ModelConfig, root: Path | None) -> int:
+    """Checks an adapter without reading its weights (config, tensor names, shapes and dtypes from the
+    safetensors header); returns its rank. Cheap enough to run for every listing."""
+    conf_path, weights_path = adapter_files(name, path, root)
+    conf = read_config(name, conf_path)
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the adapter's fault
+        raise bad(name, f"{WEIGHTS} is not a readable safetensors file ({type(e).__name__})") from None
+    for key, (_, dtype) in header.items():
+        if dtype not in _FLOAT_DTYPES:
+            raise bad(name, f"tensor {key[:200]!r} is {dtype}, not a floating-point type")
+    _pairs(name, {k: shape for k, (shape, _) in header.items()}, cfg, conf.rank)
+    return conf.rank
+
+
+def read_adapter(name: str, path: Path, cfg: ModelConfig, dtype: torch.dtype, root: Path | None = None) -> Adapter:
+    """Reads a PEFT directory into host memory in `dtype` (files only inside `root` when given); a config,
+    name, shape, dtype or value the base model cannot use is a BAD_ADAPTER error."""
+    conf_path, weights_path = adapter_files(name, path, root)
+    conf = read_config(name, conf_path)
+    try:
+        raw = load_file(str(weights_path))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the adapter's fault
+        raise bad(name, f"{WEIGHTS} is not a readable safetensors file ({type(e).__name__})") from None
+    pairs = _pairs(name, {k: tuple(t.shape) for k, t in raw.items()}, cfg, conf.rank)
+    weights = {}
+    for (layer, proj), (ka, kb) in pairs.items():
+        ab = []
+        for key, which in ((ka, "lora_A"), (kb, "lora_B")):
+            t = raw[key]
+            if not t.is_floating_point():
+                raise bad(name, f"layer {layer} {proj}: {which} is {t.dtype}, not a floating-point type")
+            t = t.to(dtype).contiguous()
+            if not torch.isfinite(t).all():  # NaN/Inf in the file, or too large for `dtype`
+                raise bad(name, f"layer {layer} {proj}: {which} holds NaN or infinite values (in {dtype})")
+            ab.append(t)
+        weights[(layer, proj)] = (ab[0], ab[1])
+    return Adapter(name, conf.rank, conf.scaling, weights)

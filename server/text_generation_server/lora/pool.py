@@ -14,6 +14,7 @@ adapter loads it synchronously, never evicting one a live batch uses.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -25,7 +26,7 @@ from typing import Callable
 import torch
 
 from text_generation_server.errors import ErrorCode, ShardError
-from text_generation_server.lora.adapter import Adapter, read_adapter, to_device
+from text_generation_server.lora.adapter import CONFIG, WEIGHTS, Adapter, probe_adapter, read_adapter, to_device
 from text_generation_server.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,9 @@ class AdapterPool:
         self.evictions = 0
         self._lock = threading.RLock()
         self._loading: dict[str, threading.Event] = {}
+        # name -> (files' stamp, problem or None): the last verdict on an adapter's files, so that
+        # listings probe each adapter once per change and a failed load marks it until it changes.
+        self._verdicts: dict[str, tuple[tuple | None, str | None]] = {}
         for name in self.static:
             check_name(name)
 
@@ -84,6 +88,8 @@ class AdapterPool:
         """A client-given adapter path, accepted only inside the adapter source."""
         if self.source is None:
             raise ShardError(ErrorCode.INVALID_REQUEST, "loading adapters by path needs the shard's --adapter-source")
+        if "\0" in path or len(path) > 4096:
+            raise ShardError(ErrorCode.INVALID_REQUEST, "adapter path must be at most 4096 characters, without NUL")
         p = (self.source / path).resolve()  # absolute `path` replaces source, then must still be inside
         if p == self.source or self.source not in p.parents:
             raise ShardError(ErrorCode.INVALID_REQUEST, f"adapter path {path!r} is outside the adapter source")
@@ -91,13 +97,57 @@ class AdapterPool:
             raise ShardError(ErrorCode.ADAPTER_NOT_FOUND, f"adapter path {path!r}: no such directory in the adapter source")
         return p
 
-    def known(self) -> list[tuple[str, int, bool, int]]:
-        """(name, rank or 0, resident, device bytes) of every adapter that can be used by name."""
+    def _root(self, path: Path) -> Path | None:
+        """Where an adapter's files must lie: inside the adapter source for adapters found there
+        (a link to elsewhere is refused); operator-given paths (`--lora-adapters`) are trusted."""
+        if self.source is not None and self.source in path.parents:
+            return self.source
+        return None
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple | None:
+        """Identifies the adapter files' current version without reading them."""
+        try:
+            st = [os.stat(path / f) for f in (CONFIG, WEIGHTS)]
+        except OSError:
+            return None
+        return tuple((s.st_ino, s.st_mtime_ns, s.st_size) for s in st)
+
+    def _problem(self, name: str) -> str | None:
+        """Why a listed adapter cannot be used (the cheap checks: config, tensor names, shapes; or a
+        failed load since its files last changed), or None."""
+        try:
+            path = self.path(name)
+        except ShardError as e:
+            return e.message
+        stamp = self._stamp(path)
+        seen = self._verdicts.get(name)
+        if seen is not None and seen[0] == stamp:
+            return seen[1]
+        try:
+            self.ranks[name] = probe_adapter(name, path, self.cfg, self._root(path))
+            problem = None
+        except ShardError as e:
+            log.warning("adapter %s is not usable: %s", name, e.message)
+            problem = e.message
+        self._verdicts[name] = (stamp, problem)
+        return problem
+
+    def listing(self) -> tuple[list[tuple[str, int, bool, int]], list[tuple[str, str]]]:
+        """Every adapter that can be named: the usable ones as (name, rank or 0, resident, device
+        bytes) -- resident ones, and registered or source ones whose files pass the cheap checks --
+        and the others as (name, problem)."""
         with self._lock:
-            names = set(self.static) | set(self.active)
+            names = set(self.static)
             if self.source is not None and self.source.is_dir():
-                names |= {p.name for p in self.source.iterdir() if (p / "adapter_config.json").is_file() and _NAME.match(p.name)}
-            return [self.info(n) for n in sorted(names)]
+                names |= {p.name for p in self.source.iterdir() if _NAME.match(p.name) and ".." not in p.name}
+            problems = {n: self._problem(n) for n in names - set(self.active)}
+            usable = sorted(set(self.active) | {n for n, why in problems.items() if why is None})
+            return [self.info(n) for n in usable], sorted((n, why) for n, why in problems.items() if why is not None)
+
+    def known(self) -> list[tuple[str, int, bool, int]]:
+        """The usable adapters of `listing`."""
+        return self.listing()[0]
 
     def register(self, name: str, path: Path) -> Adapter:
         """Validates the adapter at `path` and registers it under `name`; returns it on the host."""
@@ -112,9 +162,18 @@ class AdapterPool:
     # ---- residency -------------------------------------------------------------------------
 
     def _read(self, name: str, path: Path) -> Adapter:
-        host = read_adapter(name, path, self.cfg, self.dtype)
-        if self.slots is not None:
-            self.slots.check(host)
+        stamp = self._stamp(path)
+        try:
+            host = read_adapter(name, path, self.cfg, self.dtype, self._root(path))
+            if self.slots is not None:
+                self.slots.check(host)
+        except ShardError as e:
+            if e.code == ErrorCode.BAD_ADAPTER:
+                with self._lock:
+                    self._verdicts[name] = (stamp, e.message)
+            raise
+        with self._lock:
+            self._verdicts[name] = (stamp, None)
         self.ranks[name] = host.rank
         return host
 

@@ -15,7 +15,8 @@ import threading
 
 import torch
 
-from text_generation_server.lora.adapter import GROUPS, Adapter, bad, projection_shapes
+from text_generation_server.lora.adapter import GROUPS, Adapter, projection_shapes
+from text_generation_server.lora.peft_config import bad
 from text_generation_server.models.config import ModelConfig
 
 
