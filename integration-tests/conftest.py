@@ -31,18 +31,20 @@ def free_port() -> int:
 class Server:
     """One launcher process and everything it starts."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, uds: str | None = None, new_session: bool = False):
+        """`uds`: the shard socket prefix (default: one of its own); `new_session`: the launcher
+        leads a process group of its own, as in a terminal, so that tests can signal the group."""
         LOGS.mkdir(exist_ok=True)
         n = next(_count)
         self.port = free_port()
-        self.uds = f"/tmp/tessera-it-{os.getpid()}-{n}"
+        self.uds = uds or f"/tmp/tessera-it-{os.getpid()}-{n}"
         self.log_path = LOGS / f"server-{n}.log"
         env = dict(os.environ)
         env["PATH"] = f"{ROOT / '.venv' / 'bin'}:{env['PATH']}"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [str(LAUNCHER), "--port", str(self.port), "--hostname", "127.0.0.1", "--shard-uds-path", self.uds, *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env,
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=new_session,
         )
         self.base = f"http://127.0.0.1:{self.port}"
 

@@ -112,7 +112,8 @@ def test_mixed_adapters_in_one_batch_match_peft(adapters, reference, chat):
         metrics = requests.get(s.url("/metrics")).text
         assert 'tessera_adapter_requests_total{adapter="mlp16",status="success"}' in metrics
         assert 'tessera_adapter_requests_total{adapter="_base",status="success"}' in metrics
-        assert 'tessera_adapter_requests_total{adapter="gpt-4o",status="adapter_not_found"}' in metrics
+        assert 'tessera_adapter_requests_total{adapter="_unknown",status="adapter_not_found"}' in metrics
+        assert "gpt-4o" not in metrics  # client-chosen names never become label values
         assert 'tessera_adapter_generated_tokens_total{adapter="attn32"}' in metrics
         assert 'tessera_adapter_request_duration_seconds_count{adapter="all8"}' in metrics
         loads = [line for line in metrics.splitlines() if line.startswith("tessera_adapter_loads_total")]
@@ -145,6 +146,8 @@ def test_load_and_unload_at_run_time(adapters, reference, chat):
         for path in ("../outside", "/etc", str(adapters.parent)):
             r = admin("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": path})
             assert r.status_code == 400 and "outside the adapter source" in r.json()["error"], (path, r.text)
+        r = admin("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "upper4\u0000/x"})
+        assert r.status_code == 400 and "NUL" in r.json()["error"], r.text
         r = admin("/v1/load_lora_adapter", {"lora_name": "x", "lora_path": "not-there"})
         assert r.status_code == 404 and r.json()["error_type"] == "not_found"
         r = admin("/v1/load_lora_adapter", {"lora_name": "../x", "lora_path": "upper4"})
@@ -189,34 +192,56 @@ def test_eviction_keeps_outputs_correct(adapters, reference, chat):
 
 
 def test_bad_adapters_get_4xx_and_the_server_keeps_serving(adapters, tmp_path, chat, reference):
+    from safetensors.torch import load_file, save_file
+
     broken = tmp_path / "src"
     broken.mkdir()
+
+    def copy_of(name, base="upper4"):
+        d = broken / name
+        d.mkdir()
+        for f in ("adapter_config.json", "adapter_model.safetensors"):
+            (d / f).write_bytes((adapters / base / f).read_bytes())
+        return d
+
     (broken / "garbage").mkdir()
     (broken / "garbage" / "adapter_config.json").write_text("{not json")
     (broken / "garbage" / "adapter_model.safetensors").write_text("nope")
     # A real adapter of another model shape: ranks fine, projections the wrong size.
-    wrong = broken / "wrong"
-    wrong.mkdir()
-    cfg = json.loads((adapters / "upper4" / "adapter_config.json").read_text())
-    (wrong / "adapter_config.json").write_text(json.dumps(cfg))
-    from safetensors.torch import load_file, save_file
-
+    wrong = copy_of("wrong")
     t = load_file(str(adapters / "upper4" / "adapter_model.safetensors"))
     save_file({k: torch.zeros(v.shape[0], v.shape[1] + 1) if "lora_A" in k else v for k, v in t.items()},
               str(wrong / "adapter_model.safetensors"))
+    nan = copy_of("nan")
+    save_file({k: v.clone().fill_(float("nan")) if "lora_B" in k else v for k, v in t.items()}, str(nan / "adapter_model.safetensors"))
+    secret = tmp_path / "secret.txt"
+    secret.write_text('{"peft_type": "the-secret-is-42"}')
+    linked = copy_of("linked")
+    (linked / "adapter_config.json").unlink()
+    (linked / "adapter_config.json").symlink_to(secret)
+    (copy_of("rabc") / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": "abc"}))
+    (copy_of("listcfg") / "adapter_config.json").write_text("[1, 2]")
+    copy_of("fine")
     s = Server(*LIMITS, "--adapter-source", str(broken)).wait_ready()
     try:
         def post(adapter):
             return requests.post(s.url("/generate"), json={"inputs": "hi", "parameters": {"max_new_tokens": 2, "adapter_id": adapter}})
 
         r = post("nope")
-        assert r.status_code == 422 and "nope" in r.json()["error"]
+        assert r.status_code == 422 and "nope" in r.json()["error"] and r.json()["error_type"] == "adapter_not_found"
         r = post("../src/garbage")
         assert r.status_code == 422 and r.json()["error_type"] == "validation"
-        r = post("garbage")
-        assert r.status_code == 422 and r.json()["error_type"] == "bad_adapter"
-        r = post("wrong")
-        assert r.status_code == 422 and "shape" in r.json()["error"]
+        for name, why in [("garbage", "not valid JSON"), ("wrong", "shape"), ("nan", "NaN or infinite"),
+                          ("linked", "outside the adapter source"), ("rabc", "`r` (the rank) must be an integer"),
+                          ("listcfg", "must hold a JSON object")]:
+            r = post(name)
+            assert r.status_code == 422 and r.json()["error_type"] == "bad_adapter", (name, r.text)
+            assert why in r.json()["error"] and "secret" not in r.json()["error"], (name, r.text)
+        # Only what can load is offered.
+        models = [m["id"] for m in requests.get(s.url("/v1/models")).json()["data"]]
+        assert models[1:] == ["fine"], models
+        assert requests.get(s.url("/info")).json()["adapters"] == ["fine"]
+        assert post("fine").status_code == 200
         assert gen(s, chat, None) == reference[None]
     finally:
         s.stop()
