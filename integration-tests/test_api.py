@@ -130,7 +130,7 @@ def test_openai_errors_are_json_in_openais_shape(server, oai):
     assert r.status_code == 422, r.text
     err = r.json()["error"]
     assert err["code"] == "validation" and err["type"] == "invalid_request_error" and "empty" in err["message"]
-    assert err["param"] is None
+    assert err["param"] == "messages"  # OpenAI's name of the field at fault
     r = requests.post(server.url("/v1/completions"), json={"prompt": "x", "temperature": 3})
     assert r.status_code == 422 and "between 0 and 2, got 3" in r.json()["error"]["message"]
     r = requests.post(server.url("/v1/completions"), data="{not json", headers={"Content-Type": "application/json"})
@@ -142,6 +142,7 @@ def test_openai_errors_are_json_in_openais_shape(server, oai):
     # TGI's routes keep TGI's flat body.
     r = requests.post(server.url("/generate"), json={"inputs": "x", "parameters": {"top_p": 5}})
     assert r.status_code == 422 and r.json()["error_type"] == "validation" and isinstance(r.json()["error"], str)
+    assert set(r.json()) == {"error", "error_type"}
 
 
 def test_openapi_document_describes_every_route(server):

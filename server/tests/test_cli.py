@@ -26,6 +26,9 @@ def test_a_stale_socket_is_replaced_and_a_live_one_refused(tmp_path):
             claim_socket(path)
     finally:
         live.close()
+    (tmp_path / "f-0").write_text("not a socket")
+    with pytest.raises(UsageError, match="not a socket"):
+        claim_socket(str(tmp_path / "f-0"))
 
 
 def test_json_records_carry_level_and_traceback():

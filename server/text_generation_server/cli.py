@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 from pathlib import Path
 
@@ -42,6 +43,8 @@ def claim_socket(path: str) -> None:
     instance started with the same --uds-path), whose clients would otherwise be taken over."""
     if not os.path.exists(path):
         return
+    if not stat.S_ISSOCK(os.stat(path).st_mode):
+        raise UsageError(f"{path} exists and is not a socket; pass another --uds-path / --shard-uds-path")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(5)
         try:

@@ -23,11 +23,13 @@ from text_generation_server.lora.pool import AdapterPool
 from text_generation_server.lora.step import LoraStep
 from text_generation_server.models import load_model
 from text_generation_server.models.forward_context import ForwardContext, forward_context
+from text_generation_server.pb import generate_pb2 as pb
 from text_generation_server.sampling.sampler import sample
 
 log = logging.getLogger(__name__)
 
-FINISH_NONE, FINISH_LENGTH, FINISH_EOS = 0, 1, 2
+# tessera.v1.FinishReason, from the generated module.
+FINISH_NONE, FINISH_LENGTH, FINISH_EOS = pb.FINISH_REASON_UNSPECIFIED, pb.LENGTH, pb.EOS_TOKEN
 
 
 @dataclass
