@@ -123,7 +123,8 @@ async fn run(args: Args) -> Result<(), String> {
             }
         }
     }
-    let shard_info = client.info().await.map_err(|e| e.to_string())?;
+    let mut shard_info = client.info().await.map_err(|e| e.to_string())?;
+    shard_info.launch_token.clear(); // checked above; kept out of the log
     tracing::info!(shards = client.num_shards(), ?shard_info, "connected");
     let block_size = shard_info.block_size;
     let num_blocks = client

@@ -374,6 +374,44 @@ pub(crate) mod tests {
         assert_eq!(v.validate(req("a b", p)).await.unwrap_err(), ValidationError::TotalTokens(4, 2, 3));
     }
 
+    /// A byte-level-free BPE over {a, b, ab}: no normalizer, so token lengths bound prompt bytes.
+    fn bpe_tokenizer() -> Arc<Tokenizer> {
+        let json = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+            "pre_tokenizer": null, "post_processor": null, "decoder": null,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]}}"#;
+        Arc::new(Tokenizer::from_bytes(json.as_bytes()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn prompts_too_long_for_any_tokenization_are_refused_untokenized() {
+        assert_eq!(max_token_bytes(&bpe_tokenizer()), Some(4)); // a whole character at least
+        assert_eq!(max_token_bytes(&test_tokenizer()), None); // WordLevel: one <unk> may cover anything
+        let v = Validation::new(bpe_tokenizer(), LimitArgs { max_input_tokens: 2, max_total_tokens: 8, ..Default::default() });
+        let p = || GenerateParameters { max_new_tokens: Some(1), ..Default::default() };
+        // 8 bytes could be 2 tokens: tokenized (4 tokens, too many); 9 bytes cannot: refused before.
+        assert_eq!(v.validate(req("abababab", p())).await.unwrap_err(), ValidationError::InputLength(2, 4));
+        assert_eq!(v.validate(req("ababababa", p())).await.unwrap_err(), ValidationError::InputBytes(9, 2));
+        // With `truncate` the whole prompt is tokenized to keep its tail.
+        let t = GenerateParameters { truncate: Some(2), ..p() };
+        assert_eq!(*v.validate(req("ababababab", t)).await.unwrap().input_ids, vec![2, 2]);
+    }
+
+    #[tokio::test]
+    async fn unknown_fields_and_grammar_are_refused() {
+        let v = validation(LimitArgs::default());
+        let body: GenerateRequest = serde_json::from_str(r#"{"inputs": "hello", "parameters": {"foo": 1, "bar": null}}"#).unwrap();
+        assert_eq!(v.validate(body).await.unwrap_err(), ValidationError::UnknownField("foo".into()));
+        let body: GenerateRequest = serde_json::from_str(r#"{"inputs": "hello", "parameters": {"grammar": {"type": "json"}}}"#).unwrap();
+        assert_eq!(v.validate(body).await.unwrap_err(), ValidationError::Unsupported("grammar".into()));
+        let body: GenerateRequest = serde_json::from_str(
+            r#"{"inputs": "hello", "stream": null, "parameters": {"max_new_tokens": 1, "details": null, "stop": null, "grammar": null, "x": []}}"#,
+        )
+        .unwrap();
+        assert!(v.validate(body).await.is_ok());
+    }
+
     #[tokio::test]
     async fn truncate_keeps_the_tail() {
         let v = validation(LimitArgs::default());
