@@ -240,6 +240,10 @@ def test_over_the_limit_costs_no_tokenization(tight):
     assert all(r.status_code == 200 for r in results if r.status_code != 429)
     for r in over:
         assert r.json()["error_type"] == "overloaded" and r.headers["retry-after"] == "1"
+    with ThreadPoolExecutor(8) as ex:  # /tokenize tokenizes too: the same limit
+        results = list(ex.map(lambda _: post(tight, "/tokenize", {"inputs": big}), range(8)))
+    assert sum(r.status_code == 429 for r in results) >= 4, [r.status_code for r in results]
+    assert all(r.status_code in (200, 429) for r in results)
     assert "tessera::request" not in tight.log_path.read_text()  # --disable-request-logging
 
 

@@ -133,7 +133,9 @@ impl Infer {
         Ok(self.enqueue(valid, permit, lease, arrived))
     }
 
-    fn permit(&self) -> Result<OwnedSemaphorePermit, InferError> {
+    /// A slot under `--max-concurrent-requests`, held by whatever costs CPU on the request's
+    /// behalf (tokenizing included); `Overloaded` when none is free.
+    pub fn permit(&self) -> Result<OwnedSemaphorePermit, InferError> {
         self.limit.clone().try_acquire_owned().map_err(|_| InferError::Overloaded)
     }
 

@@ -321,8 +321,14 @@ async fn stream_response(s: AppState, req: GenerateRequest) -> Response {
 /// `POST /tokenize`: the prompt's tokens with their character spans.
 #[utoipa::path(post, path = "/tokenize", tag = "Text Generation Inference", request_body = GenerateRequest,
     responses((status = 200, body = Vec<SimpleToken>), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-              (status = 413, body = ErrorBody), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+              (status = 413, body = ErrorBody), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody),
+              (status = 503, body = ErrorBody)))]
 async fn tokenize(State(s): State<AppState>, JsonBody(req): JsonBody<GenerateRequest>) -> Response {
+    // Tokenizing is the costly part here: it counts against the concurrency limit too.
+    let _permit = match s.infer.permit() {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
     let inputs = req.inputs.clone();
     match s.infer.validation().encode(req.inputs).await {
         Ok(enc) => {

@@ -63,6 +63,8 @@ def to_device(host: Adapter, device: torch.device) -> Adapter:
 
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+# Tensor names quoted back in errors: identifiers, not arbitrary bytes from the file.
+_PLAIN = re.compile(r"^[A-Za-z0-9_.]{1,200}$")
 _FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 
 
@@ -87,7 +89,8 @@ def _pairs(name: str, shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, r: i
     for key in shapes:
         m = _KEY.search(key)
         if not m:
-            raise bad(name, f"unexpected tensor {key[:200]!r} (only q/k/v/o/gate/up/down LoRA A/B are supported)")
+            shown = repr(key) if _PLAIN.match(key) else "with an unusual name"
+            raise bad(name, f"unexpected tensor {shown} (only q/k/v/o/gate/up/down LoRA A/B are supported)")
         layer, proj, ab = int(m.group(1)), m.group(2), m.group(3)
         if proj not in proj_shapes:
             raise bad(name, f"targets {proj!r}, which the base model does not have")
@@ -121,7 +124,8 @@ def probe_adapter(name: str, path: Path, cfg: ModelConfig, root: Path | None) ->
         raise bad(name, f"{WEIGHTS} is not a readable safetensors file ({type(e).__name__})") from None
     for key, (_, dtype) in header.items():
         if dtype not in _FLOAT_DTYPES:
-            raise bad(name, f"tensor {key[:200]!r} is {dtype}, not a floating-point type")
+            shown = repr(key) if _PLAIN.match(key) else "with an unusual name"
+            raise bad(name, f"tensor {shown} is {dtype}, not a floating-point type")
     _pairs(name, {k: shape for k, (shape, _) in header.items()}, cfg, conf.rank)
     return conf.rank
 
