@@ -100,6 +100,12 @@ def main():
                 eng.decode([bid])
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy_ms = sum(e.time_range.elapsed_us() for e in kernels) / 5 / 1e3
+        layers = eng.model.config.num_layers
+        print(f"kernels per decode step: {len(kernels) / 5:.0f} ({len(kernels) / 5 / layers:.1f} per layer, "
+              f"{layers} layers; layer ops: {eng.model.ops.name})")
+        print(f"GPU busy per step: {busy_ms:.3f} ms of {wall * 1e3:.3f} ms wall ({busy_ms / (wall * 1e3):.2f})")
 
 if __name__ == "__main__":
     main()

@@ -51,6 +51,15 @@ def segment_gemm_backend() -> str:
     return v
 
 
+def layer_ops() -> str:
+    """Element-wise layer kernels on CUDA (TESSERA_LAYER_OPS): fused (FlashInfer's RMSNorm, rotary,
+    SiLU-and-multiply; default) or torch (the reference, as on CPU)."""
+    v = os.environ.get("TESSERA_LAYER_OPS", "fused")
+    if v not in ("fused", "torch"):
+        raise ValueError(f"TESSERA_LAYER_OPS must be fused or torch, got {v!r}")
+    return v
+
+
 def lora_kernel() -> str:
     """LoRA kernels on CUDA (TESSERA_LORA_KERNEL): triton (our grouped kernels, default) or segment
     (FlashInfer's segment GEMM over rows sorted by adapter)."""

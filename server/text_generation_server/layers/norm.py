@@ -1,8 +1,13 @@
-"""RMSNorm, computed in float32 like the reference implementation."""
+"""RMSNorm: a weight and an epsilon; the arithmetic is the layer ops' (`layers/ops.py`), in float32
+like the reference implementation."""
 
 from __future__ import annotations
 
 import torch
+
+from text_generation_server.layers.ops import TorchOps
+
+_REFERENCE = TorchOps()
 
 
 class RMSNorm:
@@ -10,8 +15,9 @@ class RMSNorm:
         self.weight = weight  # [hidden], device, fixed
         self.eps = eps
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    def __call__(self, x: torch.Tensor, ops: TorchOps = _REFERENCE) -> torch.Tensor:
+        return ops.rmsnorm(x, self.weight, self.eps)
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor, ops: TorchOps = _REFERENCE) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(residual + x), residual + x)."""
+        return ops.add_rmsnorm(x, residual, self.weight, self.eps)

@@ -38,6 +38,11 @@ class RotaryEmbedding:
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(dtype)  # [max_positions, dim], device, fixed
         self.sin = emb.sin().to(dtype)  # [max_positions, dim], device, fixed
+        # [max_positions, dim] float32, device, fixed: cos of each pair's angle, then sin (the fused kernel's table)
+        self._cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1) if device.type == "cuda" else None
+
+    def cos_sin_cache(self) -> torch.Tensor:
+        return self._cos_sin
 
     def apply(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, heads, dim], k: [T, kv_heads, dim], positions: [T] int64."""

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from text_generation_server.layers.linear import Linear
 from text_generation_server.layers.norm import RMSNorm
+from text_generation_server.layers.ops import TorchOps, make_ops
 from text_generation_server.layers.rotary import RotaryEmbedding
 from text_generation_server.models.config import ModelConfig
 from text_generation_server.models.forward_context import get_forward_context
@@ -35,10 +36,10 @@ class Attention:
         self.o_proj = Linear([weight("o_proj", hid, h * d)], None, ("o_proj",), layer)
         self.layer, self.h, self.kvh, self.d = layer, h, kvh, d
 
-    def __call__(self, x, positions, rotary: RotaryEmbedding, k_cache, v_cache):
+    def __call__(self, x, positions, rotary: RotaryEmbedding, k_cache, v_cache, ops: TorchOps):
         t = x.shape[0]
         q, k, v = self.qkv_proj(x)
-        q, k = rotary.apply(q.view(t, self.h, self.d), k.view(t, self.kvh, self.d), positions)
+        q, k = ops.rope(rotary, q.view(t, self.h, self.d), k.view(t, self.kvh, self.d), positions)
         out = get_forward_context().attention.forward(q, k, v.view(t, self.kvh, self.d), k_cache, v_cache)
         return self.o_proj(out.reshape(t, self.h * self.d))[0]
 
@@ -50,9 +51,9 @@ class MLP:
                                     w.get(f"{prefix}.up_proj.weight", (inter, hid))], None, ("gate_proj", "up_proj"), layer)
         self.down_proj = Linear([w.get(f"{prefix}.down_proj.weight", (hid, inter))], None, ("down_proj",), layer)
 
-    def __call__(self, x):
+    def __call__(self, x, ops: TorchOps):
         gate, up = self.gate_up_proj(x)
-        return self.down_proj(F.silu(gate) * up)[0]
+        return self.down_proj(ops.silu_mul(gate, up))[0]
 
 
 class DecoderLayer:
@@ -78,18 +79,26 @@ class LlamaForCausalLM:
         else:
             self.lm_head = w.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, w.device, w.dtype)
+        self.ops = make_ops(w.device)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_caches, v_caches) -> torch.Tensor:
-        """input_ids, positions: [T]. Returns final hidden states [T, hidden]."""
-        x = F.embedding(input_ids, self.embed_tokens)
+        """input_ids, positions: [T]. Returns final hidden states [T, hidden].
+
+        The residual stream is carried beside each sublayer's output and added in the next norm
+        (`add_rmsnorm`), so that on CUDA the add and the norm are one kernel."""
+        ops = self.ops
+        residual = F.embedding(input_ids, self.embed_tokens)
+        x = None
         for i, layer in enumerate(self.layers):
-            residual = x
-            x = layer.self_attn(layer.input_layernorm(x), positions, self.rotary, k_caches[i], v_caches[i])
-            x = residual + x
-            residual = x
-            x = residual + layer.mlp(layer.post_attention_layernorm(x))
-        return self.norm(x)
+            if x is None:
+                h = layer.input_layernorm(residual, ops)
+            else:
+                h, residual = layer.input_layernorm.add(x, residual, ops)
+            x = layer.self_attn(h, positions, self.rotary, k_caches[i], v_caches[i], ops)
+            h, residual = layer.post_attention_layernorm.add(x, residual, ops)
+            x = layer.mlp(h, ops)
+        return self.norm.add(x, residual, ops)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,39 @@
+"""`layers/ops.TorchOps` in one FlashInfer kernel each (CUDA only; imported by `ops.make_ops`)."""
+
+from __future__ import annotations
+
+import torch
+
+import flashinfer
+
+from text_generation_server.layers.ops import TorchOps
+from text_generation_server.layers.rotary import RotaryEmbedding
+
+
+class FlashInferOps(TorchOps):
+    name = "flashinfer"
+
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return flashinfer.norm.rmsnorm(x.contiguous(), weight, eps)
+
+    def add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        # In place: residual += x, then x = rmsnorm(residual). Both are this step's own buffers
+        # (sublayer outputs and the residual stream), so overwriting them is safe.
+        x = x.contiguous()
+        flashinfer.norm.fused_add_rmsnorm(x, residual, weight, eps)
+        return x, residual
+
+    def rope(self, rotary: RotaryEmbedding, q: torch.Tensor, k: torch.Tensor,
+             positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # One kernel reads the (strided) q/k views and writes rotated, contiguous copies.
+        return flashinfer.rope.apply_rope_with_cos_sin_cache(
+            positions, q, k, q.shape[-1], rotary.cos_sin_cache(), is_neox=True)
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        n = gate.shape[-1]
+        adjacent = (gate.stride() == up.stride() and gate.stride(-1) == 1 and up.shape == gate.shape
+                    and up.data_ptr() == gate.data_ptr() + n * gate.element_size())
+        # gate | up as one [T, 2n] tensor: the fused gate/up GEMM output, or a copy when LoRA made new ones.
+        both = gate.as_strided((gate.shape[0], 2 * n), gate.stride()) if adjacent else torch.cat([gate, up], dim=-1)
+        return flashinfer.activation.silu_and_mul(both)

@@ -1,0 +1,57 @@
+"""The element-wise parts of a decoder layer, one implementation per device type.
+
+`TorchOps` is the reference and the CPU path: plain torch, as the layers always computed them.
+On CUDA with FlashInfer, `layers/flashinfer_ops.FlashInferOps` does each in one kernel (residual
+add fused into RMSNorm, rotary embedding producing contiguous q/k, SiLU-and-multiply), which is
+what keeps a decode step to about ten kernels per layer. `TESSERA_LAYER_OPS=torch` forces the
+reference on CUDA (benchmarks, parity tests).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from text_generation_server import env
+from text_generation_server.layers.rotary import RotaryEmbedding
+
+log = logging.getLogger(__name__)
+
+
+class TorchOps:
+    name = "torch"
+
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x: [T, hidden]; computed in float32 like the reference implementation."""
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h.to(dtype)
+
+    def add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rmsnorm(residual + x), residual + x): the residual stream and the next sublayer's input."""
+        residual = residual + x
+        return self.rmsnorm(residual, weight, eps), residual
+
+    def rope(self, rotary: RotaryEmbedding, q: torch.Tensor, k: torch.Tensor,
+             positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, heads, dim], k: [T, kv_heads, dim] (views of the fused q/k/v output allowed)."""
+        return rotary.apply(q, k, positions)
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.silu(gate) * up
+
+
+def make_ops(device: torch.device) -> TorchOps:
+    """FlashInfer's kernels on CUDA when installed (unless TESSERA_LAYER_OPS=torch), else the reference."""
+    if device.type == "cuda" and env.layer_ops() == "fused":
+        try:
+            from text_generation_server.layers.flashinfer_ops import FlashInferOps
+        except ImportError as e:
+            log.warning("fused layer ops unavailable (%s): using the torch reference", e)
+        else:
+            return FlashInferOps()
+    return TorchOps()
