@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 import flashinfer
 
 from text_generation_server.layers.ops import TorchOps
-from text_generation_server.layers.rotary import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from text_generation_server.layers.rotary import RotaryEmbedding
 
 
 class FlashInferOps(TorchOps):

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import logging
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from text_generation_server import env
-from text_generation_server.layers.rotary import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from text_generation_server.layers.rotary import RotaryEmbedding
 
 log = logging.getLogger(__name__)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from text_generation_server.models.config import RopeConfig
+if TYPE_CHECKING:
+    from text_generation_server.models.config import RopeConfig
 
 
 def inv_frequencies(rope: RopeConfig, dim: int) -> torch.Tensor:

@@ -1,25 +1,30 @@
-"""Model registry: architecture name -> model class. Look-alike architectures share one file."""
+"""Model registry: architecture name -> model class. Look-alike architectures share one file.
+
+Model modules are imported when a model is loaded, not with this package, so that layers and
+per-step helpers under `models/` import without pulling every model in."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import torch
 
 from text_generation_server.models.config import ConfigError, ModelConfig
-from text_generation_server.models.llama import LlamaForCausalLM
 from text_generation_server.weights.loader import Weights
 
-REGISTRY = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
+REGISTRY = {  # architecture -> (module under models/, class)
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Qwen2ForCausalLM": ("llama", "LlamaForCausalLM"),
 }
 
 
 def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device):
     cfg = ModelConfig.from_dir(model_dir)
-    cls = REGISTRY.get(cfg.architecture)
-    if cls is None:
+    entry = REGISTRY.get(cfg.architecture)
+    if entry is None:
         raise ConfigError(f"architecture {cfg.architecture!r} is not supported (supported: {sorted(REGISTRY)})")
+    module, name = entry
+    cls = getattr(importlib.import_module(f"text_generation_server.models.{module}"), name)
     return cls(cfg, Weights(model_dir, dtype, device))
