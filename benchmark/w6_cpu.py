@@ -26,6 +26,8 @@ import requests
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# The request alone: one whose answer runs the whole 64 tokens.
+SINGLE = "Write a short story about a robot who learns to paint."
 QUESTIONS = [
     "What is the capital of France?", "Name three primary colors.", "How many legs does a spider have?",
     "Write a haiku about the sea.", "What is 12 times 12?", "Why is the sky blue?", "Give me a synonym for happy.",
@@ -101,13 +103,16 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-               for q in QUESTIONS[:a.concurrent]]
+    def chat(q):
+        return tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+
+    prompts = [chat(q) for q in QUESTIONS[:a.concurrent]]
+    single = chat(SINGLE)
 
     proc, url = start_server([], a.out.with_suffix(".server.log"))
     try:
         server_one(url, prompts[0], 4)  # warm
-        singles = [server_one(url, prompts[0], a.max_new_tokens) for _ in range(a.repeat)]
+        singles = [server_one(url, single, a.max_new_tokens) for _ in range(a.repeat)]
         t0 = time.perf_counter()
         with ThreadPoolExecutor(len(prompts)) as ex:
             many = list(ex.map(lambda p: server_one(url, p, a.max_new_tokens), prompts))
@@ -117,8 +122,8 @@ def main() -> None:
         proc.wait(120)
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    hf_generate(model, tok, prompts[:1], 4)  # warm
-    hf_singles = [hf_generate(model, tok, prompts[:1], a.max_new_tokens) for _ in range(a.repeat)]
+    hf_generate(model, tok, [single], 4)  # warm
+    hf_singles = [hf_generate(model, tok, [single], a.max_new_tokens) for _ in range(a.repeat)]
     hf_many, hf_many_wall = hf_generate(model, tok, prompts, a.max_new_tokens)
 
     def median(xs):
