@@ -15,7 +15,6 @@ pub fn install() -> Result<PrometheusHandle, String> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
         .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_tokens".into()), &tokens))
-        .and_then(|b| b.set_buckets_for_metric(Matcher::Full("tessera_batch_size_hist".into()), &tokens))
         .map_err(|e| e.to_string())?
         .install_recorder()
         .map_err(|e| e.to_string())?;

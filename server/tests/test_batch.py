@@ -149,3 +149,17 @@ def test_page_tables_built_ahead_match_a_fresh_build(engine_factory):
     kept = live.filter([1])
     kept.prepare_decode_host()
     assert kept.decode_inputs().attention.paged_host[0].tolist() == [0, 1]  # one row: 3 cached + 1 = one 4-token page
+
+
+def test_every_per_row_field_is_reshaped(engine_factory):
+    """filter/concatenate reshape fields by the names in HOST_ROWS / COUNT_ROWS: a per-row field
+    missing from them would keep the old rows after a filter."""
+    import dataclasses
+
+    from text_generation_server.batch import COUNT_ROWS, HOST_ROWS, Batch
+
+    handled = set(HOST_ROWS) | set(COUNT_ROWS) | {
+        "id", "request_ids", "block_tables", "block_tables_host", "last_tokens", "sampling", "block_size",
+        "prompt_ids", "prefill_slots", "prefill_logprobs", "next_host",  # prefill-only or rebuilt each step
+    }
+    assert {f.name for f in dataclasses.fields(Batch)} == handled

@@ -134,3 +134,22 @@ def test_uniform_noise_in_range():
     u = noise.uniform(torch.tensor([0, 1, 2**62]), torch.tensor([0, 5, 9]), 10000)
     assert (u > 0).all() and (u < 1).all()
     assert abs(u.mean().item() - 0.5) < 0.01
+
+
+def test_logprobs_and_top_n_match_the_full_log_softmax():
+    """The step never materializes log-softmax; what it reports equals it (greedy and sampled rows,
+    with top-k filtering: -inf scores stay out of the alternatives)."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 300, generator=g) * 4
+    rows = params(2) + params(2, do_sample=True, temperature=0.7, top_k=20, seed=5)
+    sp = SamplingParams.from_rows(rows, torch.device("cpu"))
+    out = sample(logits, sp, torch.zeros(4, dtype=torch.int64))
+    full = out.distribution
+    torch.testing.assert_close(full.exp().sum(-1), torch.ones(4))
+    torch.testing.assert_close(out.logprobs, full.gather(1, out.ids[:, None])[:, 0])
+    torch.testing.assert_close(full[:2], logits[:2].log_softmax(-1))  # greedy rows: the model's own distribution
+    ids, lps = out.top(5)
+    want = torch.topk(full, 5, dim=-1)
+    assert torch.equal(ids, want.indices)
+    torch.testing.assert_close(lps, want.values)
+    assert torch.isfinite(lps).all()

@@ -26,6 +26,12 @@ class StepInputs:
     last_token_index: torch.Tensor  # [B] int64, device: row i's last token in the flattened step
 
 
+# Per-row host arrays ([B], numpy): `filter` indexes them and `concatenate` stacks them, by name.
+HOST_ROWS = ("num_blocks", "cache_lens", "generated", "max_new_tokens", "ignore_eos", "top_n", "adapters")
+# Per-row device counts ([B, vocab] or None): indexed / stacked (zeros for batches without them).
+COUNT_ROWS = ("counts", "out_counts")
+
+
 @dataclass
 class Batch:
     id: int
@@ -190,25 +196,17 @@ class Batch:
         host = np.array([pos[r] for r in keep_ids], dtype=np.int64)
         idx = torch.from_numpy(host).to(self.block_tables.device)
         width = int(self.num_blocks[host].max()) if len(host) else 1
-        b = Batch(
+        return Batch(
             id=self.id,
             request_ids=list(keep_ids),
             block_tables=self.block_tables[idx, :width],
             block_tables_host=self.block_tables_host[host, :width],
-            num_blocks=self.num_blocks[host],
-            cache_lens=self.cache_lens[host],
-            generated=self.generated[host],
-            max_new_tokens=self.max_new_tokens[host],
-            ignore_eos=self.ignore_eos[host],
-            top_n=self.top_n[host],
-            adapters=self.adapters[host],
+            **{f: getattr(self, f)[host] for f in HOST_ROWS},
             last_tokens=self.last_tokens[idx],
             sampling=self.sampling.select(host, idx.device),
-            counts=self.counts[idx] if self.counts is not None else None,
-            out_counts=self.out_counts[idx] if self.out_counts is not None else None,
+            **{f: getattr(self, f)[idx] if getattr(self, f) is not None else None for f in COUNT_ROWS},
             block_size=self.block_size,
         )
-        return b
 
     @classmethod
     def concatenate(cls, batches: Sequence["Batch"]) -> "Batch":
@@ -218,27 +216,18 @@ class Batch:
         width = max(b.block_tables.shape[1] for b in batches)
         tables = torch.cat([torch.nn.functional.pad(b.block_tables, (0, width - b.block_tables.shape[1])) for b in batches])
         tables_host = np.concatenate([np.pad(b.block_tables_host, ((0, 0), (0, width - b.block_tables_host.shape[1]))) for b in batches])
-        counts = _cat_optional([b.counts for b in batches], [len(b) for b in batches], dev)
-        out_counts = _cat_optional([b.out_counts for b in batches], [len(b) for b in batches], dev)
-        out = cls(
+        sizes = [len(b) for b in batches]
+        return cls(
             id=batches[0].id,
             request_ids=[r for b in batches for r in b.request_ids],
             block_tables=tables,
             block_tables_host=tables_host,
-            num_blocks=np.concatenate([b.num_blocks for b in batches]),
-            cache_lens=np.concatenate([b.cache_lens for b in batches]),
-            generated=np.concatenate([b.generated for b in batches]),
-            max_new_tokens=np.concatenate([b.max_new_tokens for b in batches]),
-            ignore_eos=np.concatenate([b.ignore_eos for b in batches]),
-            top_n=np.concatenate([b.top_n for b in batches]),
-            adapters=np.concatenate([b.adapters for b in batches]),
+            **{f: np.concatenate([getattr(b, f) for b in batches]) for f in HOST_ROWS},
             last_tokens=torch.cat([b.last_tokens for b in batches]),
             sampling=SamplingParams.concat([b.sampling for b in batches], dev),
-            counts=counts,
-            out_counts=out_counts,
+            **{f: _cat_optional([getattr(b, f) for b in batches], sizes, dev) for f in COUNT_ROWS},
             block_size=batches[0].block_size,
         )
-        return out
 
 
 def _cat_optional(parts: list[torch.Tensor | None], sizes: list[int], device: torch.device) -> torch.Tensor | None:

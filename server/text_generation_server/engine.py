@@ -286,13 +286,13 @@ class Engine:
         with torch.inference_mode():
             out = sample(logits, batch.sampling, steps, batch.counts, batch.out_counts, prev)
             batch.advance(out.ids, tokens_in)
-            top = torch.topk(out.distribution, max_n, dim=-1) if max_n else None
+            top = out.top(max_n) if max_n else None
         if self.attention.plans_pages_on_host:
             batch.prepare_decode_host()  # the next step's page tables, while the GPU works on this one
         # The step's one host sync: everything the response needs comes over together.
         ids_h, lp_h = out.ids.cpu().numpy(), out.logprobs.float().cpu().numpy()
-        top_ids = top.indices.cpu().numpy() if top is not None else None
-        top_lp = top.values.float().cpu().numpy() if top is not None else None
+        top_ids = top[0].cpu().numpy() if top is not None else None
+        top_lp = top[1].float().cpu().numpy() if top is not None else None
         t2 = time.perf_counter_ns()
         finish = np.zeros(len(batch), dtype=np.int64)
         finish[batch.generated >= batch.max_new_tokens] = FINISH_LENGTH

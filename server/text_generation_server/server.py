@@ -117,7 +117,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             result, batch = await self._run(context, self.engine.prefill, request.batch)
         return pb.PrefillResponse(
             generations=_generations(result), batch=_cached(batch), forward_ns=result.forward_ns,
-            decode_ns=result.sample_ns, total_ns=time.perf_counter_ns() - t0,
+            sample_ns=result.sample_ns, total_ns=time.perf_counter_ns() - t0,
         )
 
     async def Decode(self, request, context):
@@ -126,7 +126,7 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             result, batch, concat_ns = await self._run(context, self.engine.decode, [b.id for b in request.batches])
         return pb.DecodeResponse(
             generations=_generations(result), batch=_cached(batch), concat_ns=concat_ns,
-            forward_ns=result.forward_ns, decode_ns=result.sample_ns, total_ns=time.perf_counter_ns() - t0,
+            forward_ns=result.forward_ns, sample_ns=result.sample_ns, total_ns=time.perf_counter_ns() - t0,
         )
 
     # Adapter management runs beside the steps (no step lock): the pool has its own lock, and a

@@ -60,9 +60,6 @@ class AttentionBackend(ABC):
     def supports_cuda_graphs(self) -> bool:
         return False
 
-    def plan_for_capture(self, batch_size: int) -> None:
-        raise NotImplementedError(f"{self.name} backend does not support CUDA graphs")
-
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
     """Scatter new keys/values into the paged cache at their slots."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 from text_generation_server.attention.base import AttentionBackend
@@ -13,7 +13,6 @@ from text_generation_server.attention.base import AttentionBackend
 class ForwardContext:
     attention: AttentionBackend  # planned for this step
     lora: Any = None  # LoraStep of this step, or None when no row uses an adapter
-    extras: dict[str, Any] = field(default_factory=dict)  # later per-step inputs
 
 
 _current: ForwardContext | None = None

@@ -4,6 +4,11 @@ Order: repetition penalty (prompt + output) -> frequency/presence penalties (out
 OpenAI defines them) -> watermark bias -> greedy argmax for greedy rows; temperature -> top-k ->
 top-p -> typical-p -> Gumbel-max draw for sampling rows. Returned logprobs are those of the
 distribution each token was drawn from. A stage no row uses is skipped.
+
+The distribution is never materialized as log-probabilities over the vocabulary: the chosen
+token's logprob is its score minus one logsumexp per row, the Gumbel-max draw needs only the
+scores (log-softmax shifts a row by a constant), and top-n alternatives come from one `topk` over
+the scores, for the steps where some row asks (`SampleOutput.top`).
 """
 
 from __future__ import annotations
@@ -98,7 +103,18 @@ class SamplingParams:
 class SampleOutput:
     ids: torch.Tensor  # [B] int64
     logprobs: torch.Tensor  # [B] float32, of the chosen tokens
-    distribution: torch.Tensor  # [B, V] float32 log-probabilities the tokens were drawn from
+    scores: torch.Tensor  # [B, V] float32: the distribution each token was drawn from, up to `lse` per row
+    lse: torch.Tensor  # [B] float32: logsumexp of each row of `scores`
+
+    def top(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The n most likely tokens of each row's distribution: ids [B, n], logprobs [B, n]."""
+        values, ids = torch.topk(self.scores, n, dim=-1)
+        return ids, values - self.lse[:, None]
+
+    @property
+    def distribution(self) -> torch.Tensor:
+        """[B, V] log-probabilities (materialized on request: tests, never the step)."""
+        return self.scores - self.lse[:, None]
 
 
 def apply_repetition_penalty(logits: torch.Tensor, counts: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -174,8 +190,7 @@ def sample(
         logits = watermark_bias(logits, prev_tokens, sp.dev["watermark"])
     greedy = torch.argmax(logits, dim=-1)
     if not sp.any_sample:
-        dist = torch.log_softmax(logits, dim=-1)
-        return SampleOutput(greedy, dist.gather(1, greedy[:, None])[:, 0], dist)
+        return _output(greedy, logits)
 
     scaled = logits / sp.dev["temperature"][:, None]
     if sp.any_("top_k") or sp.any_("top_p"):
@@ -183,7 +198,11 @@ def sample(
     if sp.any_("typical_p"):
         scaled = filter_typical(scaled, torch.where(sp.dev["do_sample"], sp.dev["typical_p"], 1.0))
     sample_rows = sp.dev["do_sample"]
-    dist = torch.log_softmax(torch.where(sample_rows[:, None], scaled, logits), dim=-1)
-    drawn = torch.argmax(dist + noise.gumbel(sp.dev["seed"], steps, logits.shape[-1]), dim=-1)
-    ids = torch.where(sample_rows, drawn, greedy)
-    return SampleOutput(ids, dist.gather(1, ids[:, None])[:, 0], dist)
+    scores = torch.where(sample_rows[:, None], scaled, logits)
+    drawn = torch.argmax(scores + noise.gumbel(sp.dev["seed"], steps, logits.shape[-1]), dim=-1)
+    return _output(torch.where(sample_rows, drawn, greedy), scores)
+
+
+def _output(ids: torch.Tensor, scores: torch.Tensor) -> SampleOutput:
+    lse = torch.logsumexp(scores, dim=-1)
+    return SampleOutput(ids, scores.gather(1, ids[:, None])[:, 0] - lse, scores, lse)

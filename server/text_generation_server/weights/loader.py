@@ -41,6 +41,3 @@ class Weights:
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise WeightError(f"weight {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
         return t.to(device=self.device, dtype=self.dtype).contiguous()
-
-    def get_optional(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor | None:
-        return self.get(name, shape) if self.has(name) else None
