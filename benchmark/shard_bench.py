@@ -93,19 +93,31 @@ def run(model_dir: Path, batches: list[int], context: int, batch1_context: int, 
                 resp = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=bid, requests=reqs, size=len(reqs))))
                 t_prefill.append(time.perf_counter() - t0)
                 cached.append(resp.batch)
-            times = []
+            times, shard, forward, sample, req_bytes, resp_bytes = [], [], [], [], [], []
             for _ in range(steps):
+                msg = pb.DecodeRequest(batches=cached)
                 t0 = time.perf_counter()
-                resp = stub.Decode(pb.DecodeRequest(batches=cached))
+                resp = stub.Decode(msg)
                 times.append(time.perf_counter() - t0)
+                shard.append(resp.total_ns / 1e9)
+                forward.append(resp.forward_ns / 1e9)
+                sample.append(resp.sample_ns / 1e9)
+                req_bytes.append(msg.ByteSize())
+                resp_bytes.append(resp.ByteSize())
                 cached = [resp.batch]
             stub.ClearCache(pb.ClearCacheRequest())
             step = statistics.median(times[2:])  # the first steps include concatenation
             read = weights + b * (ctx + steps // 2) * kv_per_token
             floor = read / bw if bw else float("nan")
+            med = lambda xs: statistics.median(xs[2:]) * 1e3  # noqa: E731
             row = {"batch": b, "context": ctx, "step_ms": step * 1e3, "bytes_read": read,
                    "roofline_ms": floor * 1e3, "roofline_ratio": floor / step if bw else None,
-                   "tokens_per_s": b / step}
+                   "tokens_per_s": b / step,
+                   # Where a step's time goes: inside the shard's Decode handler (the engine's inputs +
+                   # forward, then sampling + the host sync), and outside it (gRPC, both ends).
+                   "shard_ms": med(shard), "forward_ms": med(forward), "sample_ms": med(sample),
+                   "grpc_ms": (step - statistics.median(shard[2:])) * 1e3,
+                   "request_bytes": int(statistics.median(req_bytes)), "response_bytes": int(statistics.median(resp_bytes))}
             out["decode"].append(row)
             print(json.dumps(row), flush=True)
             if b == 1:
