@@ -1,7 +1,8 @@
 """The model runner: owns the model, the KV cache, the attention backend and the cached batches.
 
-Every step is: build inputs from batch state -> plan attention once -> forward -> logits of
-each row's last token -> batched sampling -> one host sync -> token-level stopping.
+Every step is: build inputs from batch state -> the rows' adapters -> plan attention once ->
+forward -> logits of each row's last token -> batched sampling -> one host sync -> token-level
+stopping (the parts after the inputs are in `step.py`).
 """
 
 from __future__ import annotations
@@ -19,35 +20,12 @@ from text_generation_server.attention import make_backend
 from text_generation_server.batch import Batch, StepInputs, check_request
 from text_generation_server.cache.kv_cache import KVCache
 from text_generation_server.errors import ErrorCode, ShardError
+from text_generation_server import step
 from text_generation_server.lora.pool import AdapterPool
-from text_generation_server.lora.step import LoraStep
 from text_generation_server.models import load_model
-from text_generation_server.models.forward_context import ForwardContext, forward_context
-from text_generation_server.pb import generate_pb2 as pb
-from text_generation_server.sampling.sampler import sample
+from text_generation_server.step import StepResult
 
 log = logging.getLogger(__name__)
-
-# tessera.v1.FinishReason, from the generated module.
-FINISH_NONE, FINISH_LENGTH, FINISH_EOS = pb.FINISH_REASON_UNSPECIFIED, pb.LENGTH, pb.EOS_TOKEN
-
-
-@dataclass
-class StepResult:
-    """One step's outcome per row, on the host."""
-
-    request_ids: list[int]
-    token_ids: np.ndarray  # [B] int64
-    logprobs: np.ndarray  # [B] float32
-    finish: np.ndarray  # [B] int: FINISH_*
-    seeds: np.ndarray  # [B] int64
-    top_n: np.ndarray  # [B] int64: alternatives wanted per row
-    top_ids: np.ndarray | None  # [B, max top_n] int64, best first
-    top_logprobs: np.ndarray | None  # [B, max top_n] float32
-    prefill: dict[int, tuple[list[int], list[float]]]  # row -> (prompt ids, logprobs; first is NaN)
-    forward_ns: int
-    sample_ns: int
-    failed: list[tuple[int, str, int]] = ()  # (request id, why, ErrorCode) of requests refused before running
 
 
 @dataclass(frozen=True)
@@ -182,7 +160,7 @@ class Engine:
             else:
                 good.append(r)
         if not good:
-            return _empty_result(failed), None
+            return step.empty_result(failed), None
         batch = Batch.from_pb(pb_batch.id, good, self.cfg.block_size, vocab, self.cfg.device)
         result = self._step(batch, prefill=True)
         result.failed = failed
@@ -222,7 +200,7 @@ class Engine:
         self.batches[batch.id] = batch
         return batch
 
-    def _slot_lora(self, row_slots: np.ndarray, prefill: bool):
+    def slot_lora(self, row_slots: np.ndarray, prefill: bool):
         """LoRA over the slot table, outside CUDA graphs: the grouped Triton kernels (larger tiles
         for prefills, where a prompt's tokens share an adapter) or FlashInfer's segment GEMM."""
         if self.lora_kernel == "segment":
@@ -258,68 +236,11 @@ class Engine:
                   t0: int) -> StepResult:
         want_prefill = np.flatnonzero(batch.prefill_logprobs) if prefill else np.zeros(0, dtype=np.int64)
         prompts = batch.prompt_ids
-        lora = row_slots = None  # the torch-path LoraStep, or each token's slot in the CUDA slot table
-        if names:
-            resident = self.adapters.get(names, self.pinned)
-            token_adapters = np.repeat(batch.adapters, tokens_in) if prefill else batch.adapters
-            if self.adapters.slots is not None:
-                slot_of = {"": 0, **{n: r.slot for n, r in resident.items()}}
-                uniq, inverse = np.unique(token_adapters.astype(str), return_inverse=True)
-                row_slots = np.array([slot_of[u] for u in uniq.tolist()], dtype=np.int64)[inverse]
-            else:
-                lora = LoraStep(token_adapters, {n: r.adapter for n, r in resident.items()}, self.cfg.device)
-        logits = None
-        if self.graphs is not None and not prefill and lora is None:
-            logits = self.graphs.run(inputs, len(batch), row_slots)
-        if logits is None:
-            if row_slots is not None:
-                lora = self._slot_lora(row_slots, prefill)
-            self.attention.plan(inputs.attention)
-            with forward_context(ForwardContext(self.attention, lora=lora)):
-                hidden = self.model.forward(inputs.input_ids, inputs.positions, self.cache.k, self.cache.v)
-            logits = self.model.compute_logits(hidden[inputs.last_token_index])
-        prefill_lp = self._prompt_logprobs(hidden, inputs, prompts, want_prefill) if len(want_prefill) else {}
+        lora, row_slots = step.adapters_of_rows(self, batch, prefill, tokens_in, names)
+        logits, hidden = step.forward(self, batch, prefill, inputs, lora, row_slots)
+        prefill_lp = step.prompt_logprobs(self, hidden, inputs, prompts, want_prefill) if len(want_prefill) else {}
         t1 = time.perf_counter_ns()
-        steps = torch.from_numpy(batch.generated).to(logits.device)
-        prev = inputs.input_ids[inputs.last_token_index]
-        max_n = int(batch.top_n.max(initial=0))
-        with torch.inference_mode():
-            out = sample(logits, batch.sampling, steps, batch.counts, batch.out_counts, prev)
-            batch.advance(out.ids, tokens_in)
-            top = out.top(max_n) if max_n else None
-        if self.attention.plans_pages_on_host:
-            batch.prepare_decode_host()  # the next step's page tables, while the GPU works on this one
-        # The step's one host sync: everything the response needs comes over together.
-        ids_h, lp_h = out.ids.cpu().numpy(), out.logprobs.float().cpu().numpy()
-        top_ids = top[0].cpu().numpy() if top is not None else None
-        top_lp = top[1].float().cpu().numpy() if top is not None else None
+        ids_h, lp_h, top_ids, top_lp = step.sample_and_sync(self, batch, inputs, logits, tokens_in)
         t2 = time.perf_counter_ns()
-        finish = np.zeros(len(batch), dtype=np.int64)
-        finish[batch.generated >= batch.max_new_tokens] = FINISH_LENGTH
-        finish[np.isin(ids_h, self.eos) & ~batch.ignore_eos] = FINISH_EOS
-        return StepResult(list(batch.request_ids), ids_h, lp_h, finish, batch.seeds.copy(), batch.top_n.copy(),
-                          top_ids, top_lp, prefill_lp, t1 - t0, t2 - t1)
-
-    def _prompt_logprobs(self, hidden, inputs: StepInputs, prompts, rows) -> dict[int, tuple[list[int], list[float]]]:
-        """Logprob of each prompt token given the ones before it, for the rows that asked."""
-        cu = inputs.attention.cu_seqlens_q.cpu().numpy()
-        index = np.concatenate([np.arange(cu[r], cu[r + 1] - 1) for r in rows])
-        targets = np.concatenate([np.asarray(prompts[r][1:], dtype=np.int64) for r in rows])
-        out: dict[int, tuple[list[int], list[float]]] = {}
-        if len(index):
-            dev = hidden.device
-            lp = torch.log_softmax(self.model.compute_logits(hidden[torch.from_numpy(index).to(dev)]), dim=-1)
-            vals = lp.gather(1, torch.from_numpy(targets).to(dev)[:, None])[:, 0].cpu().numpy()
-        else:
-            vals = np.zeros(0, dtype=np.float32)
-        at = 0
-        for r in rows:
-            n = len(prompts[r]) - 1
-            out[int(r)] = (list(prompts[r]), [float("nan")] + vals[at:at + n].tolist())
-            at += n
-        return out
-
-
-def _empty_result(failed: list[tuple[int, str, int]]) -> StepResult:
-    z = np.zeros(0, dtype=np.int64)
-    return StepResult([], z, z.astype(np.float32), z, z, z, None, None, {}, 0, 0, failed)
+        return StepResult(list(batch.request_ids), ids_h, lp_h, step.finish_reasons(batch, ids_h, self.eos), batch.seeds.copy(),
+                          batch.top_n.copy(), top_ids, top_lp, prefill_lp, t1 - t0, t2 - t1)
