@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
+from text_generation_server.layers.cpu_gemm import packed_linear
 from text_generation_server.models.forward_context import current_context
 
 
@@ -13,7 +16,7 @@ class Linear:
 
     On CUDA a group is one GEMM over the concatenated weights, and its outputs are column views
     of one tensor (the LoRA kernels add into it in place). Elsewhere each projection is its own
-    GEMM, bit for bit what separate layers compute."""
+    GEMM (on the CPU through a packed weight, `cpu_gemm`)."""
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None, names: tuple[str, ...],
                  layer: int = -1):
@@ -30,13 +33,15 @@ class Linear:
                                        for i, b in enumerate(biases)])
             self.parts = []
         else:
-            self.parts = list(zip(weights, biases))  # [(weight [out, in], bias [out] or None)]
+            # One GEMM per projection: through a packed weight on the CPU (`cpu_gemm`), else F.linear.
+            self.parts = [packed_linear(w, b) or functools.partial(F.linear, weight=w, bias=b)
+                          for w, b in zip(weights, biases)]
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.fused:
             ys = list(F.linear(x, self.weight, self.bias).split(self.sizes, dim=1))
         else:
-            ys = [F.linear(x, w, b) for w, b in self.parts]
+            ys = [gemm(x) for gemm in self.parts]
         ctx = current_context()
         if ctx is not None and ctx.lora is not None:
             ys = ctx.lora.apply(self.layer, self.names, x, ys)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from text_generation_server.layers.cpu_gemm import packed_linear
 from text_generation_server.layers.linear import Linear
 from text_generation_server.layers.norm import RMSNorm
 from text_generation_server.layers.ops import TorchOps, make_ops
@@ -80,7 +81,7 @@ class LlamaForCausalLM:
             self.lm_head = w.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, w.device, w.dtype)
         self.ops = make_ops(w.device)
-        self._lm_head_cpu = _packed_cpu_linear(self.lm_head)
+        self._lm_head_cpu = packed_linear(self.lm_head)  # the CPU's packed GEMM, else None
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, k_caches, v_caches) -> torch.Tensor:
@@ -107,17 +108,3 @@ class LlamaForCausalLM:
         logits = self._lm_head_cpu(hidden) if self._lm_head_cpu is not None else F.linear(hidden, self.lm_head)
         return logits.float() if out is None else out.copy_(logits)
 
-
-def _packed_cpu_linear(weight: torch.Tensor):
-    """On the CPU in float32, the vocabulary projection through oneDNN with the weight converted to
-    its layout once (aten's `mkldnn_linear`): `F.linear` on a [vocab, hidden] weight is slower
-    (CI machine, SmolLM2, interleaved A/B: a decode step 36.2 -> 33.7 ms at batch 1, 66.6 -> 57.7 ms
-    at batch 16). Elsewhere None (the plain GEMM)."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
-        return None
-    packed = weight.to_mkldnn()  # [vocab, hidden], oneDNN layout, fixed
-
-    def lm_head(hidden: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten.mkldnn_linear(hidden.contiguous().to_mkldnn(), packed, None).to_dense()
-
-    return lm_head
