@@ -220,20 +220,29 @@ fn describe(s: &std::io::Result<ExitStatus>) -> String {
 /// How long one health check of a shard may take.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Why a health check failed.
+enum CheckError {
+    /// No answer, or an error: worth asking again.
+    Unanswered(String),
+    /// The shard answered with another launch's token: another instance holds the socket.
+    Foreign(String),
+}
+
 /// One health check: the shard answers, with the expected launch token when `token` is given.
-async fn check_shard(client: &mut Option<ShardClient>, path: &str, token: Option<&str>) -> Result<(), String> {
+async fn check_shard(client: &mut Option<ShardClient>, path: &str, token: Option<&str>) -> Result<(), CheckError> {
+    let unanswered = |e: text_generation_router::client::ClientError| CheckError::Unanswered(e.to_string());
     let fut = async {
         if client.is_none() {
-            *client = Some(ShardClient::connect_uds(path).await.map_err(|e| e.to_string())?);
+            *client = Some(ShardClient::connect_uds(path).await.map_err(unanswered)?);
         }
         let c = client.as_mut().expect("connected above");
-        c.health().await.map_err(|e| e.to_string())?;
+        c.health().await.map_err(unanswered)?;
         if let Some(token) = token {
-            if c.info().await.map_err(|e| e.to_string())?.launch_token != token {
-                return Err(format!(
+            if c.info().await.map_err(unanswered)?.launch_token != token {
+                return Err(CheckError::Foreign(format!(
                     "the shard at {path} was not started by this launcher: another Tessera instance uses this \
                      --shard-uds-path; give each instance its own"
-                ));
+                )));
             }
         }
         Ok(())
@@ -242,7 +251,7 @@ async fn check_shard(client: &mut Option<ShardClient>, path: &str, token: Option
         Ok(r) => r,
         Err(_) => {
             *client = None; // a fresh connection next time
-            Err(format!("no answer within {HEALTH_TIMEOUT:?}"))
+            Err(CheckError::Unanswered(format!("no answer within {HEALTH_TIMEOUT:?}")))
         }
     }
 }
@@ -257,8 +266,8 @@ pub async fn wait_for_shard(path: &str, timeout: Duration, token: &str) -> Resul
         if std::path::Path::new(path).exists() {
             match check_shard(&mut client, path, Some(token)).await {
                 Ok(()) => return Ok(()),
-                Err(e) if e.contains("not started by this launcher") => return Err(e),
-                Err(e) => {
+                Err(CheckError::Foreign(e)) => return Err(e),
+                Err(CheckError::Unanswered(e)) => {
                     client = None;
                     last = e;
                 }
@@ -296,7 +305,7 @@ pub async fn watchdog(paths: Vec<String>, limit: Duration) -> String {
         for (i, path) in paths.iter().enumerate() {
             match check_shard(&mut clients[i], path, None).await {
                 Ok(()) => last_ok[i] = Instant::now(),
-                Err(e) => tracing::warn!(shard = i, "health check failed: {e}"),
+                Err(CheckError::Unanswered(e) | CheckError::Foreign(e)) => tracing::warn!(shard = i, "health check failed: {e}"),
             }
             if last_ok[i].elapsed() > limit {
                 return format!("shard {i} ({path}) has not answered for {} s (--shard-watchdog-timeout)", last_ok[i].elapsed().as_secs());
