@@ -157,8 +157,11 @@ impl Infer {
             cut_off: self.cut_off.subscribe(),
             log_id: self.request_log.then(|| self.next_id.fetch_add(1, Ordering::Relaxed)),
             arrived,
+            permit,
+            span,
+            lease,
         };
-        let stream = response_stream(rx, request.clone(), ctx, (permit, span, lease));
+        let stream = response_stream(rx, request.clone(), ctx);
         (request, Box::pin(stream))
     }
 
@@ -226,7 +229,7 @@ fn token_texts(tokenizer: &Tokenizer, ids: &[u32]) -> Vec<String> {
     ids.iter().map(|&id| tokenizer.decode(&[id], false).unwrap_or_default()).collect()
 }
 
-/// What a response stream needs besides its request.
+/// What a response stream needs besides its request, and what it holds until it ends.
 struct StreamContext {
     tokenizer: Arc<Tokenizer>,
     special: Arc<HashSet<u32>>,
@@ -234,6 +237,9 @@ struct StreamContext {
     /// The request's number in the request log; None: not logged.
     log_id: Option<u64>,
     arrived: Instant,
+    permit: OwnedSemaphorePermit,
+    span: Option<crate::telemetry::RequestSpan>,
+    lease: Option<Arc<AdapterLease>>,
 }
 
 /// The request log line (target `tessera::request`), one per request that entered the queue:
@@ -289,11 +295,10 @@ fn response_stream(
     mut rx: mpsc::UnboundedReceiver<Result<ShardEvent, InferError>>,
     request: Arc<ValidGenerateRequest>,
     ctx: StreamContext,
-    held: (OwnedSemaphorePermit, Option<crate::telemetry::RequestSpan>, Option<Arc<AdapterLease>>),
 ) -> impl Stream<Item = Result<InferStreamEvent, InferError>> + Send + 'static {
-    let StreamContext { tokenizer, special, mut cut_off, log_id, arrived } = ctx;
+    let StreamContext { tokenizer, special, mut cut_off, log_id, arrived, permit, span, lease } = ctx;
     async_stream::stream! {
-        let (_permit, span, _lease) = held;
+        let (_permit, _lease) = (permit, lease);
         let mut timer = m::RequestTimer::new(request.adapter_id.as_deref());
         let mut detok = Detokenizer::new(tokenizer.clone(), &request.input_ids);
         let mut stops = StopMatcher::new(request.stopping.stop_sequences.clone());

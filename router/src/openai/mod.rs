@@ -117,10 +117,7 @@ fn chat_logprobs(tokens: &[Token], tops: &[Vec<Token>]) -> ChatLogprobs {
               (status = 503, body = crate::error::OpenAiErrorBody)))]
 pub async fn completions(State(s): State<AppState>, JsonBody(req): JsonBody<CompletionRequest>) -> Response {
     let model = req.model.clone();
-    match completions_inner(s, req).await {
-        Ok(r) => r,
-        Err(e) => model_error(checks::rename(e, Route::Completions), model.as_deref()),
-    }
+    answer(completions_inner(s, req).await, Route::Completions, model.as_deref())
 }
 
 async fn completions_inner(s: AppState, req: CompletionRequest) -> Result<Response, InferError> {
@@ -224,10 +221,7 @@ async fn completions_inner(s: AppState, req: CompletionRequest) -> Result<Respon
               (status = 503, body = crate::error::OpenAiErrorBody)))]
 pub async fn chat_completions(State(s): State<AppState>, JsonBody(req): JsonBody<ChatCompletionRequest>) -> Response {
     let model = req.model.clone();
-    match chat_inner(s, req).await {
-        Ok(r) => r,
-        Err(e) => model_error(checks::rename(e, Route::Chat), model.as_deref()),
-    }
+    answer(chat_inner(s, req).await, Route::Chat, model.as_deref())
 }
 
 fn render_chat(s: &AppState, messages: &[ChatMessage]) -> Result<String, InferError> {
@@ -345,6 +339,12 @@ fn adapter_for_model(s: &AppState, model: Option<&str>) -> Result<Option<String>
         Some(m) if crate::validation::valid_adapter_name(m) => Ok(Some(m.to_string())),
         Some(m) => Err(InferError::Shard { code: crate::pb::ErrorCode::AdapterNotFound, message: format!("unknown model {m:?}") }),
     }
+}
+
+/// A route's response, or its error in OpenAI's terms: the route's parameter names, and 404 for an
+/// unknown `model`.
+fn answer(result: Result<Response, InferError>, route: Route, model: Option<&str>) -> Response {
+    result.unwrap_or_else(|e| model_error(checks::rename(e, route), model))
 }
 
 /// OpenAI's answer to an unknown model: 404, naming it.
