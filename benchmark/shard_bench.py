@@ -63,6 +63,11 @@ def request(rid: int, prompt: list[int], max_new: int, blocks: Blocks) -> pb.Req
         stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True))
 
 
+def _median_ms(seconds: list[float]) -> float:
+    """Median of the steps after the first two (those include concatenation), in ms."""
+    return statistics.median(seconds[2:]) * 1e3
+
+
 def run(model_dir: Path, batches: list[int], context: int, batch1_context: int, steps: int, vocab: int,
         shard_args: list[str], max_prefill: int = 8192) -> dict:
     ceilings = roofline.measure()
@@ -109,13 +114,12 @@ def run(model_dir: Path, batches: list[int], context: int, batch1_context: int, 
             step = statistics.median(times[2:])  # the first steps include concatenation
             read = weights + b * (ctx + steps // 2) * kv_per_token
             floor = read / bw if bw else float("nan")
-            med = lambda xs: statistics.median(xs[2:]) * 1e3  # noqa: E731
             row = {"batch": b, "context": ctx, "step_ms": step * 1e3, "bytes_read": read,
                    "roofline_ms": floor * 1e3, "roofline_ratio": floor / step if bw else None,
                    "tokens_per_s": b / step,
                    # Where a step's time goes: inside the shard's Decode handler (the engine's inputs +
                    # forward, then sampling + the host sync), and outside it (gRPC, both ends).
-                   "shard_ms": med(shard), "forward_ms": med(forward), "sample_ms": med(sample),
+                   "shard_ms": _median_ms(shard), "forward_ms": _median_ms(forward), "sample_ms": _median_ms(sample),
                    "grpc_ms": (step - statistics.median(shard[2:])) * 1e3,
                    "request_bytes": int(statistics.median(req_bytes)), "response_bytes": int(statistics.median(resp_bytes))}
             out["decode"].append(row)

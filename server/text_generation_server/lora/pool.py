@@ -33,9 +33,13 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-def check_name(name: str) -> None:
+def is_plain_name(name: str) -> bool:
     """Adapter names are plain names: no path separators, no `..`, nothing absolute."""
-    if not _NAME.match(name) or ".." in name:
+    return bool(_NAME.match(name)) and ".." not in name
+
+
+def check_name(name: str) -> None:
+    if not is_plain_name(name):
         raise ShardError(ErrorCode.ADAPTER_NOT_FOUND, f"invalid adapter name {name!r}: letters, digits, '.', '_', '-' only")
 
 
@@ -140,7 +144,7 @@ class AdapterPool:
         with self._lock:
             names = set(self.static)
             if self.source is not None and self.source.is_dir():
-                names |= {p.name for p in self.source.iterdir() if _NAME.match(p.name) and ".." not in p.name}
+                names |= {p.name for p in self.source.iterdir() if is_plain_name(p.name)}
             problems = {n: self._problem(n) for n in names - set(self.active)}
             usable = sorted(set(self.active) | {n for n, why in problems.items() if why is None})
             return [self.info(n) for n in usable], sorted((n, why) for n, why in problems.items() if why is not None)
