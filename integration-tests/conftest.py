@@ -31,15 +31,16 @@ def free_port() -> int:
 class Server:
     """One launcher process and everything it starts."""
 
-    def __init__(self, *args: str, uds: str | None = None, new_session: bool = False):
+    def __init__(self, *args: str, uds: str | None = None, new_session: bool = False, env: dict | None = None):
         """`uds`: the shard socket prefix (default: one of its own); `new_session`: the launcher
-        leads a process group of its own, as in a terminal, so that tests can signal the group."""
+        leads a process group of its own, as in a terminal, so that tests can signal the group;
+        `env`: extra environment variables."""
         LOGS.mkdir(exist_ok=True)
         n = next(_count)
         self.port = free_port()
         self.uds = uds or f"/tmp/tessera-it-{os.getpid()}-{n}"
         self.log_path = LOGS / f"server-{n}.log"
-        env = dict(os.environ)
+        env = {**os.environ, **(env or {})}
         env["PATH"] = f"{ROOT / '.venv' / 'bin'}:{env['PATH']}"
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(

@@ -94,6 +94,9 @@ impl ShardClient {
         Ok(self.stub.prefill(req).await?.into_inner())
     }
     pub async fn decode(&mut self, batches: Vec<pb::CachedBatch>, trace: Option<String>) -> Result<pb::DecodeResponse> {
+        // The shard keeps each batch's rows: a step names the batches only (requests leave by
+        // FilterBatch or end on the shard), so the per-step message does not grow with the batch.
+        let batches = batches.into_iter().map(|b| pb::CachedBatch { id: b.id, ..Default::default() }).collect();
         let req = traced(pb::DecodeRequest { batches }, trace);
         Ok(self.stub.decode(req).await?.into_inner())
     }

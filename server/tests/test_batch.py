@@ -87,13 +87,29 @@ def test_unknown_batch_and_request_are_typed_errors(engine_factory):
     assert e.value.code.name == "INVALID_REQUEST"
 
 
+def test_finished_rows_leave_the_batch_on_the_shard(engine_factory):
+    """The shard drops the rows it ends itself (length here), so the router never has to filter them."""
+    eng, _ = engine_factory("llama")
+    b, _ = batch(1, [[3, 4, 5], [6, 7]], 3)
+    b.requests[0].stopping_parameters.max_new_tokens = 1
+    res, cached = eng.prefill(b)
+    assert res.finish.tolist() == [1, 0] and cached.request_ids == [1]
+    res, cached, _ = eng.decode([1])
+    assert res.request_ids == [1] and cached.request_ids == [1]
+    res, cached, _ = eng.decode([1])
+    assert res.finish.tolist() == [1] and cached is None
+    with pytest.raises(ShardError, match="not found"):
+        eng.decode([1])
+
+
 def test_running_past_the_block_table_is_refused(engine_factory):
     eng, _ = engine_factory("llama")
-    b, _ = batch(1, [[3, 4, 5]], 1)  # 4 slots: prompt 3 + 1 generated
+    b, _ = batch(1, [[3, 4, 5]], 2)
     eng.prefill(b)
-    eng.decode([1])  # writes the 4th slot
+    row = eng.batches[1]
+    row.cache_lens = row.num_blocks * row.block_size  # as if steps had run past max_new_tokens
     with pytest.raises(ShardError, match="no KV slot"):
-        eng.decode([1])
+        row.decode_inputs()
 
 
 def test_bad_request_fails_alone(engine_factory):
@@ -161,5 +177,6 @@ def test_every_per_row_field_is_reshaped(engine_factory):
     handled = set(HOST_ROWS) | set(COUNT_ROWS) | {
         "id", "request_ids", "block_tables", "block_tables_host", "last_tokens", "sampling", "block_size",
         "prompt_ids", "prefill_slots", "prefill_logprobs", "next_host",  # prefill-only or rebuilt each step
+        "ahead", "ahead_error",  # a launched step: carried whole, its rows picked by request id when collected
     }
     assert {f.name for f in dataclasses.fields(Batch)} == handled

@@ -7,7 +7,7 @@ input (positions, slots, layout) is derived from this state, so nothing is kept 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +16,16 @@ from text_generation_server.attention.paged_meta import paged_kv_metadata
 from text_generation_server.attention.base import AttentionInputs
 from text_generation_server.errors import ErrorCode, ShardError
 from text_generation_server.sampling.sampler import SamplingParams
+
+if TYPE_CHECKING:
+    from text_generation_server.step import Launched
+
+
+def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without waiting for the device: the copy from pageable memory is
+    staged at once and runs in stream order, so steps can be launched while earlier ones run (a
+    blocking copy would wait for the whole stream)."""
+    return torch.from_numpy(a).to(device, non_blocking=True)
 
 
 @dataclass
@@ -55,6 +65,10 @@ class Batch:
     prefill_logprobs: np.ndarray | None = None  # [B] bool, host, only between from_pb and the first step
     # (cache_lens it was built for, page CSR of the next decode step): built ahead by prepare_decode_host
     next_host: tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+    # Overlapped steps: the next decode step, already launched (the state above is past it), and
+    # what went wrong launching it (raised by the decode that asks for it).
+    ahead: "Launched | None" = None
+    ahead_error: Exception | None = None
 
     @property
     def seeds(self) -> np.ndarray:
@@ -81,7 +95,7 @@ class Batch:
         b = cls(
             id=batch_id,
             request_ids=[r.id for r in reqs],
-            block_tables=torch.from_numpy(tables).to(device),
+            block_tables=to_device(tables, device),
             block_tables_host=tables,
             num_blocks=np.array([len(r.blocks) for r in reqs], dtype=np.int64),
             cache_lens=np.zeros(len(reqs), dtype=np.int64),
@@ -104,7 +118,7 @@ class Batch:
             rows = np.repeat(np.arange(len(reqs)), [len(p) for p in prompts])
             ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in prompts])
             b.counts.index_put_(
-                (torch.from_numpy(rows).to(device), torch.from_numpy(ids).to(device)),
+                (to_device(rows, device), to_device(ids, device)),
                 torch.ones(len(ids), dtype=torch.int32, device=device), accumulate=True,
             )
         if sp.needs_output_counts:
@@ -122,10 +136,10 @@ class Batch:
         positions = np.concatenate([np.arange(n) for n in lens])
         ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in self.prompt_ids])
         attn = AttentionInputs(
-            cu_seqlens_q=torch.from_numpy(cu.astype(np.int32)).to(dev),
-            kv_lens=torch.from_numpy(lens.astype(np.int32)).to(dev),
+            cu_seqlens_q=to_device(cu.astype(np.int32), dev),
+            kv_lens=to_device(lens.astype(np.int32), dev),
             block_tables=self.block_tables,
-            slots=torch.from_numpy(self.prefill_slots).to(dev),
+            slots=to_device(self.prefill_slots, dev),
             max_q=int(lens.max()),
             max_kv=int(lens.max()),
             is_decode=False,
@@ -134,8 +148,8 @@ class Batch:
             block_tables_host=self.block_tables_host,
         )
         return StepInputs(
-            torch.from_numpy(ids).to(dev), torch.from_numpy(positions).to(dev), attn,
-            torch.from_numpy(cu[1:] - 1).to(dev),
+            to_device(ids, dev), to_device(positions, dev), attn,
+            to_device(cu[1:] - 1, dev),
         )
 
     def prepare_decode_host(self) -> None:
@@ -154,7 +168,7 @@ class Batch:
             raise ShardError(ErrorCode.INVALID_REQUEST, f"requests {ids} have no KV slot left for another token", ids)
         pos = self.cache_lens
         n = len(self)
-        positions = torch.from_numpy(pos).to(dev)
+        positions = to_device(pos, dev)
         rows = torch.arange(n, device=dev)
         slots = self.block_tables[rows, positions // bs].long() * bs + positions % bs
         attn = AttentionInputs(
@@ -194,7 +208,7 @@ class Batch:
         if missing:
             raise ShardError(ErrorCode.INVALID_REQUEST, f"batch {self.id} holds no requests {missing}", missing)
         host = np.array([pos[r] for r in keep_ids], dtype=np.int64)
-        idx = torch.from_numpy(host).to(self.block_tables.device)
+        idx = to_device(host, self.block_tables.device)
         width = int(self.num_blocks[host].max()) if len(host) else 1
         return Batch(
             id=self.id,
@@ -206,10 +220,13 @@ class Batch:
             sampling=self.sampling.select(host, idx.device),
             **{f: getattr(self, f)[idx] if getattr(self, f) is not None else None for f in COUNT_ROWS},
             block_size=self.block_size,
+            ahead=self.ahead,  # collected for the rows still here
+            ahead_error=self.ahead_error,
         )
 
     @classmethod
     def concatenate(cls, batches: Sequence["Batch"]) -> "Batch":
+        assert all(b.ahead is None for b in batches), "collect launched steps before concatenating"
         if len(batches) == 1:
             return batches[0]
         dev = batches[0].block_tables.device

@@ -84,7 +84,9 @@ class Engine:
         self.eos = np.array(mc.eos_token_ids or [-1], dtype=np.int64)
         self.cache: KVCache | None = None
         self.batches: dict[int, Batch] = {}
-        self._stepping: frozenset[str] = frozenset()  # adapters of the step in flight
+        self._stepping: frozenset[str] = frozenset()  # adapters of the step being launched
+        # Launch each batch's next decode step before returning the current one (TESSERA_OVERLAP).
+        self.overlap = env.overlap(cfg.device.type)
 
     # ---- memory --------------------------------------------------------------------------
 
@@ -108,7 +110,8 @@ class Engine:
         self._alloc_cache(scratch)
         try:
             reqs = list(pb_batch.requests)
-            self._step(Batch.from_pb(pb_batch.id, reqs, self.cfg.block_size, self.model.config.vocab_size, self.cfg.device), prefill=True)
+            batch = Batch.from_pb(pb_batch.id, reqs, self.cfg.block_size, self.model.config.vocab_size, self.cfg.device)
+            step.collect(self._launch(batch, prefill=True), self.eos)
         except torch.OutOfMemoryError as e:
             raise ShardError(ErrorCode.OUT_OF_MEMORY, f"warmup prefill does not fit: {e}") from e
         self.cache = None
@@ -162,21 +165,71 @@ class Engine:
         if not good:
             return step.empty_result(failed), None
         batch = Batch.from_pb(pb_batch.id, good, self.cfg.block_size, vocab, self.cfg.device)
-        result = self._step(batch, prefill=True)
+        launched = self._launch(batch, prefill=True)
+        batch = self._launch_ahead(batch)
+        result = step.collect(launched, self.eos)
         result.failed = failed
-        return result, self._keep(batch)
+        return result, self._keep(self._without(batch, result.finished_ids()))
 
     def decode(self, batch_ids: list[int]) -> tuple[StepResult, Batch | None, int]:
+        """The next step of the given cached batches, concatenated into the first. With overlap, a
+        batch's next step is usually in flight already (launched by the previous call): this call
+        launches the one after it, from its sampled ids on the device, and only then waits for
+        the results it returns, so the GPU always has the next step queued."""
         self._require_cache()
         t0 = time.perf_counter_ns()
         missing = [b for b in batch_ids if b not in self.batches]
         if missing:
             raise ShardError(ErrorCode.BATCH_NOT_FOUND, f"batches {missing} not found")
         parts = [self.batches.pop(b) for b in batch_ids]
-        batch = Batch.concatenate(parts)
+        for p in parts:
+            if p.ahead_error is not None:
+                raise p.ahead_error
+        ahead = [p for p in parts if p.ahead is not None]
+        fresh = [p for p in parts if p.ahead is None]
+        launched = [(p.ahead, set(p.request_ids)) for p in ahead]
+        for p in ahead:
+            p.ahead = None
+        if fresh:
+            joined = Batch.concatenate(fresh)
+            launched.append((self._launch(joined, prefill=False), None))
+            ahead.append(joined)
+        batch = Batch.concatenate(ahead)
+        batch.id = batch_ids[0]
         concat_ns = time.perf_counter_ns() - t0
-        result = self._step(batch, prefill=False)
-        return result, self._keep(batch), concat_ns
+        batch = self._launch_ahead(batch)
+        result = StepResult.concat([step.collect(l, self.eos, keep) for l, keep in launched])
+        return result, self._keep(self._without(batch, result.finished_ids())), concat_ns
+
+    def _launch_ahead(self, batch: Batch) -> Batch | None:
+        """With overlap: the rows that go on after the step just launched (rows reaching
+        max_new_tokens are known to end) get their next step launched now. Rows that end by EOS,
+        or that the router drops, are discarded from it at `collect`. Its failure is kept and
+        raised by the next decode of the batch (its state may be half-advanced)."""
+        if not self.overlap:
+            return batch
+        going = batch.generated < batch.max_new_tokens
+        if not going.all():
+            if not going.any():
+                return None
+            batch = batch.filter([r for r, g in zip(batch.request_ids, going.tolist()) if g])
+        try:
+            batch.ahead = self._launch(batch, prefill=False)
+        except Exception as e:  # noqa: BLE001 - reported by the call that asks for this step
+            log.warning("launching the next step of batch %d failed: %s", batch.id, e)
+            batch.ahead_error = e
+        return batch
+
+    @staticmethod
+    def _without(batch: Batch | None, finished: list[int]) -> Batch | None:
+        """The shard drops the rows it ended itself (length, EOS): the router need not filter them."""
+        if batch is None or not finished:
+            return batch
+        gone = set(finished)
+        keep = [r for r in batch.request_ids if r not in gone]
+        if len(keep) == len(batch):
+            return batch
+        return batch.filter(keep) if keep else None
 
     def filter(self, batch_id: int, keep: list[int]) -> Batch | None:
         if batch_id not in self.batches:
@@ -194,8 +247,8 @@ class Engine:
         else:
             self.batches.pop(batch_id, None)
 
-    def _keep(self, batch: Batch) -> Batch | None:
-        if len(batch) == 0:
+    def _keep(self, batch: Batch | None) -> Batch | None:
+        if batch is None or len(batch) == 0:
             return None
         self.batches[batch.id] = batch
         return batch
@@ -221,26 +274,18 @@ class Engine:
         if self.cache is None:
             raise ShardError(ErrorCode.INVALID_REQUEST, "shard is not warmed up: call Warmup first")
 
-    def _step(self, batch: Batch, prefill: bool) -> StepResult:
+    def _launch(self, batch: Batch, prefill: bool) -> step.Launched:
+        """Queues one step of `batch` on the device and advances the batch's state past it."""
         t0 = time.perf_counter_ns()
         inputs: StepInputs = batch.prefill_inputs() if prefill else batch.decode_inputs()
         tokens_in = (np.array([len(p) for p in batch.prompt_ids]) if prefill else np.ones(len(batch), dtype=np.int64))
         names = set(batch.adapters.tolist()) - {""}
         self._stepping = frozenset(names)
         try:
-            return self._run_step(batch, prefill, inputs, tokens_in, names, t0)
+            want_prefill = np.flatnonzero(batch.prefill_logprobs) if prefill else np.zeros(0, dtype=np.int64)
+            lora, row_slots = step.adapters_of_rows(self, batch, prefill, tokens_in, names)
+            logits, hidden = step.forward(self, batch, prefill, inputs, lora, row_slots)
+            prefill_lp = step.prompt_logprobs(self, hidden, inputs, batch.prompt_ids, want_prefill) if len(want_prefill) else {}
+            return step.sample_and_launch(self, batch, inputs, logits, tokens_in, prefill_lp, t0)
         finally:
             self._stepping = frozenset()
-
-    def _run_step(self, batch: Batch, prefill: bool, inputs: StepInputs, tokens_in: np.ndarray, names: set[str],
-                  t0: int) -> StepResult:
-        want_prefill = np.flatnonzero(batch.prefill_logprobs) if prefill else np.zeros(0, dtype=np.int64)
-        prompts = batch.prompt_ids
-        lora, row_slots = step.adapters_of_rows(self, batch, prefill, tokens_in, names)
-        logits, hidden = step.forward(self, batch, prefill, inputs, lora, row_slots)
-        prefill_lp = step.prompt_logprobs(self, hidden, inputs, prompts, want_prefill) if len(want_prefill) else {}
-        t1 = time.perf_counter_ns()
-        ids_h, lp_h, top_ids, top_lp = step.sample_and_sync(self, batch, inputs, logits, tokens_in)
-        t2 = time.perf_counter_ns()
-        return StepResult(list(batch.request_ids), ids_h, lp_h, step.finish_reasons(batch, ids_h, self.eos), batch.seeds.copy(),
-                          batch.top_n.copy(), top_ids, top_lp, prefill_lp, t1 - t0, t2 - t1)

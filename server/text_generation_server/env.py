@@ -67,3 +67,14 @@ def lora_kernel() -> str:
     if v not in ("triton", "segment"):
         raise ValueError(f"TESSERA_LORA_KERNEL must be triton or segment, got {v!r}")
     return v
+
+
+def overlap(device_type: str) -> bool:
+    """Overlapped steps (TESSERA_OVERLAP=1/0): the next decode step of a batch is launched before
+    the current one's results are returned, so the GPU never waits for the host or the router.
+    Default: on for CUDA; off on CPU, where a launch is the whole computation and would only delay
+    each answer by a step."""
+    v = os.environ.get("TESSERA_OVERLAP", "")
+    if v not in ("", "0", "1"):
+        raise ValueError(f"TESSERA_OVERLAP must be 0 or 1, got {v!r}")
+    return device_type == "cuda" if v == "" else v == "1"

@@ -4,6 +4,7 @@ in order; the engine owns the state they read (model, cache, attention, graphs, 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -36,9 +37,55 @@ class StepResult:
     top_ids: np.ndarray | None  # [B, max top_n] int64, best first
     top_logprobs: np.ndarray | None  # [B, max top_n] float32
     prefill: dict[int, tuple[list[int], list[float]]]  # row -> (prompt ids, logprobs; first is NaN)
-    forward_ns: int
-    sample_ns: int
+    forward_ns: int  # host time to launch the step (inputs, forward, sampling)
+    sample_ns: int  # host time spent waiting for its results
     failed: list[tuple[int, str, int]] = ()  # (request id, why, ErrorCode) of requests refused before running
+
+    def finished_ids(self) -> list[int]:
+        return [rid for rid, f in zip(self.request_ids, self.finish.tolist()) if f != FINISH_NONE]
+
+    @classmethod
+    def concat(cls, parts: list["StepResult"]) -> "StepResult":
+        if len(parts) == 1:
+            return parts[0]
+        width = max((p.top_ids.shape[1] for p in parts if p.top_ids is not None), default=0)
+
+        def top(p: StepResult, name: str, dtype) -> np.ndarray:
+            t = getattr(p, name)
+            out = np.zeros((len(p.request_ids), width), dtype=dtype)
+            if t is not None:
+                out[:, : t.shape[1]] = t
+            return out
+
+        offsets = np.cumsum([0] + [len(p.request_ids) for p in parts])
+        return cls(
+            [r for p in parts for r in p.request_ids],
+            *(np.concatenate([getattr(p, f) for p in parts]) for f in ("token_ids", "logprobs", "finish", "seeds", "top_n")),
+            np.concatenate([top(p, "top_ids", np.int64) for p in parts]) if width else None,
+            np.concatenate([top(p, "top_logprobs", np.float32) for p in parts]) if width else None,
+            {int(o) + r: v for p, o in zip(parts, offsets) for r, v in p.prefill.items()},
+            sum(p.forward_ns for p in parts), sum(p.sample_ns for p in parts),
+            [f for p in parts for f in p.failed],
+        )
+
+
+@dataclass
+class Launched:
+    """A step whose work is queued on the device; `collect` brings its results to the host.
+    Host arrays are snapshots of the rows at launch (the batch moves on, rows may leave)."""
+
+    request_ids: list[int]
+    ids: torch.Tensor  # [B] int64, host (pinned on CUDA): filled when `event` completes
+    logprobs: torch.Tensor  # [B] float32, host
+    top: tuple[torch.Tensor, torch.Tensor] | None  # host ([B, n] ids, [B, n] logprobs), rows that asked
+    event: torch.cuda.Event | None  # recorded after the copies to the host; None on CPU (already done)
+    generated: np.ndarray  # [B] tokens generated after this step
+    max_new_tokens: np.ndarray
+    ignore_eos: np.ndarray
+    seeds: np.ndarray
+    top_n: np.ndarray
+    prefill: dict[int, tuple[list[int], list[float]]]
+    forward_ns: int
 
 
 def empty_result(failed: list[tuple[int, str, int]]) -> StepResult:
@@ -96,27 +143,68 @@ def prompt_logprobs(engine: Engine, hidden, inputs: StepInputs, prompts, rows) -
     return out
 
 
-def sample_and_sync(engine: Engine, batch: Batch, inputs: StepInputs, logits: torch.Tensor, tokens_in: np.ndarray):
-    """Samples every row on the device, advances the batch, and brings what the response needs to
-    the host in the step's one sync: (ids, logprobs, top ids or None, top logprobs or None)."""
-    steps = torch.from_numpy(batch.generated).to(logits.device)
+def sample_and_launch(engine: Engine, batch: Batch, inputs: StepInputs, logits: torch.Tensor,
+                      tokens_in: np.ndarray, prefill_lp: dict, t0: int) -> Launched:
+    """Samples every row on the device, advances the batch, and queues the copies of what the
+    response needs to the host (pinned buffers, an event after them): no host sync here, so the
+    next step can be launched before this one's results are read."""
+    dev = logits.device
+    steps = torch.from_numpy(batch.generated).to(dev, non_blocking=True)
     prev = inputs.input_ids[inputs.last_token_index]
     max_n = int(batch.top_n.max(initial=0))
     with torch.inference_mode():
         out = sample(logits, batch.sampling, steps, batch.counts, batch.out_counts, prev)
         batch.advance(out.ids, tokens_in)
         top = out.top(max_n) if max_n else None
+        ids, lps = out.ids, out.logprobs.float()
+        event = None
+        if dev.type == "cuda":
+            ids, lps = _to_host(ids), _to_host(lps)
+            top = (_to_host(top[0]), _to_host(top[1].float())) if top is not None else None
+            event = torch.cuda.Event()
+            event.record()
+        elif top is not None:
+            top = (top[0], top[1].float())
     if engine.attention.plans_pages_on_host:
         batch.prepare_decode_host()  # the next step's page tables, while the GPU works on this one
-    ids_h, lp_h = out.ids.cpu().numpy(), out.logprobs.float().cpu().numpy()
-    top_ids = top[0].cpu().numpy() if top is not None else None
-    top_lp = top[1].float().cpu().numpy() if top is not None else None
-    return ids_h, lp_h, top_ids, top_lp
+    return Launched(list(batch.request_ids), ids, lps, top, event, batch.generated.copy(), batch.max_new_tokens.copy(),
+                    batch.ignore_eos.copy(), batch.seeds.copy(), batch.top_n.copy(), prefill_lp,
+                    time.perf_counter_ns() - t0)
 
 
-def finish_reasons(batch: Batch, ids_h: np.ndarray, eos: np.ndarray) -> np.ndarray:
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    h.copy_(t, non_blocking=True)
+    return h
+
+
+def collect(launched: Launched, eos: np.ndarray, keep: set[int] | None = None) -> StepResult:
+    """Waits for a launched step and returns its outcome for the rows in `keep` (all when None):
+    rows that left the batch since the launch (filtered, or ended by the previous step) are
+    dropped, their token never reported."""
+    t0 = time.perf_counter_ns()
+    if launched.event is not None:
+        launched.event.synchronize()
+    ids, lps = launched.ids.numpy(), launched.logprobs.numpy()
+    top_ids = launched.top[0].numpy() if launched.top is not None else None
+    top_lp = launched.top[1].numpy() if launched.top is not None else None
+    finish = finish_reasons(launched.generated, launched.max_new_tokens, launched.ignore_eos, ids, eos)
+    rows = np.arange(len(ids))
+    prefill = launched.prefill
+    if keep is not None and len(keep) < len(ids):
+        rows = np.array([i for i, r in enumerate(launched.request_ids) if r in keep], dtype=np.int64)
+        prefill = {j: prefill[int(i)] for j, i in enumerate(rows.tolist()) if int(i) in prefill}
+    pick = (lambda a: a[rows]) if len(rows) < len(ids) else (lambda a: a)
+    return StepResult([launched.request_ids[i] for i in rows.tolist()], pick(ids), pick(lps), pick(finish),
+                      pick(launched.seeds), pick(launched.top_n), None if top_ids is None else pick(top_ids),
+                      None if top_lp is None else pick(top_lp), prefill, launched.forward_ns,
+                      time.perf_counter_ns() - t0)
+
+
+def finish_reasons(generated: np.ndarray, max_new_tokens: np.ndarray, ignore_eos: np.ndarray, ids: np.ndarray,
+                   eos: np.ndarray) -> np.ndarray:
     """[B] FINISH_*: length when max_new_tokens is reached, end of sequence unless ignored."""
-    finish = np.zeros(len(batch), dtype=np.int64)
-    finish[batch.generated >= batch.max_new_tokens] = FINISH_LENGTH
-    finish[np.isin(ids_h, eos) & ~batch.ignore_eos] = FINISH_EOS
+    finish = np.zeros(len(ids), dtype=np.int64)
+    finish[generated >= max_new_tokens] = FINISH_LENGTH
+    finish[np.isin(ids, eos) & ~ignore_eos] = FINISH_EOS
     return finish

@@ -38,6 +38,7 @@ class FlashInferAttention(AttentionBackend):
         self.slots: torch.Tensor | None = None  # [T] int64, device, set each plan
         self.graph_batch_size = 0  # >0: a graph-mode instance for this decode batch size
         self.scratch_block = 0
+        self._planned: torch.cuda.Event | None = None  # recorded after the last plan's copies
 
     @classmethod
     def for_cuda_graph(cls, parent: "FlashInferAttention", batch_size: int, max_pages: int, scratch_block: int) -> "FlashInferAttention":
@@ -60,6 +61,7 @@ class FlashInferAttention(AttentionBackend):
         self.slots = None
         self.graph_batch_size = batch_size
         self.scratch_block = scratch_block
+        self._planned = None
         return self
 
     def supports_cuda_graphs(self) -> bool:
@@ -73,6 +75,17 @@ class FlashInferAttention(AttentionBackend):
         )
 
     def plan(self, inputs: AttentionInputs) -> None:
+        # FlashInfer's plan writes its metadata into a pinned host buffer of the wrapper and copies
+        # it to the device in stream order. With overlapped steps the previous plan's copy may not
+        # have run yet when the next plan starts: wait for it (it is normally long done).
+        if self._planned is not None:
+            self._planned.synchronize()
+        self._plan(inputs)
+        if self._planned is None:
+            self._planned = torch.cuda.Event()
+        self._planned.record()
+
+    def _plan(self, inputs: AttentionInputs) -> None:
         cu = inputs.cu_seqlens_q_host
         kv_lens = inputs.kv_lens_host
         tables = inputs.block_tables_host

@@ -53,8 +53,8 @@ class SegmentLoraStep:
         self.indptr_host = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         dev = table.device
         if perm_buf is None:
-            self.perm = torch.from_numpy(order).to(dev)  # [T] int64: sorted position -> token
-            self.indptr = torch.from_numpy(self.indptr_host).to(dev)  # [S+2] int64
+            self.perm = torch.from_numpy(order).to(dev, non_blocking=True)  # [T] int64: sorted position -> token
+            self.indptr = torch.from_numpy(self.indptr_host).to(dev, non_blocking=True)  # [S+2] int64
         else:  # static buffers of a captured graph
             perm_buf[: len(order)].copy_(torch.from_numpy(order), non_blocking=True)
             indptr_buf.copy_(torch.from_numpy(self.indptr_host), non_blocking=True)

@@ -17,7 +17,7 @@ class LoraStep:
         self.groups: list[tuple[Adapter, torch.Tensor]] = []  # (adapter, token indices [n] int64, device)
         for name in sorted(set(token_adapters.tolist()) - {""}):
             idx = np.flatnonzero(token_adapters == name)
-            self.groups.append((adapters[name], torch.from_numpy(idx).to(device)))
+            self.groups.append((adapters[name], torch.from_numpy(idx).to(device, non_blocking=True)))
 
     def apply(self, layer: int, projs: tuple[str, ...], x: torch.Tensor, ys: list[torch.Tensor]) -> list[torch.Tensor]:
         """ys[i] = x W_i^T (+ b) for all tokens (projection projs[i]); adds scaling * x A^T B^T for

@@ -175,7 +175,7 @@ class TritonLoraStep:
         plan, tiles = plan_tiles(np.asarray(row_slots, dtype=np.int64), block_m, size)
         host = torch.from_numpy(plan)
         if plan_buf is None:  # one program per tile along the tile axis
-            self.plan, self.tiles, bound = host.to(table.device), tiles, None
+            self.plan, self.tiles, bound = host.to(table.device, non_blocking=True), tiles, None  # staged: no stream wait
         else:  # the static buffer of a captured graph: programs stride over however many tiles there are
             plan_buf.copy_(host, non_blocking=True)
             self.plan, self.tiles = plan_buf, size

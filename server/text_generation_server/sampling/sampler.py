@@ -60,7 +60,7 @@ class SamplingParams:
 
     @classmethod
     def from_host(cls, host: dict[str, np.ndarray], device: torch.device) -> "SamplingParams":
-        return cls(host, {k: torch.from_numpy(v).to(device) for k, v in host.items()})
+        return cls(host, {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in host.items()})  # staged at once: no stream wait
 
     @classmethod
     def from_rows(cls, rows: Sequence, device: torch.device) -> "SamplingParams":
