@@ -6,9 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from text_generation_server.pb import generate_pb2 as pb
-
-BLOCK = 4
+from shard_calls import BLOCK, batch, request  # noqa: F401 - the tests import them from here
 
 
 def write_tiny(tmp_path, kind: str):
@@ -35,26 +33,6 @@ def write_tiny(tmp_path, kind: str):
     out = tmp_path / kind
     model.save_pretrained(out, safe_serialization=True)
     return out, model
-
-
-def request(rid: int, ids: list[int], max_new: int, first_block: int, *, temperature=1.0, top_k=0, top_p=1.0,
-            do_sample=False, seed=0, rep=1.0, ignore_eos=True) -> tuple[pb.Request, int]:
-    n = -(-(len(ids) + max_new) // BLOCK)
-    blocks = list(range(first_block, first_block + n))
-    slots = [blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(len(ids))]
-    params = pb.NextTokenChooserParameters(temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
-                                           seed=seed, repetition_penalty=rep, typical_p=1.0)
-    stop = pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=ignore_eos)
-    return pb.Request(id=rid, input_ids=ids, parameters=params, stopping_parameters=stop, blocks=blocks,
-                      slots=slots), first_block + n
-
-
-def batch(bid: int, prompts: list[list[int]], max_new: int, first_block: int = 0, first_id: int = 0, **kw):
-    reqs = []
-    for i, ids in enumerate(prompts):
-        r, first_block = request(first_id + i, ids, max_new, first_block, **kw)
-        reqs.append(r)
-    return pb.Batch(id=bid, requests=reqs, size=len(reqs)), first_block
 
 
 @pytest.fixture

@@ -1,0 +1,106 @@
+"""Shard calls the way the router makes them, for tests on the CPU and the GPU (tests_gpu puts this
+directory on sys.path): request builders, and a router-like script of calls."""
+
+from __future__ import annotations
+
+import numpy
+
+from text_generation_server.pb import generate_pb2 as pb
+
+BLOCK = 4
+
+
+def request(rid: int, ids: list[int], max_new: int, first_block: int, *, temperature=1.0, top_k=0, top_p=1.0,
+            do_sample=False, seed=0, rep=1.0, ignore_eos=True) -> tuple[pb.Request, int]:
+    n = -(-(len(ids) + max_new) // BLOCK)
+    blocks = list(range(first_block, first_block + n))
+    slots = [blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(len(ids))]
+    params = pb.NextTokenChooserParameters(temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
+                                           seed=seed, repetition_penalty=rep, typical_p=1.0)
+    stop = pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=ignore_eos)
+    return pb.Request(id=rid, input_ids=ids, parameters=params, stopping_parameters=stop, blocks=blocks,
+                      slots=slots), first_block + n
+
+
+def batch(bid: int, prompts: list[list[int]], max_new: int, first_block: int = 0, first_id: int = 0, **kw):
+    reqs = []
+    for i, ids in enumerate(prompts):
+        r, first_block = request(first_id + i, ids, max_new, first_block, **kw)
+        reqs.append(r)
+    return pb.Batch(id=bid, requests=reqs, size=len(reqs)), first_block
+
+
+def name_adapters(b: pb.Batch, adapters: dict[int, str] | None) -> None:
+    for r in b.requests:
+        if adapters and r.id in adapters:
+            r.adapter_id = adapters[r.id]
+
+
+def overlap_script(eng, eos_row_token: int | None = None, adapters: dict[int, str] | None = None):
+    """Runs a router-like sequence of calls; returns what each call reported, in order:
+    [(call, {request id: (token, finish)}), ...] and the logprobs per request."""
+    calls, lps = [], {}
+
+    def record(name, res):
+        calls.append((name, {r: (int(t), int(f)) for r, t, f in zip(res.request_ids, res.token_ids, res.finish)}))
+        for r, lp in zip(res.request_ids, res.logprobs):
+            lps.setdefault(r, []).append(float(lp))
+
+    a, nxt = batch(1, [[5, 6, 7, 8], [9, 10], [11, 12, 13]], 12)
+    a.requests[1].parameters.do_sample = True
+    a.requests[1].parameters.temperature = 0.8
+    a.requests[1].parameters.top_k = 20
+    a.requests[1].parameters.seed = 42
+    a.requests[2].parameters.repetition_penalty = 1.3
+    a.requests[2].stopping_parameters.max_new_tokens = 5
+    if eos_row_token is not None:
+        a.requests[0].stopping_parameters.ignore_eos_token = False
+    name_adapters(a, adapters)
+    res, cached = eng.prefill(a)
+    record("prefill a", res)
+    for i in range(3):
+        res, cached, _ = eng.decode([cached.id])
+        record(f"decode {i}", res)
+    # request 1 hits a stop sequence (the router's call): filtered out
+    cached = eng.filter(cached.id, [r for r in cached.request_ids if r != 1])
+    b, _ = batch(2, [[20, 21, 22, 23, 24], [30]], 9, first_block=nxt, first_id=10)
+    b.requests[1].parameters.do_sample = True
+    b.requests[1].parameters.seed = 7
+    b.requests[1].top_n_tokens = 3
+    name_adapters(b, adapters)
+    res, cached_b = eng.prefill(b)
+    record("prefill b", res)
+    ids = [cached.id, cached_b.id]
+    for i in range(3):
+        res, cached, _ = eng.decode(ids)
+        record(f"decode ab {i}", res)
+        ids = [cached.id]
+    # request 11's client went away
+    cached = eng.filter(cached.id, [r for r in cached.request_ids if r != 11])
+    while cached is not None:
+        res, cached, _ = eng.decode([cached.id])
+        record("decode", res)
+    return calls, lps
+
+
+def check_overlap(make_engine, rtol: float, atol: float, adapters: dict[int, str] | None = None) -> None:
+    """`make_engine(overlap, eos)`: a warmed-up engine. The script's reports with overlap must be
+    the plain ones: same calls, same requests, same tokens and finish reasons, logprobs within
+    tolerance; a request the router filtered never gets another token. `adapters`: request id ->
+    LoRA adapter name."""
+    plain, _ = overlap_script(make_engine(False), None, adapters)
+    eos = dict(plain)["decode 2"][0][0]  # an EOS for request 0: the token of its fourth step
+    plain, plain_lp = overlap_script(make_engine(False, eos), eos, adapters)
+    over, over_lp = overlap_script(make_engine(True, eos), eos, adapters)
+    assert [c[0] for c in over] == [c[0] for c in plain]
+    for (name, p), (_, o) in zip(plain, over):
+        assert o == p, name
+    for r in plain_lp:
+        numpy.testing.assert_allclose(over_lp[r], plain_lp[r], rtol=rtol, atol=atol)
+    ended = {r: f for _, c in plain for r, (_, f) in c.items() if f}
+    assert ended[0] == 2 and ended[2] == 1  # EOS and length both exercised
+    names = [name for name, _ in over]
+    # a filtered request never gets another token, though its next step had been launched
+    assert all(1 not in c for _, c in over[names.index("decode 2") + 1:])
+    assert all(11 not in c for _, c in over[names.index("decode ab 2") + 1:])
+    assert any(11 in c for _, c in over[: names.index("decode ab 2") + 1])
