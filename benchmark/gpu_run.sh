@@ -5,7 +5,7 @@ set -u
 cd "$(dirname "$0")"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/../server:${PYTHONPATH:-}"
 printf '#!/bin/sh\nexec python3 -m text_generation_server.cli "$@"\n' > /tmp/tgs && chmod +x /tmp/tgs
-L=../target/release/text-generation-launcher
+L=${LAUNCHER:-../target/release/text-generation-launcher}
 serve() {  # model_dir port extra...
   local dir=$1 port=$2; shift 2
   $L --model-id "$dir" --server-bin /tmp/tgs --port "$port" --hostname 127.0.0.1 --shard-uds-path /tmp/tessera-$port "$@" &
@@ -22,5 +22,5 @@ kill -TERM $LPID; wait $LPID
 serve /tmp/smol 3001 --max-input-tokens 1024 --max-total-tokens 2048 > "$OUT/server_smol.log" 2>&1
 timeout 90 python3 load.py http://127.0.0.1:3001 --workload w4 --vocab 49152 --out "$OUT/w4_http.json"
 kill -TERM $LPID; wait $LPID
-timeout 120 python3 shard_bench.py /tmp/smol --batches 1,64 --context 128 --batch1-context 128 --steps 64 --out "$OUT/w4_shard.json" > /dev/null 2>&1
+[ "${SKIP_SHARD:-0}" = 1 ] || timeout 120 python3 shard_bench.py /tmp/smol --batches 1,64 --context 128 --batch1-context 128 --steps 64 --out "$OUT/w4_shard.json" > /dev/null 2>&1
 ls -la "$OUT"

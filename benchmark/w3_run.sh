@@ -6,7 +6,7 @@ set -u
 cd "$(dirname "$0")"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/../server:${PYTHONPATH:-}"
 printf '#!/bin/sh\nexec python3 -m text_generation_server.cli "$@"\n' > /tmp/tgs && chmod +x /tmp/tgs
-L=../target/release/text-generation-launcher
+L=${LAUNCHER:-../target/release/text-generation-launcher}
 test -f /tmp/llama8b/config.json || python3 make_model.py llama-8b-shape /tmp/llama8b
 test -f /tmp/adapters/a99/adapter_config.json || python3 make_adapters.py /tmp/llama8b /tmp/adapters --n 100 --rank 16
 $L --model-id /tmp/llama8b --server-bin /tmp/tgs --port 3002 --hostname 127.0.0.1 --shard-uds-path /tmp/tessera-3002 \
