@@ -28,7 +28,7 @@ def test_overlapped_steps_report_what_plain_steps_do_on_the_gpu(lora_model, grap
         monkeypatch.setenv("TESSERA_OVERLAP", "1" if overlap else "0")
         e = Engine(EngineConfig(path, torch.bfloat16, torch.device("cuda"), block_size=BLOCK, cuda_graphs=graphs,
                                 adapter_source=src, max_active_adapters=4, max_lora_rank=32))
-        e.warmup(batch(99, [[1, 2, 3]], 1), 512, max_total_tokens=512)
+        e.warmup(batch(99, [[1, 2, 3]], 1)[0], 512, max_total_tokens=512)
         assert e.overlap is overlap and (e.graphs is not None) == bool(graphs)
         if eos is not None:
             e.eos = np.array([eos], dtype=np.int64)
