@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from text_generation_server.attention.base import AttentionInputs
+from text_generation_server.attention.base import AttentionInputs, write_kv
 from text_generation_server.attention.torch_ref import TorchAttention
 
 H, KVH, D, BS = 4, 2, 8, 4
@@ -61,6 +61,7 @@ def test_mixed_prefill_and_decode_step(window):
     be.plan(inputs)
     new_k = torch.cat([k[c:] for k, c in zip(full_k, cached)])
     new_v = torch.cat([v[c:] for v, c in zip(full_v, cached)])
+    write_kv(new_k, new_v, kc, vc, be.slots)  # the layer's job (ops.rope_store)
     out = be.forward(torch.cat(qs), new_k, new_v, kc, vc)
     want = torch.cat([naive(q, k, v, window) for q, k, v in zip(qs, full_k, full_v)])
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)

@@ -24,3 +24,44 @@ def test_the_cpu_gets_the_reference_and_bad_settings_are_refused(monkeypatch):
     monkeypatch.setenv("TESSERA_LAYER_OPS", "fast")
     with pytest.raises(ValueError, match="TESSERA_LAYER_OPS must be fused or torch"):
         make_ops(torch.device("cuda"))
+
+
+def test_rope_store_kernel_under_the_interpreter():
+    """The CUDA rope + cache-write kernel (`layers/rope_store.py`), run by Triton's interpreter on
+    the CPU against the reference: rotary from the float32 table, then `write_kv`."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("checked") == 2
+
+
+def _interpreted() -> None:
+    from text_generation_server.layers.rope_store import rope_store
+    from text_generation_server.layers.rotary import RotaryEmbedding
+    from text_generation_server.models.config import RopeConfig
+
+    for h, kvh, d in ((9, 3, 64), (4, 4, 16)):
+        g = torch.Generator().manual_seed(d)
+        t, blocks, bs = 7, 8, 4
+        rotary = RotaryEmbedding(RopeConfig(theta=10000.0), d, 256, torch.device("cpu"), torch.float32)
+        qkv = torch.randn(t, (h + 2 * kvh) * d, generator=g)
+        q, k, v = (x.view(t, -1, d) for x in qkv.split([h * d, kvh * d, kvh * d], dim=1))
+        positions = torch.randint(0, 256, (t,), generator=g)
+        slots = torch.randperm(blocks * bs, generator=g)[:t]
+        cache = torch.randn(2, blocks, bs, kvh, d, generator=g)
+        want, got = cache.clone(), cache.clone()
+        want_q, want_k = TorchOps().rope_store(rotary, q, k, v, positions, slots, want[0], want[1])
+        got_q, got_k = rope_store(q, k, v, rotary.cos_sin_cache(), positions, slots, got[0], got[1])
+        torch.testing.assert_close(got_q, want_q, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_k, want_k, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert got_q.is_contiguous() and torch.equal(qkv, torch.cat([q.reshape(t, -1), k.reshape(t, -1), v.reshape(t, -1)], 1))
+        print("checked")
+
+
+if __name__ == "__main__":
+    _interpreted()

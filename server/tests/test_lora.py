@@ -254,3 +254,17 @@ def test_segmented_step_fills_static_buffers(source):
     step = SegmentLoraStep(table, np.array([2, 0, 1, 2, 0]), torch_segment_matmul, perm, indptr)
     assert perm[:5].tolist() == [1, 4, 2, 0, 3] and indptr.tolist() == [0, 2, 3, 5]
     assert step.perm.data_ptr() == perm.data_ptr()
+
+
+def test_the_lora_kernels_are_one_typed_choice():
+    from text_generation_server.lora.kernels import TritonKernels, make_slot_kernels
+
+    table = SlotTable(CFG, torch.float32, torch.device("cpu"), 3, max_rank=16)
+    kernels = make_slot_kernels("triton", table)
+    assert isinstance(kernels, TritonKernels) and kernels.name == "triton"
+    a, b = kernels.graph_step(np.zeros(8, dtype=np.int64)), kernels.graph_step(np.array([1, 0, 0, 2, 0, 0, 0, 0]))
+    assert a.plan is b.plan, "a bucket's replays refill one static plan buffer"
+    assert kernels.graph_step(np.zeros(4, dtype=np.int64)).plan is not a.plan
+    assert kernels.step(np.array([1, 1, 0]), prefill=True).block_m > kernels.step(np.array([1]), prefill=False).block_m
+    with pytest.raises(ValueError, match="unknown LoRA kernels"):
+        make_slot_kernels("cublas", table)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from text_generation_server.attention.base import AttentionInputs
+from text_generation_server.attention.base import AttentionInputs, write_kv
 from text_generation_server.attention.flashinfer import FlashInferAttention
 from text_generation_server.attention.torch_ref import TorchAttention
 
@@ -61,10 +61,12 @@ def test_flashinfer_matches_reference(case, window):
     fi = FlashInferAttention(H, KVH, D, BS, window, DEV, torch.bfloat16)
     fi.plan(inputs)
     kc1, vc1 = kc.clone(), vc.clone()
+    write_kv(k, v, kc1, vc1, fi.slots)  # the layer's job (ops.rope_store)
     out = fi.forward(q, k, v, kc1, vc1)
     ref = TorchAttention(H, KVH, D, BS, window)
     ref.plan(inputs)
     kc2, vc2 = kc.clone().float(), vc.clone().float()
+    write_kv(k.float(), v.float(), kc2, vc2, ref.slots)
     want = ref.forward(q.float(), k.float(), v.float(), kc2, vc2)
     torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(kc1.float(), kc2)  # both wrote the new keys at the same slots
+    torch.testing.assert_close(kc1.float(), kc2)  # both planned the new keys at the same slots

@@ -111,7 +111,7 @@ def lora_engine(path, src, graphs, slot_table=True):
     e = Engine(EngineConfig(path, torch.bfloat16, torch.device("cuda"), block_size=BS, cuda_graphs=graphs,
                             adapter_source=src, max_active_adapters=4, max_lora_rank=32))
     if not slot_table:
-        e.adapters.slots = None  # the grouped torch path, on per-adapter tensors
+        e.adapters.slots = e.lora_kernels = None  # the grouped torch path, on per-adapter tensors
     e.warmup(batch(99, [[1, 2, 3]], 1), 256, max_total_tokens=512)
     return e
 

@@ -22,13 +22,14 @@ import torch
 from text_generation_server.attention.base import AttentionInputs
 from text_generation_server.attention.paged_meta import pick_bucket
 from text_generation_server.batch import StepInputs
+from text_generation_server.lora.kernels import SlotKernels
 from text_generation_server.models.forward_context import ForwardContext, forward_context
 
 log = logging.getLogger(__name__)
 
 class DecodeGraphs:
     def __init__(self, model, attention, cache, buckets: tuple[int, ...], max_pages: int, scratch_block: int,
-                 lora_slots=None, lora_matmul=None, lora_kernel: str = "triton"):
+                 lora: SlotKernels | None = None):
         from text_generation_server.attention.flashinfer import FlashInferAttention
 
         t0 = time.perf_counter()
@@ -45,29 +46,22 @@ class DecodeGraphs:
         self.out = torch.empty(top, model.config.vocab_size, dtype=torch.float32, device=dev)  # [max bucket, vocab]
         self.logits: dict[int, torch.Tensor] = {}  # bucket -> its rows of `out`
         self.backends: dict[int, FlashInferAttention] = {}
-        self.lora_slots, self.lora_matmul, self.lora_kernel = lora_slots, lora_matmul, lora_kernel
+        self.lora = lora
         self.lora_graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.lora_logits: dict[int, torch.Tensor] = {}
-        if lora_slots is not None and lora_kernel == "triton":
-            self.plan = {}  # bucket -> [4, bucket] int32: the Triton kernels' tile plan (triton_lora.plan_tiles)
-        elif lora_slots is not None:
-            self.perm = torch.zeros(top, dtype=torch.int64, device=dev)  # [max bucket]: rows sorted by slot
-            self.indptr = torch.zeros(lora_slots.num_slots + 2, dtype=torch.int64, device=dev)  # segment offsets
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.buckets):
             be = FlashInferAttention.for_cuda_graph(attention, bs, max_pages, scratch_block)
             be.slots = self.slots[:bs]
             be.plan(_empty_decode())
-            if lora_slots is not None and lora_kernel == "triton":
-                self.plan[bs] = torch.zeros(4, bs, dtype=torch.int32, device=dev)
             self.graphs[bs], self.logits[bs] = self._capture(bs, ForwardContext(be), pool)
-            if lora_slots is not None:
-                ctx = ForwardContext(be, lora=self._lora_step(np.zeros(bs, dtype=np.int64)))
+            if lora is not None:
+                ctx = ForwardContext(be, lora=lora.graph_step(np.zeros(bs, dtype=np.int64)))
                 self.lora_graphs[bs], self.lora_logits[bs] = self._capture(bs, ctx, pool)
             self.backends[bs] = be
         torch.cuda.synchronize()
         log.info("captured decode CUDA graphs for batch sizes %s%s in %.1fs", self.buckets,
-                 " (with and without LoRA)" if lora_slots is not None else "", time.perf_counter() - t0)
+                 f" (with and without LoRA, {lora.name} kernels)" if lora is not None else "", time.perf_counter() - t0)
 
     def _capture(self, bs: int, ctx: ForwardContext, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         side = torch.cuda.Stream()
@@ -80,16 +74,6 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=pool), forward_context(ctx):
             logits = self._forward(bs)
         return graph, logits
-
-    def _lora_step(self, row_slots: np.ndarray):
-        """A LoRA step over the static buffers (at capture: all padding; at replay: refills them)."""
-        if self.lora_kernel == "triton":
-            from text_generation_server.lora.triton_lora import DECODE_BLOCK_M, TritonLoraStep
-
-            return TritonLoraStep(self.lora_slots, row_slots, DECODE_BLOCK_M, self.plan[len(row_slots)])
-        from text_generation_server.lora.segment import SegmentLoraStep
-
-        return SegmentLoraStep(self.lora_slots, row_slots, self.lora_matmul, self.perm, self.indptr)
 
     def _forward(self, bs: int) -> torch.Tensor:
         hidden = self.model.forward(self.input_ids[:bs], self.positions[:bs], self.cache.k, self.cache.v)
@@ -110,7 +94,7 @@ class DecodeGraphs:
             self.slots[n:bs].fill_(self.scratch_slot)
         self.backends[bs].plan(inputs.attention)
         if row_slots is not None:
-            self._lora_step(np.concatenate([row_slots, np.zeros(bs - n, dtype=np.int64)]))
+            self.lora.graph_step(np.concatenate([row_slots, np.zeros(bs - n, dtype=np.int64)]))
             self.lora_graphs[bs].replay()
             return self.lora_logits[bs][:n]
         self.graphs[bs].replay()

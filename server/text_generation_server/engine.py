@@ -69,18 +69,15 @@ class Engine:
         self.graphs = None  # DecodeGraphs, captured at warmup
         self.adapters = AdapterPool(mc, cfg.dtype, cfg.device, dict(cfg.lora_adapters), cfg.adapter_source,
                                     cfg.max_active_adapters)
-        self.segment_matmul = None  # FlashInfer's segment GEMM, with TESSERA_LORA_KERNEL=segment
-        self.lora_kernel = env.lora_kernel()  # LoRA kernels over the CUDA slot table: "triton" or "segment"
+        self.lora_kernels = None  # SlotKernels over the CUDA slot table (lora/kernels.py); None: the torch path
         if self.adapters.enabled and cfg.device.type == "cuda" and self.attention.name == "flashinfer":
+            from text_generation_server.lora.kernels import make_slot_kernels
             from text_generation_server.lora.slots import SlotTable
 
             self.adapters.slots = SlotTable(mc, cfg.dtype, cfg.device, self.adapters.max_active, cfg.max_lora_rank)
-            if self.lora_kernel == "segment":
-                from text_generation_server.lora.segment import FlashInferSegmentMatmul
-
-                self.segment_matmul = FlashInferSegmentMatmul(cfg.device, env.segment_gemm_backend())
+            self.lora_kernels = make_slot_kernels(env.lora_kernel(), self.adapters.slots, env.segment_gemm_backend())
             log.info("LoRA slot table: %d slots of rank <= %d (%.1f MiB), %s kernels", self.adapters.max_active,
-                     self.adapters.slots.max_rank, self.adapters.slots.nbytes() / 2**20, self.lora_kernel)
+                     self.adapters.slots.max_rank, self.adapters.slots.nbytes() / 2**20, self.lora_kernels.name)
         self.eos = np.array(mc.eos_token_ids or [-1], dtype=np.int64)
         self.cache: KVCache | None = None
         self.batches: dict[int, Batch] = {}
@@ -127,16 +124,14 @@ class Engine:
         self._alloc_cache(num_blocks)
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, self.cfg.block_size,
                  num_blocks * self.bytes_per_block() / 2**20)
-        if self.adapters.slots is not None and self.lora_kernel == "triton":
-            from text_generation_server.lora.triton_lora import compile_kernels
-
-            compile_kernels(self.adapters.slots, self.cfg.dtype)
+        if self.lora_kernels is not None:
+            self.lora_kernels.compile(self.cfg.dtype)
         if self.cfg.cuda_graphs and self.cfg.device.type == "cuda" and self.attention.supports_cuda_graphs():
             from text_generation_server.cuda_graphs import DecodeGraphs
 
             max_pages = max(max_total_tokens, 1) // self.cfg.block_size + 2
             self.graphs = DecodeGraphs(self.model, self.attention, self.cache, self.cfg.cuda_graphs, max_pages, num_blocks,
-                                       self.adapters.slots, self.segment_matmul, self.lora_kernel)
+                                       self.lora_kernels)
         return num_blocks
 
     # ---- steps -----------------------------------------------------------------------------
@@ -252,17 +247,6 @@ class Engine:
             return None
         self.batches[batch.id] = batch
         return batch
-
-    def slot_lora(self, row_slots: np.ndarray, prefill: bool):
-        """LoRA over the slot table, outside CUDA graphs: the grouped Triton kernels (larger tiles
-        for prefills, where a prompt's tokens share an adapter) or FlashInfer's segment GEMM."""
-        if self.lora_kernel == "segment":
-            from text_generation_server.lora.segment import SegmentLoraStep
-
-            return SegmentLoraStep(self.adapters.slots, row_slots, self.segment_matmul)
-        from text_generation_server.lora.triton_lora import DECODE_BLOCK_M, PREFILL_BLOCK_M, TritonLoraStep
-
-        return TritonLoraStep(self.adapters.slots, row_slots, PREFILL_BLOCK_M if prefill else DECODE_BLOCK_M)
 
     def pinned(self) -> frozenset[str]:
         """Adapters of the live batches and of the step running now: never evicted while they run.

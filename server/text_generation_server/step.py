@@ -116,7 +116,7 @@ def forward(engine: Engine, batch: Batch, prefill: bool, inputs: StepInputs, lor
         if logits is not None:
             return logits, None
     if row_slots is not None:
-        lora = engine.slot_lora(row_slots, prefill)
+        lora = engine.lora_kernels.step(row_slots, prefill)
     engine.attention.plan(inputs.attention)
     with forward_context(ForwardContext(engine.attention, lora=lora)):
         hidden = engine.model.forward(inputs.input_ids, inputs.positions, engine.cache.k, engine.cache.v)

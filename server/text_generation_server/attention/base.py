@@ -1,8 +1,8 @@
 """The attention backend interface.
 
-A backend is planned once per step (`plan`) from the step's ragged layout, then called once
-per layer (`forward`), which writes the new keys/values into the paged cache and attends over
-it. This is FlashInfer's plan-once / run-per-layer shape; the torch reference follows it too.
+A backend is planned once per step (`plan`) from the step's ragged layout, which gives the new
+tokens' cache `slots` (the layer writes its keys/values there, fused with the rotary embedding),
+then called once per layer (`forward`) to attend over the paged cache. This is FlashInfer's plan-once / run-per-layer shape; the torch reference follows it too.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class AttentionBackend(ABC):
     plans_pages_on_host: bool = False  # plan() reads AttentionInputs.paged_host when given
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, sliding_window: int | None):
+        self.slots: torch.Tensor | None = None  # [T] int64: the planned step's cache slot per new token
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -54,7 +55,8 @@ class AttentionBackend(ABC):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     ) -> torch.Tensor:
         """q: [T, heads, dim]; k, v: [T, kv_heads, dim]; caches: [num_blocks, block_size, kv_heads, dim].
-        Writes k/v at the planned slots, returns [T, heads, dim]."""
+        The layer has already written k/v at the planned `slots` (`ops.rope_store`); returns
+        [T, heads, dim]."""
 
     # CUDA-graph hooks (decode). Backends that cannot be captured keep the defaults.
     def supports_cuda_graphs(self) -> bool:

@@ -15,7 +15,7 @@ import torch
 
 import flashinfer
 
-from text_generation_server.attention.base import AttentionBackend, AttentionInputs, write_kv
+from text_generation_server.attention.base import AttentionBackend, AttentionInputs
 from text_generation_server.attention.paged_meta import paged_kv_metadata, pad_decode_metadata
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
@@ -112,7 +112,6 @@ class FlashInferAttention(AttentionBackend):
         self.mode = "paged"
 
     def forward(self, q, k, v, k_cache, v_cache):
-        write_kv(k, v, k_cache, v_cache, self.slots)
         if self.mode == "decode":
             return self.decode.run(q, (k_cache, v_cache))
         if self.mode == "ragged":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from text_generation_server.attention.base import AttentionBackend, AttentionInputs, write_kv
+from text_generation_server.attention.base import AttentionBackend, AttentionInputs
 
 
 class TorchAttention(AttentionBackend):
@@ -42,11 +42,10 @@ class TorchAttention(AttentionBackend):
         bs = self.block_size
         blk = inputs.block_tables.long()[:, torch.clamp(kj[0] // bs, max=inputs.block_tables.shape[1] - 1)]
         self._gather = (blk * bs + kj % bs).reshape(-1)  # [B * max_kv] cache slots
-        self._slots = inputs.slots
+        self.slots = inputs.slots
         self._max_kv = max_kv
 
     def forward(self, q, k, v, k_cache, v_cache):
-        write_kv(k, v, k_cache, v_cache, self._slots)
         nb, bs, kvh, d = k_cache.shape
         # index_select, not advanced indexing: 3.5x faster gathers on the CPU (the step's largest
         # non-GEMM cost at batch 16).

@@ -1,4 +1,4 @@
-"""`layers/ops.TorchOps` in one FlashInfer kernel each (CUDA only; imported by `ops.make_ops`)."""
+"""`layers/ops.TorchOps` in one kernel each, FlashInfer's or ours (CUDA only; imported by `ops.make_ops`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 import flashinfer
 
 from text_generation_server.layers.ops import TorchOps
+from text_generation_server.layers.rope_store import rope_store
 
 if TYPE_CHECKING:
     from text_generation_server.layers.rotary import RotaryEmbedding
@@ -33,6 +34,12 @@ class FlashInferOps(TorchOps):
         # One kernel reads the (strided) q/k views and writes rotated, contiguous copies.
         return flashinfer.rope.apply_rope_with_cos_sin_cache(
             positions, q, k, q.shape[-1], rotary.cos_sin_cache(), is_neox=True)
+
+    def rope_store(self, rotary: RotaryEmbedding, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   positions: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # One kernel instead of three (rotary, then two scatters into the cache).
+        return rope_store(q, k, v, rotary.cos_sin_cache(), positions, slots, k_cache, v_cache)
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         n = gate.shape[-1]

@@ -2,8 +2,9 @@
 
 `TorchOps` is the reference and the CPU path: plain torch, as the layers always computed them.
 On CUDA with FlashInfer, `layers/flashinfer_ops.FlashInferOps` does each in one kernel (residual
-add fused into RMSNorm, rotary embedding producing contiguous q/k, SiLU-and-multiply), which is
-what keeps a decode step to about ten kernels per layer. `TESSERA_LAYER_OPS=torch` forces the
+add fused into RMSNorm, SiLU-and-multiply) and rotary embedding with the KV-cache write in one
+Triton kernel of ours (`layers/rope_store.py`), which is what keeps a decode step to about a dozen
+kernels per layer. `TESSERA_LAYER_OPS=torch` forces the
 reference on CUDA (benchmarks, parity tests).
 """
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from text_generation_server import env
+from text_generation_server.attention.base import write_kv
 
 if TYPE_CHECKING:
     from text_generation_server.layers.rotary import RotaryEmbedding
@@ -44,6 +46,15 @@ class TorchOps:
              positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, heads, dim], k: [T, kv_heads, dim] (views of the fused q/k/v output allowed)."""
         return rotary.apply(q, k, positions)
+
+    def rope_store(self, rotary: RotaryEmbedding, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   positions: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary embedding, then the new keys and values into the paged cache at `slots`: returns
+        the rotated q and k. v: [T, kv_heads, dim]; caches: [num_blocks, block_size, kv_heads, dim]."""
+        q, k = self.rope(rotary, q, k, positions)
+        write_kv(k, v, k_cache, v_cache, slots)
+        return q, k
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return F.silu(gate) * up

@@ -40,10 +40,16 @@ class RotaryEmbedding:
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(dtype)  # [max_positions, dim], device, fixed
         self.sin = emb.sin().to(dtype)  # [max_positions, dim], device, fixed
-        # [max_positions, dim] float32, device, fixed: cos of each pair's angle, then sin (the fused kernel's table)
-        self._cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1) if device.type == "cuda" else None
+        self._freqs = freqs  # [max_positions, dim / 2] float32 angles, kept off CUDA only
+        # [max_positions, dim] float32, device, fixed: cos of each pair's angle, then sin (the fused
+        # kernels' table). Built at load on CUDA (never inside a graph capture); on demand elsewhere.
+        self._cos_sin = self.cos_sin_cache() if device.type == "cuda" else None
+        if device.type == "cuda":
+            self._freqs = None
 
     def cos_sin_cache(self) -> torch.Tensor:
+        if self._cos_sin is None:
+            self._cos_sin = torch.cat((self._freqs.cos(), self._freqs.sin()), dim=-1)
         return self._cos_sin
 
     def apply(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,8 +40,11 @@ class Attention:
     def __call__(self, x, positions, rotary: RotaryEmbedding, k_cache, v_cache, ops: TorchOps):
         t = x.shape[0]
         q, k, v = self.qkv_proj(x)
-        q, k = ops.rope(rotary, q.view(t, self.h, self.d), k.view(t, self.kvh, self.d), positions)
-        out = get_forward_context().attention.forward(q, k, v.view(t, self.kvh, self.d), k_cache, v_cache)
+        attention = get_forward_context().attention
+        v = v.view(t, self.kvh, self.d)
+        q, k = ops.rope_store(rotary, q.view(t, self.h, self.d), k.view(t, self.kvh, self.d), v, positions,
+                              attention.slots, k_cache, v_cache)
+        out = attention.forward(q, k, v, k_cache, v_cache)
         return self.o_proj(out.reshape(t, self.h * self.d))[0]
 
 

@@ -1,0 +1,77 @@
+"""Rotary embedding fused with the paged KV-cache write: one Triton kernel per layer (CUDA; the
+CPU suite runs it under Triton's interpreter).
+
+One program per token: it reads the token's q and k heads (strided views of the fused q/k/v GEMM
+output are fine), rotates them with the float32 cos/sin table (Llama's rotate-half layout), writes
+the rotated q and k as contiguous tensors (attention reads q; a prefill's ragged attention reads
+the new k and v), and writes the rotated k and the v heads into the cache at the token's slot.
+It replaces a rotary kernel and two scatters (`index_copy_` of k and of v).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rope_store_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, cos_sin_ptr, pos_ptr, slot_ptr, k_cache_ptr,
+                       v_cache_ptr, q_st, q_sh, k_st, k_sh, v_st, v_sh,
+                       HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, BHQ: tl.constexpr,
+                       BHK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    i = tl.arange(0, HALF)
+    cos = tl.load(cos_sin_ptr + pos * 2 * HALF + i)[None, :]
+    sin = tl.load(cos_sin_ptr + pos * 2 * HALF + HALF + i)[None, :]
+    d = 2 * HALF
+
+    hq = tl.arange(0, BHQ)[:, None]
+    mq = hq < HQ
+    src = q_ptr + t * q_st + hq * q_sh + i[None, :]
+    x1 = tl.load(src, mask=mq).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mq).to(tl.float32)
+    dst = q_out_ptr + t * HQ * d + hq * d + i[None, :]
+    tl.store(dst, (x1 * cos - x2 * sin).to(q_out_ptr.dtype.element_ty), mask=mq)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(q_out_ptr.dtype.element_ty), mask=mq)
+
+    hk = tl.arange(0, BHK)[:, None]
+    mk = hk < HK
+    src = k_ptr + t * k_st + hk * k_sh + i[None, :]
+    x1 = tl.load(src, mask=mk).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mk).to(tl.float32)
+    y1 = (x1 * cos - x2 * sin).to(k_out_ptr.dtype.element_ty)
+    y2 = (x2 * cos + x1 * sin).to(k_out_ptr.dtype.element_ty)
+    dst = k_out_ptr + t * HK * d + hk * d + i[None, :]
+    tl.store(dst, y1, mask=mk)
+    tl.store(dst + HALF, y2, mask=mk)
+    dst = k_cache_ptr + slot * HK * d + hk * d + i[None, :]
+    tl.store(dst, y1.to(k_cache_ptr.dtype.element_ty), mask=mk)
+    tl.store(dst + HALF, y2.to(k_cache_ptr.dtype.element_ty), mask=mk)
+
+    src = v_ptr + t * v_st + hk * v_sh + i[None, :]
+    dst = v_cache_ptr + slot * HK * d + hk * d + i[None, :]
+    tl.store(dst, tl.load(src, mask=mk).to(v_cache_ptr.dtype.element_ty), mask=mk)
+    tl.store(dst + HALF, tl.load(src + HALF, mask=mk).to(v_cache_ptr.dtype.element_ty), mask=mk)
+
+
+def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor,
+               slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [T, heads, dim], k / v: [T, kv_heads, dim] (each head's dim contiguous; token and head
+    strides free); cos_sin: [max_positions, dim] float32 (cos of each pair's angle, then sin);
+    positions / slots: [T]; caches: [num_blocks, block_size, kv_heads, dim], contiguous.
+    Returns the rotated q and k, contiguous; the cache holds the rotated k and v at the slots."""
+    t, hq, d = q.shape
+    hk = k.shape[1]
+    assert d % 2 == 0 and (d // 2) & (d // 2 - 1) == 0, "head_dim must be twice a power of two"
+    assert q.stride(2) == k.stride(2) == v.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    q_out = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((t, hk, d), dtype=k.dtype, device=k.device)
+    if t:
+        _rope_store_kernel[(t,)](q, k, v, q_out, k_out, cos_sin, positions, slots, k_cache, v_cache,
+                                 q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                                 HQ=hq, HK=hk, HALF=d // 2, BHQ=triton.next_power_of_2(hq),
+                                 BHK=triton.next_power_of_2(hk))
+    return q_out, k_out
