@@ -41,10 +41,11 @@ class RotaryEmbedding:
         self.cos = emb.cos().to(dtype)  # [max_positions, dim], device, fixed
         self.sin = emb.sin().to(dtype)  # [max_positions, dim], device, fixed
         self._freqs = freqs  # [max_positions, dim / 2] float32 angles, kept off CUDA only
+        self._cos_sin: torch.Tensor | None = None
         # [max_positions, dim] float32, device, fixed: cos of each pair's angle, then sin (the fused
         # kernels' table). Built at load on CUDA (never inside a graph capture); on demand elsewhere.
-        self._cos_sin = self.cos_sin_cache() if device.type == "cuda" else None
         if device.type == "cuda":
+            self.cos_sin_cache()
             self._freqs = None
 
     def cos_sin_cache(self) -> torch.Tensor:
