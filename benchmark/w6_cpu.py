@@ -89,6 +89,23 @@ def hf_generate(model, tok, prompts: list[str], max_new: int) -> tuple[list[list
     return rows, took
 
 
+def scrape_step_times(url: str) -> dict:
+    """Mean decode call (shard + gRPC, as the router sees it) and mean router time between two
+    decode calls, in ms, from the router's /metrics."""
+    values = {}
+    for line in requests.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("tessera_batch_") and ("_sum " in line or "_count " in line):
+            name, v = line.rsplit(" ", 1)
+            values[name] = float(v)
+
+    def mean_ms(h: str) -> float | None:
+        n = values.get(f"{h}_count", 0)
+        return values[f"{h}_sum"] / n * 1e3 if n else None
+
+    return {"decode_call_ms": mean_ms("tessera_batch_decode_duration_seconds"),
+            "router_between_decodes_ms": mean_ms("tessera_batch_router_duration_seconds")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -117,6 +134,7 @@ def main() -> None:
         with ThreadPoolExecutor(len(prompts)) as ex:
             many = list(ex.map(lambda p: server_one(url, p, a.max_new_tokens), prompts))
         many_wall = time.perf_counter() - t0
+        step_times = scrape_step_times(url)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(120)
@@ -141,6 +159,7 @@ def main() -> None:
                        "server_s": many_wall, "transformers_s": hf_many_wall, "same_tokens_rows": same_many,
                        "server_tok_per_s": server_tokens / many_wall, "transformers_tok_per_s": hf_tokens / hf_many_wall},
     }
+    res["steps"] = step_times
     res["single_latency_ratio"] = res["single"]["server_s"] / res["single"]["transformers_s"]
     res["concurrent_throughput_ratio"] = res["concurrent"]["server_tok_per_s"] / res["concurrent"]["transformers_tok_per_s"]
     a.out.write_text(json.dumps(res, indent=2))

@@ -43,6 +43,8 @@ fn describe() {
     describe_histogram!("tessera_inter_token_latency_seconds", Unit::Seconds, "Between consecutive tokens");
     describe_histogram!("tessera_batch_prefill_duration_seconds", Unit::Seconds, "One prefill call");
     describe_histogram!("tessera_batch_decode_duration_seconds", Unit::Seconds, "One decode call");
+    describe_histogram!("tessera_batch_router_duration_seconds", Unit::Seconds,
+                        "Router time between a decode's answer and the next decode call (steps without admissions)");
     describe_histogram!("tessera_request_input_tokens", "Prompt tokens per request");
     describe_histogram!("tessera_request_generated_tokens", "Generated tokens per request");
     describe_counter!("tessera_input_tokens_total", "Prompt tokens of all requests");
@@ -92,6 +94,10 @@ pub fn kv_blocks(free: u32, total: u32) {
 
 pub fn prefill_duration(d: Duration) {
     histogram!("tessera_batch_prefill_duration_seconds").record(d.as_secs_f64());
+}
+
+pub fn router_step_duration(d: Duration) {
+    histogram!("tessera_batch_router_duration_seconds").record(d.as_secs_f64());
 }
 
 pub fn decode_duration(d: Duration) {

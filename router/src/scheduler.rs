@@ -50,11 +50,15 @@ pub async fn batching_loop<S: Shards>(mut shards: S, queue: Queue, cfg: Schedule
         while let Some((entries, batch)) = queue.next_batch(limits(&cfg, 0)).await {
             let mut entries: Entries = entries.into_iter().collect();
             let mut cached = prefill(&mut shards, batch, &mut entries).await;
+            // When the last decode answered: the router's own time until the next one is measured
+            // (steps without an admission), what the shards wait for unless they run ahead.
+            let mut answered: Option<std::time::Instant> = None;
             while let Some(batch) = cached {
                 let mut batches = vec![batch];
                 let running = entries.len();
                 if cfg.max_batch_size.is_none_or(|m| running < m) {
                     if let Some((new, new_batch)) = queue.next_batch(limits(&cfg, running)).await {
+                        answered = None;
                         let mut new: Entries = new.into_iter().collect();
                         let new_cached = prefill(&mut shards, new_batch, &mut new).await;
                         entries.extend(new);
@@ -66,7 +70,10 @@ pub async fn batching_loop<S: Shards>(mut shards: S, queue: Queue, cfg: Schedule
                 for b in batches {
                     live.extend(update(&mut shards, Some(b), &mut entries).await);
                 }
-                cached = if live.is_empty() { None } else { decode(&mut shards, live, &mut entries).await };
+                if let Some(t) = answered.take() {
+                    crate::metrics::router_step_duration(t.elapsed());
+                }
+                cached = if live.is_empty() { None } else { decode(&mut shards, live, &mut entries, &mut answered).await };
             }
             debug_assert!(entries.is_empty() || entries.values().all(|e| e.is_cancelled()));
             crate::metrics::batch_size(0);
@@ -102,12 +109,15 @@ async fn prefill<S: Shards>(shards: &mut S, batch: pb::Batch, entries: &mut Entr
     }
 }
 
-async fn decode<S: Shards>(shards: &mut S, batches: Vec<pb::CachedBatch>, entries: &mut Entries) -> Option<pb::CachedBatch> {
+/// `answered`: set to when the shards' answer arrived.
+async fn decode<S: Shards>(shards: &mut S, batches: Vec<pb::CachedBatch>, entries: &mut Entries,
+                           answered: &mut Option<std::time::Instant>) -> Option<pb::CachedBatch> {
     let ids: Vec<u64> = batches.iter().map(|b| b.id).collect();
     crate::metrics::batch_size(entries.len());
     let t0 = std::time::Instant::now();
     let span = crate::telemetry::batch_span("decode", entries.values().filter_map(|e| e.span.as_ref()));
     let result = shards.decode(batches, span.as_ref().map(|s| s.1.clone())).await;
+    *answered = Some(std::time::Instant::now());
     drop(span);
     crate::metrics::decode_duration(t0.elapsed());
     match result {
