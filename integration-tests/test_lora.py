@@ -266,3 +266,32 @@ def test_training_example_makes_an_adapter_the_server_serves(tmp_path, model_dir
         assert r.status_code == 200 and r.json()["model"] == "upper", r.text
     finally:
         s.stop()
+
+
+def test_adapters_never_share_prefix_cache_blocks(adapters, reference, chat):
+    """The same prompt on the base model, then on adapters: each starts cold (a hit across them
+    would serve keys/values computed with other weights) and hits its own blocks the second time,
+    token for token as transformers + peft; mixed in one batch, too."""
+    s = Server(*LIMITS, "--adapter-source", str(adapters)).wait_ready()
+    try:
+        def go(adapter):
+            params = {"max_new_tokens": 32, "details": True, **({"adapter_id": adapter} if adapter else {})}
+            r = requests.post(s.url("/generate"), json={"inputs": chat(PROMPT), "parameters": params}, timeout=300)
+            assert r.status_code == 200, r.text
+            d = r.json()["details"]
+            return [t["id"] for t in d["tokens"]], d["cached_tokens"]
+
+        assert go(None) == (reference[None], 0)
+        base_again = go(None)
+        assert base_again[0] == reference[None] and base_again[1] > 0
+        for name in ("upper4", "all8"):
+            assert go(name) == (reference[name], 0), f"{name} hit blocks written by another model"
+            again = go(name)
+            assert again[0] == reference[name] and again[1] > 0
+        names = [None, "upper4", "all8", "mlp16", None, "upper4"]
+        with ThreadPoolExecutor(len(names)) as ex:
+            got = list(ex.map(go, names))
+        assert [g[0] for g in got] == [reference[n] for n in names]
+        assert got[3][1] == 0 and all(c > 0 for (_, c), n in zip(got, names) if n != "mlp16")
+    finally:
+        s.stop()

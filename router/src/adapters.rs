@@ -105,6 +105,12 @@ impl AdapterLease {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Who may share prefix-cache blocks with this request: the adapter as this load read it (a
+    /// reload, from the same files or others, starts afresh).
+    pub fn cache_key(&self) -> String {
+        format!("{}@{}", self.name, self.generation)
+    }
 }
 
 impl Drop for AdapterLease {

@@ -160,6 +160,8 @@ pub struct Details {
     pub finish_reason: FinishReason,
     pub generated_tokens: u32,
     pub seed: Option<u64>,
+    /// Prompt tokens whose keys/values came from the prefix cache (not computed).
+    pub cached_tokens: u32,
     pub prefill: Vec<PrefillToken>,
     pub tokens: Vec<Token>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -181,6 +183,8 @@ pub struct StreamDetails {
     pub generated_tokens: u32,
     pub seed: Option<u64>,
     pub input_length: u32,
+    /// Prompt tokens whose keys/values came from the prefix cache (not computed).
+    pub cached_tokens: u32,
 }
 
 /// One server-sent event of `/generate_stream`.
@@ -221,6 +225,9 @@ pub struct Info {
     pub block_size: u32,
     pub kv_blocks_total: u32,
     pub kv_blocks_free: u32,
+    /// Of the free blocks, those holding a cached prefix (reused by a matching prompt, else
+    /// taken when unused ones run out).
+    pub kv_blocks_cached: u32,
     pub queue_size: usize,
     /// LoRA adapters resident at once on each shard.
     pub max_active_adapters: u32,

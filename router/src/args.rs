@@ -2,6 +2,19 @@
 
 use clap::Args;
 
+/// A feature switched on or off on the command line (`--flag on|off`).
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Switch {
+    On,
+    Off,
+}
+
+impl Switch {
+    pub fn is_on(self) -> bool {
+        self == Switch::On
+    }
+}
+
 /// Request size and batching limits.
 #[derive(Args, Debug, Clone)]
 pub struct LimitArgs {
@@ -35,6 +48,10 @@ pub struct LimitArgs {
     /// Largest request body accepted, in bytes (413 beyond).
     #[arg(long, env = "PAYLOAD_LIMIT", default_value_t = 2_000_000)]
     pub payload_limit: usize,
+    /// Reuse the KV blocks of earlier prompts that begin the same way (same adapter): only the
+    /// rest of a prompt is computed.
+    #[arg(long, env = "PREFIX_CACHING", value_enum, default_value_t = Switch::On)]
+    pub prefix_caching: Switch,
 }
 
 /// Service settings shared by the launcher and the router.
@@ -106,6 +123,7 @@ impl LimitArgs {
             format!("--max-best-of={}", self.max_best_of),
             format!("--max-top-n-tokens={}", self.max_top_n_tokens),
             format!("--payload-limit={}", self.payload_limit),
+            format!("--prefix-caching={}", if self.prefix_caching.is_on() { "on" } else { "off" }),
         ];
         if let Some(t) = self.max_batch_total_tokens {
             a.push(format!("--max-batch-total-tokens={t}"));
@@ -164,7 +182,7 @@ mod tests {
     #[test]
     fn to_args_round_trips() {
         use clap::Parser;
-        let a = LimitArgs { max_batch_total_tokens: Some(9999), max_batch_size: Some(3), ..Default::default() };
+        let a = LimitArgs { max_batch_total_tokens: Some(9999), max_batch_size: Some(3), prefix_caching: Switch::Off, ..Default::default() };
         let mut argv = vec!["x".to_string()];
         argv.extend(a.to_args());
         let b = Wrap::parse_from(argv).limits;

@@ -32,6 +32,8 @@ pub struct EndDetails {
     pub generated_tokens: u32,
     pub seed: Option<u64>,
     pub input_length: u32,
+    /// Prompt tokens served from the prefix cache.
+    pub cached_tokens: u32,
     pub prefill: Vec<PrefillToken>,
     pub tokens: Vec<Token>,
     pub top_tokens: Vec<Vec<Token>>,
@@ -69,6 +71,8 @@ pub struct Infer {
     cut_off: Arc<watch::Sender<bool>>,
     /// One INFO line per finished request (`--disable-request-logging` turns it off).
     request_log: bool,
+    /// Prompts share KV blocks through the allocator's prefix cache (`--prefix-caching`).
+    prefix_caching: bool,
     next_id: Arc<AtomicU64>,
 }
 
@@ -77,11 +81,16 @@ impl Infer {
         let special = tokenizer.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
         let limit = Arc::new(Semaphore::new(max_concurrent));
         let cut_off = Arc::new(watch::channel(false).0);
-        Self { validation, queue, limit, tokenizer, special: Arc::new(special), adapters, cut_off, request_log: true,
+        Self { validation, queue, limit, tokenizer, special: Arc::new(special), adapters, cut_off, request_log: true, prefix_caching: false,
                next_id: Arc::new(AtomicU64::new(0)) }
     }
 
     /// Whether each finished request is logged.
+    pub fn with_prefix_caching(mut self, on: bool) -> Self {
+        self.prefix_caching = on;
+        self
+    }
+
     pub fn with_request_log(mut self, on: bool) -> Self {
         self.request_log = on;
         self
@@ -146,6 +155,8 @@ impl Infer {
         let (tx, rx) = mpsc::unbounded_channel();
         let mut entry = Entry::new(valid, tx);
         entry.queued = arrived;
+        // Base requests share with each other; an adapter's only within the same load of it.
+        entry.prefix = self.prefix_caching.then(|| Arc::from(lease.as_ref().map(|l| l.cache_key()).unwrap_or_default()));
         let request = entry.request.clone();
         let span = crate::telemetry::RequestSpan::start(request.input_length(), request.stopping.max_new_tokens);
         entry.span = span.as_ref().map(|s| s.span_context());
@@ -313,7 +324,7 @@ fn response_stream(
                 _ = cut_off.wait_for(|c| *c) => Some(Err(InferError::ShuttingDown)),
             };
             let Some(event) = event else { break };
-            let ShardEvent::Token { id, logprob, finish, seed, top, prefill, queued, started } = match event {
+            let ShardEvent::Token { id, logprob, finish, seed, top, prefill, cached, queued, started } = match event {
                 Ok(e) => e,
                 Err(e) => {
                     m::request_failed(e.error_type_name());
@@ -365,6 +376,7 @@ fn response_stream(
                 generated_tokens: tokens.len() as u32,
                 seed: request.report_seed.then_some(seed),
                 input_length: request.input_length(),
+                cached_tokens: cached,
                 prefill: std::mem::take(&mut prefill_tokens),
                 tokens: std::mem::take(&mut tokens),
                 top_tokens: std::mem::take(&mut top_tokens),

@@ -170,6 +170,7 @@ async fn run(args: Args) -> Result<(), String> {
         block_size,
         kv_blocks_total: num_blocks,
         kv_blocks_free: num_blocks,
+        kv_blocks_cached: 0,
         queue_size: 0,
         max_active_adapters: shard_info.max_active_adapters,
         adapters: vec![],
@@ -190,7 +191,8 @@ async fn run(args: Args) -> Result<(), String> {
     let validation = Validation::new(tokenizer.clone(), args.limits.clone());
     let adapters = Adapters::new(Arc::new(client.clone()), shard_info.max_active_adapters as usize);
     let infer = Infer::new(validation, queue, tokenizer, args.limits.max_concurrent_requests, adapters)
-        .with_request_log(!args.service.disable_request_logging);
+        .with_request_log(!args.service.disable_request_logging)
+        .with_prefix_caching(args.limits.prefix_caching.is_on());
     let draining = Arc::new(AtomicBool::new(false));
     let health = ShardHealth::new(client.clone());
     health.spawn_monitor(Duration::from_secs(1));

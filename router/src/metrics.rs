@@ -34,8 +34,14 @@ fn describe() {
     describe_counter!("tessera_requests_total", "Requests answered, by status (success or error type)");
     describe_gauge!("tessera_queue_size", "Requests waiting to be admitted");
     describe_gauge!("tessera_batch_size", "Requests in the running batch");
-    describe_gauge!("tessera_kv_blocks_free", "Free KV cache blocks");
+    describe_gauge!("tessera_kv_blocks_free", "KV cache blocks an admission can take (unused, or cached and idle)");
+    describe_gauge!("tessera_kv_blocks_cached", "Of the free blocks, those holding a cached prefix");
     describe_gauge!("tessera_kv_blocks_total", "KV cache blocks");
+    describe_counter!("tessera_prefix_cache_queries_total", "Prompts looked up in the prefix cache");
+    describe_counter!("tessera_prefix_cache_hits_total", "Prompts that found a cached prefix");
+    describe_counter!("tessera_prefix_cache_queried_tokens_total", "Prompt tokens looked up in the prefix cache");
+    describe_counter!("tessera_prefix_cache_hit_tokens_total", "Prompt tokens found cached (not computed)");
+    describe_counter!("tessera_prefix_cache_evictions_total", "Cached blocks reused for other contents");
     describe_histogram!("tessera_request_duration_seconds", Unit::Seconds, "Whole request, queue included");
     describe_histogram!("tessera_request_queue_duration_seconds", Unit::Seconds, "Time waiting in the queue");
     describe_histogram!("tessera_request_inference_duration_seconds", Unit::Seconds, "Admission to last token");
@@ -87,9 +93,24 @@ pub fn batch_size(n: usize) {
     gauge!("tessera_batch_size").set(n as f64);
 }
 
-pub fn kv_blocks(free: u32, total: u32) {
+pub fn kv_blocks(free: u32, cached: u32, total: u32) {
     gauge!("tessera_kv_blocks_free").set(free as f64);
+    gauge!("tessera_kv_blocks_cached").set(cached as f64);
     gauge!("tessera_kv_blocks_total").set(total as f64);
+}
+
+/// One prompt looked up in the prefix cache: its tokens, and how many leading ones were cached.
+pub fn prefix_lookup(queried: u32, hit: u32) {
+    counter!("tessera_prefix_cache_queries_total").increment(1);
+    counter!("tessera_prefix_cache_queried_tokens_total").increment(queried as u64);
+    counter!("tessera_prefix_cache_hit_tokens_total").increment(hit as u64);
+    if hit > 0 {
+        counter!("tessera_prefix_cache_hits_total").increment(1);
+    }
+}
+
+pub fn prefix_eviction() {
+    counter!("tessera_prefix_cache_evictions_total").increment(1);
 }
 
 pub fn prefill_duration(d: Duration) {

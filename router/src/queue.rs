@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::block_allocator::{BlockAllocation, BlockAllocator};
+use crate::block_allocator::{BlockAllocation, BlockAllocator, Prefix};
 use crate::error::InferError;
 use crate::pb;
 use crate::validation::ValidGenerateRequest;
@@ -25,6 +25,8 @@ pub enum ShardEvent {
         top: Option<pb::Tokens>,
         /// Prompt tokens with logprobs (first token only, when asked for).
         prefill: Option<pb::Tokens>,
+        /// Prompt tokens whose keys/values came from the prefix cache.
+        cached: u32,
         queued: Instant,
         started: Instant,
     },
@@ -43,15 +45,54 @@ pub struct Entry {
     pub allocation: Option<BlockAllocation>,
     /// The request's trace span, when tracing is on.
     pub span: Option<opentelemetry::trace::SpanContext>,
+    /// Prefix-cache key ("" for the base model, else the adapter's load); None: no caching.
+    pub prefix: Option<Arc<str>>,
+    /// Tokens generated so far.
+    pub generated: Vec<u32>,
+    /// Positions whose keys/values the shard has computed (prompt, then all but the last token).
+    pub kv_valid: u32,
 }
 
 impl Entry {
     pub fn new(request: ValidGenerateRequest, events: EventSender) -> Self {
-        Self { request: Arc::new(request), events, queued: Instant::now(), started: None, allocation: None, span: None }
+        Self { request: Arc::new(request), events, queued: Instant::now(), started: None, allocation: None, span: None,
+               prefix: None, generated: Vec::new(), kv_valid: 0 }
     }
+
+    /// Leading prompt tokens served from the prefix cache.
+    pub fn cached_tokens(&self) -> u32 {
+        self.allocation.as_ref().map_or(0, |a| a.cached_tokens)
+    }
+
+    /// The prompt's full blocks are computed: offer them to the prefix cache.
+    pub fn publish_prompt(&mut self) {
+        self.kv_valid = self.kv_valid.max(self.request.input_length());
+        if let (Some(key), Some(a)) = (&self.prefix, &self.allocation) {
+            a.publish(key, &self.request.input_ids, self.kv_valid);
+        }
+    }
+
     /// The client is gone (disconnected, or its stream ended on a stop sequence).
     pub fn is_cancelled(&self) -> bool {
         self.events.is_closed()
+    }
+
+    /// A token arrived: the one before it has keys/values now.
+    pub fn record_token(&mut self, id: u32) {
+        self.generated.push(id);
+        self.kv_valid = self.request.input_length() + self.generated.len() as u32 - 1;
+    }
+}
+
+impl Drop for Entry {
+    /// What the request computed (prompt and generated tokens, full blocks only) goes to the
+    /// prefix cache before its blocks are released: a conversation's next turn starts with it.
+    fn drop(&mut self) {
+        let (Some(key), Some(a)) = (&self.prefix, &self.allocation) else { return };
+        if self.kv_valid > self.request.input_length() {
+            let tokens: Vec<u32> = self.request.input_ids.iter().chain(&self.generated).copied().collect();
+            a.publish(key, &tokens, self.kv_valid);
+        }
     }
 }
 
@@ -157,7 +198,14 @@ impl State {
                 self.entries.push_front((id, entry));
                 break;
             }
-            match self.allocator.allocate(entry.request.max_tokens()).await {
+            // Prompt logprobs need every prompt token computed: no lookup (the blocks are still
+            // published for others).
+            let prefix = entry.prefix.as_ref().map(|key| Prefix {
+                key: key.clone(),
+                tokens: entry.request.input_ids.clone(),
+                lookup: !entry.request.decoder_input_details,
+            });
+            match self.allocator.allocate_for(entry.request.max_tokens(), prefix).await {
                 Some(a) => entry.allocation = Some(a),
                 None => {
                     // FIFO: nobody jumps ahead of a request waiting for blocks.
@@ -165,7 +213,7 @@ impl State {
                     break;
                 }
             }
-            prefill_tokens += input;
+            prefill_tokens += input - entry.cached_tokens();
             entry.started = Some(Instant::now());
             taken.push((id, entry));
             if limits.max_size.is_some_and(|m| taken.len() >= m) {
@@ -215,6 +263,7 @@ fn to_pb(id: u64, e: &Entry) -> pb::Request {
         adapter_id: r.adapter_id.clone(),
         prefill_logprobs: r.decoder_input_details,
         top_n_tokens: r.top_n_tokens,
+        cached_tokens: a.cached_tokens,
     }
 }
 

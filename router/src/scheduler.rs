@@ -165,7 +165,7 @@ async fn update<S: Shards>(shards: &mut S, batch: Option<pb::CachedBatch>, entri
 /// (their blocks are freed as the entry drops).
 fn send_generations(generations: Vec<pb::Generation>, entries: &mut Entries) {
     for g in generations {
-        let Some(entry) = entries.get(&g.request_id) else { continue };
+        let Some(entry) = entries.get_mut(&g.request_id) else { continue };
         if let Some(err) = g.error {
             // This request alone failed; the rest of the batch goes on.
             let code = pb::ErrorCode::try_from(err.code).unwrap_or(pb::ErrorCode::Internal);
@@ -185,7 +185,12 @@ fn send_generations(generations: Vec<pb::Generation>, entries: &mut Entries) {
             Ok(pb::FinishReason::Unspecified) | Err(_) => None,
             Ok(f) => Some(f),
         };
+        if entry.generated.is_empty() {
+            entry.publish_prompt(); // its first token: the prompt's keys/values are in the cache
+        }
+        entry.record_token(id);
         let event = ShardEvent::Token {
+            cached: entry.cached_tokens(),
             id,
             logprob,
             finish,
@@ -223,6 +228,7 @@ mod tests {
         fail_prefill: bool,
         reject_input_len: Option<u32>, // requests with this prompt length fail alone
         steps: Vec<Vec<u64>>, // request ids of each decode step
+        prefills: Vec<(u64, u32, Vec<u32>)>, // (request id, cached_tokens, blocks) of each prefilled request
     }
     #[derive(Clone, Default)]
     struct Fake(Arc<Mutex<FakeState>>);
@@ -254,6 +260,7 @@ mod tests {
                 return Err(ClientError::Shard { code: pb::ErrorCode::OutOfMemory, message: "boom".into(), request_ids: vec![] });
             }
             let reject = s.reject_input_len;
+            s.prefills.extend(batch.requests.iter().map(|r| (r.id, r.cached_tokens, r.blocks.clone())));
             let (bad, good): (Vec<_>, Vec<_>) = batch.requests.iter().partition(|r| Some(r.input_ids.len() as u32) == reject);
             let mut rows: Vec<_> = good.iter().map(|r| (r.id, r.input_ids.len() as u32, 0, r.stopping_parameters.as_ref().unwrap().max_new_tokens)).collect();
             let mut generations = gens(&mut rows);
@@ -332,6 +339,29 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(alloc.stats().await.free, 64);
         assert!(fake.0.lock().unwrap().batches.is_empty(), "finished batches are cleared");
+    }
+
+    #[tokio::test]
+    async fn a_repeated_prompt_reads_the_cached_prefix_and_every_reference_returns() {
+        let fake = Fake::default();
+        let (queue, alloc) = start(fake.clone(), 64);
+        for _ in 0..2 {
+            let (mut e, rx) = entry(40, 3); // 40 prompt tokens: two full blocks can be shared
+            e.prefix = Some("".into());
+            queue.append(e);
+            assert_eq!(collect(rx).await.unwrap(), vec![40, 41, 42]);
+        }
+        let (mut other, rx) = entry(40, 3);
+        other.prefix = Some("lora@1".into());
+        queue.append(other);
+        collect(rx).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let p = fake.0.lock().unwrap().prefills.clone();
+        assert_eq!((p[0].1, p[1].1, p[2].1), (0, 32, 0), "a hit for the same key only, leaving a token to compute");
+        assert_eq!(p[1].2[..2], p[0].2[..2], "the shared blocks are the first request's");
+        let stats = alloc.stats().await;
+        assert_eq!(stats.free, 64, "every reference returned");
+        assert!(stats.cached >= 2, "the published blocks stay cached");
     }
 
     #[tokio::test]

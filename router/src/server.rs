@@ -189,6 +189,7 @@ fn details(r: &InferResponse, best_of: Vec<InferResponse>) -> Details {
         finish_reason: d.finish_reason,
         generated_tokens: d.generated_tokens,
         seed: d.seed,
+        cached_tokens: d.cached_tokens,
         prefill: d.prefill.clone(),
         tokens: d.tokens.clone(),
         top_tokens: d.top_tokens.clone(),
@@ -309,6 +310,7 @@ async fn stream_response(s: AppState, req: GenerateRequest) -> Response {
                     generated_tokens: details.generated_tokens,
                     seed: details.seed,
                     input_length: details.input_length,
+                    cached_tokens: details.cached_tokens,
                 }),
             },
             Err(e) => return Ok(Event::default().json_data(e.body()).unwrap_or_default()),
@@ -374,6 +376,7 @@ async fn info(State(s): State<AppState>) -> Response {
     let mut info = (*s.info).clone();
     info.kv_blocks_total = stats.total;
     info.kv_blocks_free = stats.free;
+    info.kv_blocks_cached = stats.cached;
     info.queue_size = s.infer.queue().len().await;
     info.adapters = adapters;
     Json(info).into_response()

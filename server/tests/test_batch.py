@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import batch
+from conftest import BLOCK, batch
+from text_generation_server.pb import generate_pb2 as pb
 from text_generation_server.errors import ShardError
 
 
@@ -180,3 +181,45 @@ def test_every_per_row_field_is_reshaped(engine_factory):
         "ahead", "ahead_error",  # a launched step: carried whole, its rows picked by request id when collected
     }
     assert {f.name for f in dataclasses.fields(Batch)} == handled
+
+
+def test_a_cached_prefix_is_read_not_recomputed(engine_factory):
+    """A prompt whose first blocks hold another request's keys/values (the router's prefix
+    cache) computes only the rest and decodes exactly as if it had computed everything."""
+    from shard_calls import request
+
+    eng, _ = engine_factory("llama")
+    shared = [5, 9, 11, 4, 7, 7, 30, 2]  # two full blocks of 4
+    a, nxt = request(0, shared + [3, 3, 8], 4, 0)
+    eng.prefill(pb.Batch(id=1, requests=[a]))
+    b, _ = request(1, shared + [12, 40, 41, 6, 2], 6, nxt)
+    b.blocks[:2] = a.blocks[:2]  # the shared blocks by reference
+    b.slots[:] = [b.blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(len(b.input_ids))]
+    b.cached_tokens = 8
+    fresh, _ = request(2, list(b.input_ids), 6, 100)
+
+    def run(r, bid):
+        res, cached = eng.prefill(pb.Batch(id=bid, requests=[r]))
+        toks, lps = [int(res.token_ids[0])], [float(res.logprobs[0])]
+        while cached is not None:
+            res, cached, _ = eng.decode([bid])
+            toks.append(int(res.token_ids[0]))
+            lps.append(float(res.logprobs[0]))
+        return toks, lps
+
+    got, want = run(b, 2), run(fresh, 3)
+    assert got[0] == want[0]
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cached, logprobs, why", [(6, False, "whole blocks"), (12, False, "leave a prompt token"),
+                                                   (8, True, "prompt logprobs")])
+def test_a_bad_cached_prefix_fails_alone(engine_factory, cached, logprobs, why):
+    from shard_calls import request
+
+    eng, _ = engine_factory("llama")
+    r, _ = request(0, list(range(2, 14)), 2, 0)
+    r.cached_tokens, r.prefill_logprobs = cached, logprobs
+    ok, _ = request(1, [3, 4], 2, 10)
+    res, _ = eng.prefill(pb.Batch(id=1, requests=[r, ok]))
+    assert res.request_ids == [1] and why in res.failed[0][1]

@@ -98,7 +98,8 @@ class Batch:
             block_tables=to_device(tables, device),
             block_tables_host=tables,
             num_blocks=np.array([len(r.blocks) for r in reqs], dtype=np.int64),
-            cache_lens=np.zeros(len(reqs), dtype=np.int64),
+            # a prompt's cached prefix (the router's prefix cache) is in the cache already
+            cache_lens=np.array([r.cached_tokens for r in reqs], dtype=np.int64),
             generated=np.zeros(len(reqs), dtype=np.int64),
             max_new_tokens=np.array([r.stopping_parameters.max_new_tokens for r in reqs], dtype=np.int64),
             ignore_eos=np.array([r.stopping_parameters.ignore_eos_token for r in reqs], dtype=bool),
@@ -110,7 +111,7 @@ class Batch:
             out_counts=None,
             block_size=block_size,
             prompt_ids=prompts,
-            prefill_slots=np.concatenate([np.asarray(r.slots, dtype=np.int64) for r in reqs]),
+            prefill_slots=np.concatenate([np.asarray(r.slots[r.cached_tokens:], dtype=np.int64) for r in reqs]),
             prefill_logprobs=np.array([r.prefill_logprobs for r in reqs], dtype=bool),
         )
         if sp.needs_prompt_counts:
@@ -127,20 +128,25 @@ class Batch:
 
     # ---- per-step inputs -------------------------------------------------------------------
 
+    def prefill_new_tokens(self) -> np.ndarray:
+        """[B] prompt tokens each row computes in its prefill (those past its cached prefix)."""
+        return np.array([len(p) for p in self.prompt_ids], dtype=np.int64) - self.cache_lens
+
     def prefill_inputs(self) -> StepInputs:
         assert self.prompt_ids is not None, "prefill_inputs() after the first step"
         dev = self.block_tables.device
-        lens = np.array([len(p) for p in self.prompt_ids], dtype=np.int64)
+        lens = np.array([len(p) for p in self.prompt_ids], dtype=np.int64)  # keys/values after the step
+        new = lens - self.cache_lens  # queries: the prompt past its cached prefix
         cu = np.zeros(len(lens) + 1, dtype=np.int64)
-        np.cumsum(lens, out=cu[1:])
-        positions = np.concatenate([np.arange(n) for n in lens])
-        ids = np.concatenate([np.asarray(p, dtype=np.int64) for p in self.prompt_ids])
+        np.cumsum(new, out=cu[1:])
+        positions = np.concatenate([np.arange(c, n) for c, n in zip(self.cache_lens.tolist(), lens.tolist())])
+        ids = np.concatenate([np.asarray(p[c:], dtype=np.int64) for p, c in zip(self.prompt_ids, self.cache_lens.tolist())])
         attn = AttentionInputs(
             cu_seqlens_q=to_device(cu.astype(np.int32), dev),
             kv_lens=to_device(lens.astype(np.int32), dev),
             block_tables=self.block_tables,
             slots=to_device(self.prefill_slots, dev),
-            max_q=int(lens.max()),
+            max_q=int(new.max()),
             max_kv=int(lens.max()),
             is_decode=False,
             cu_seqlens_q_host=cu.astype(np.int32),
@@ -268,4 +274,9 @@ def check_request(r, block_size: int, vocab_size: int, num_blocks: int) -> str |
         return f"block ids beyond the cache's {num_blocks} blocks"
     if max(r.input_ids) >= vocab_size:
         return "token id out of vocabulary"
+    if r.cached_tokens:
+        if r.cached_tokens >= len(r.input_ids) or r.cached_tokens % block_size:
+            return f"cached_tokens ({r.cached_tokens}) must be whole blocks and leave a prompt token to compute"
+        if r.prefill_logprobs:
+            return "prompt logprobs need the whole prompt computed (cached_tokens must be 0)"
     return None

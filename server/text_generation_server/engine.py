@@ -262,7 +262,7 @@ class Engine:
         """Queues one step of `batch` on the device and advances the batch's state past it."""
         t0 = time.perf_counter_ns()
         inputs: StepInputs = batch.prefill_inputs() if prefill else batch.decode_inputs()
-        tokens_in = (np.array([len(p) for p in batch.prompt_ids]) if prefill else np.ones(len(batch), dtype=np.int64))
+        tokens_in = batch.prefill_new_tokens() if prefill else np.ones(len(batch), dtype=np.int64)
         names = set(batch.adapters.tolist()) - {""}
         self._stepping = frozenset(names)
         try:

@@ -70,8 +70,9 @@ fn text_before_stop(r: &InferResponse) -> String {
     }
 }
 
-pub(crate) fn usage(prompt: u32, completion: u32) -> Usage {
-    Usage { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion }
+pub(crate) fn usage(prompt: u32, completion: u32, cached: u32) -> Usage {
+    Usage { prompt_tokens: prompt, completion_tokens: completion, total_tokens: prompt + completion,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens: cached } }
 }
 
 fn completion_logprobs(tokens: &[Token], tops: &[Vec<Token>], offset0: usize) -> CompletionLogprobs {
@@ -179,12 +180,13 @@ async fn completions_inner(s: AppState, req: CompletionRequest) -> Result<Respon
         return Ok(sse_response(vec![], select_all(streams), to_chunk, include_usage.then_some(usage_chunk), n));
     }
     let mut choices = vec![];
-    let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+    let (mut prompt_tokens, mut completion_tokens, mut cached_tokens) = (0, 0, 0);
     for (pi, prompt) in prompts.iter().enumerate() {
         let gen = GenerateRequest { inputs: prompt.clone(), parameters: params.clone(), ..Default::default() };
         let all = s.infer.generate_n(gen, Some(n)).await?;
         // Each prompt counts once, however many choices it has.
         prompt_tokens += all.first().map_or(0, |r| r.details.input_length);
+        cached_tokens += all.first().map_or(0, |r| r.details.cached_tokens);
         for (j, r) in all.into_iter().enumerate() {
             completion_tokens += r.details.generated_tokens;
             let mut text = text_before_stop(&r);
@@ -206,7 +208,7 @@ async fn completions_inner(s: AppState, req: CompletionRequest) -> Result<Respon
         model,
         system_fingerprint: fingerprint(),
         choices,
-        usage: Some(usage(prompt_tokens, completion_tokens)),
+        usage: Some(usage(prompt_tokens, completion_tokens, cached_tokens)),
     };
     Ok(Json(body).into_response())
 }
@@ -290,6 +292,7 @@ async fn chat_inner(s: AppState, req: ChatCompletionRequest) -> Result<Response,
     }
     let all = s.infer.generate_n(gen, Some(n)).await?;
     let prompt_tokens = all.first().map_or(0, |r| r.details.input_length);
+    let cached_tokens = all.first().map_or(0, |r| r.details.cached_tokens);
     let completion_tokens = all.iter().map(|r| r.details.generated_tokens).sum();
     let choices = all
         .iter()
@@ -308,7 +311,7 @@ async fn chat_inner(s: AppState, req: ChatCompletionRequest) -> Result<Response,
         model,
         system_fingerprint: fingerprint(),
         choices,
-        usage: usage(prompt_tokens, completion_tokens),
+        usage: usage(prompt_tokens, completion_tokens, cached_tokens),
     })
     .into_response())
 }

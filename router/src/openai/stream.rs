@@ -23,6 +23,8 @@ pub(super) struct ChoicePiece {
     pub finish: Option<FinishReason>,
     pub prompt_tokens: u32,
     pub generated: u32,
+    /// Prompt tokens served from the prefix cache (known at the end).
+    pub cached: u32,
 }
 
 pub(super) fn openai_choice_stream(
@@ -50,11 +52,12 @@ pub(super) fn openai_choice_stream(
                 first = false;
             }
             let finish = end.as_ref().map(|d| d.finish_reason);
+            let cached = end.as_ref().map_or(0, |d| d.cached_tokens);
             if finish.is_some() {
                 text.push_str(&trimmer.finish());
             }
             let tops = if tops.is_empty() { vec![] } else { vec![tops] };
-            yield Ok(ChoicePiece { index, text, tokens: vec![token], tops, finish, prompt_tokens, generated });
+            yield Ok(ChoicePiece { index, text, tokens: vec![token], tops, finish, prompt_tokens, generated, cached });
             if finish.is_some() { return; }
         }
     })
@@ -73,6 +76,7 @@ where
             yield Ok::<_, Infallible>(Event::default().json_data(c).unwrap_or_default());
         }
         let mut prompt = std::collections::HashMap::new();
+        let mut cached = std::collections::HashMap::new();
         let mut generated = std::collections::HashMap::new();
         futures::pin_mut!(pieces);
         while let Some(piece) = pieces.next().await {
@@ -80,6 +84,9 @@ where
                 Ok(p) => {
                     if p.index % n.max(1) == 0 {
                         prompt.insert(p.index, p.prompt_tokens);
+                        if p.finish.is_some() {
+                            cached.insert(p.index, p.cached);
+                        }
                     }
                     generated.insert(p.index, p.generated);
                     yield Ok(Event::default().json_data(to_chunk(p)).unwrap_or_default());
@@ -88,7 +95,7 @@ where
             }
         }
         if let Some(make) = usage_chunk {
-            let u = usage(prompt.values().sum(), generated.values().sum());
+            let u = usage(prompt.values().sum(), generated.values().sum(), cached.values().sum());
             yield Ok(Event::default().json_data(make(u)).unwrap_or_default());
         }
         yield Ok(Event::default().data("[DONE]"));
