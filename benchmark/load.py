@@ -185,10 +185,49 @@ async def w3(url: str, n: int, scale: float, vocab: int, counts: list[int], alph
     return out
 
 
+async def w7(url: str, n_shared: int, n_chats: int, system_words: int, vocab: int, concurrency: int,
+             max_new: int = 16, adapter: str | None = None) -> dict:
+    """W7 (prefix reuse): `n_shared` requests that share one system prompt of `system_words`
+    words, each with its own question, then `n_chats` two-turn conversations whose second turn
+    repeats the first (prompt + answer) and adds a question. `concurrency` requests in flight
+    (closed loop); TTFT of the shared requests and of the second turns."""
+    rng = np.random.default_rng(3)
+
+    def words(k: int) -> str:
+        return " ".join(f"t{w}" for w in rng.integers(0, vocab, k))
+
+    system = words(system_words)
+    shared = [(f"{system} {words(16)}", system_words + 16, max_new) for _ in range(n_shared)]
+    firsts = [words(system_words // 2) for _ in range(n_chats)]
+    gate = asyncio.Semaphore(concurrency)
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        async def shared_one(p):
+            async with gate:
+                return await one(session, url, *p, adapter)
+
+        async def chat(first: str):
+            async with gate:
+                body = {"inputs": first, "parameters": {"max_new_tokens": max_new, **({"adapter_id": adapter} if adapter else {})}}
+                async with session.post(url + "/generate", json=body) as resp:
+                    answer = (await resp.json())["generated_text"]
+                second = f"{first}{answer} {words(12)}"
+                return await one(session, url, second, 0, max_new, adapter)
+
+        t0 = time.perf_counter()
+        shared_res = await asyncio.gather(*(shared_one(p) for p in shared))
+        t1 = time.perf_counter()
+        chat_res = await asyncio.gather(*(chat(f) for f in firsts))
+        t2 = time.perf_counter()
+    out = {"shared": summarize(list(shared_res), t1 - t0), "second_turns": summarize(list(chat_res), t2 - t1)}
+    out["median_ttft_ms"] = float(np.median([r.ttft * 1e3 for r in [*shared_res, *chat_res] if r.ok] or [float("nan")]))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("url")
-    ap.add_argument("--workload", choices=["w2", "w3", "ttft", "w4"], default="w2")
+    ap.add_argument("--workload", choices=["w2", "w3", "ttft", "w4", "w7"], default="w2")
     ap.add_argument("--adapter-counts", default="1,8,32,100",
                     help="W3: numbers of adapters (named a0..a<N-1> on the server), each run against base-only")
     ap.add_argument("--adapter-alpha", type=float, default=1.0, help="W3: power-law exponent of adapter popularity")
@@ -199,12 +238,19 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--ttft-tokens", type=int, default=1024, help="prompt length of the TTFT workload")
     ap.add_argument("--w4-tokens", type=int, default=64, help="tokens per stream in W4")
+    ap.add_argument("--w7-chats", type=int, default=50, help="W7: two-turn conversations after the shared requests")
+    ap.add_argument("--w7-system-words", type=int, default=1000, help="W7: words of the shared system prompt")
+    ap.add_argument("--concurrency", type=int, default=8, help="W7: requests in flight")
+    ap.add_argument("--adapter", default=None, help="W7: every request on this adapter")
     ap.add_argument("--out", type=Path, required=True, help="JSON results; a PNG plot goes beside it")
     a = ap.parse_args()
     if a.workload == "ttft":
         res = asyncio.run(ttft_long(a.url, a.ttft_tokens, a.vocab))
     elif a.workload == "w4":
         res = {"w4": [asyncio.run(itl_at_batch(a.url, b, a.w4_tokens, a.vocab)) for b in (1, 64)]}
+    elif a.workload == "w7":
+        res = asyncio.run(w7(a.url, a.num_requests, a.w7_chats, a.w7_system_words, a.vocab, a.concurrency,
+                             adapter=a.adapter))
     elif a.workload == "w3":
         res = asyncio.run(w3(a.url, a.num_requests, a.scale, a.vocab, [int(x) for x in a.adapter_counts.split(",")],
                              a.adapter_alpha))

@@ -56,6 +56,10 @@ def test_model_writer_load_generator_and_shard_bench_on_cpu(tmp_path):
         for run, distinct in (("n=1", 1), ("n=3", 3)):
             assert w3[run]["completed"] == 8 and w3[run]["failed"] == 0, w3[run]
             assert w3[run]["ratio_to_base"] > 0 and 1 <= w3[run]["distinct_adapters"] <= distinct
+        w7 = load(s.base, tmp_path / "w7.json", "--workload", "w7", "--num-requests", "6", "--w7-chats", "3",
+                  "--w7-system-words", "40", "--concurrency", "2")
+        assert w7["shared"]["completed"] == 6 and w7["second_turns"]["completed"] == 3, w7
+        assert w7["median_ttft_ms"] > 0
     finally:
         s.stop()
 
