@@ -29,7 +29,8 @@ pub struct Prefix {
 }
 
 enum Command {
-    Allocate { blocks: u32, prefix: Option<Prefix>, reply: oneshot::Sender<Option<(Vec<u32>, u32)>> },
+    Allocate { blocks: u32, reserve: u32, prefix: Option<Prefix>, reply: oneshot::Sender<Option<(Vec<u32>, u32)>> },
+    Grow { blocks: u32, reserve: u32, reply: oneshot::Sender<Option<Vec<u32>>> },
     Publish { key: Arc<str>, tokens: Vec<u32>, blocks: Vec<u32> },
     Free { blocks: Vec<u32> },
     Stats { reply: oneshot::Sender<BlockStats> },
@@ -68,6 +69,20 @@ impl BlockAllocation {
         (0..n).map(|p| self.blocks[(p / self.block_size) as usize] * self.block_size + p % self.block_size).collect()
     }
 
+    /// Grows the allocation to hold `tokens` positions (KV allocated as the sequence grows);
+    /// returns the blocks added (none when it already does), or None when they do not fit now.
+    pub async fn grow(&mut self, tokens: u32) -> Option<Vec<u32>> {
+        let want = tokens.div_ceil(self.block_size) as usize;
+        if want <= self.blocks.len() {
+            return Some(vec![]);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Command::Grow { blocks: (want - self.blocks.len()) as u32, reserve: 0, reply }).ok()?;
+        let added = rx.await.ok()??;
+        self.blocks.extend(&added);
+        Some(added)
+    }
+
     /// Offers the full blocks among the first `valid` positions (whose keys/values are computed)
     /// to the prefix cache under `key`; `tokens` covers at least those positions.
     pub fn publish(&self, key: &Arc<str>, tokens: &[u32], valid: u32) {
@@ -102,15 +117,16 @@ impl BlockAllocator {
 
     /// Blocks for `tokens` tokens, or None if they do not fit now.
     pub async fn allocate(&self, tokens: u32) -> Option<BlockAllocation> {
-        self.allocate_for(tokens, None).await
+        self.allocate_for(tokens, None, 0).await
     }
 
     /// Blocks for `tokens` tokens, the prompt's cached prefix (if any) among them; None if they
-    /// do not fit now (nothing is taken then).
-    pub async fn allocate_for(&self, tokens: u32, prefix: Option<Prefix>) -> Option<BlockAllocation> {
+    /// do not fit now with `reserve` blocks left over for the running requests to grow into
+    /// (nothing is taken then).
+    pub async fn allocate_for(&self, tokens: u32, prefix: Option<Prefix>, reserve: u32) -> Option<BlockAllocation> {
         let (reply, rx) = oneshot::channel();
         let blocks = tokens.div_ceil(self.block_size);
-        self.tx.send(Command::Allocate { blocks, prefix, reply }).ok()?;
+        self.tx.send(Command::Allocate { blocks, reserve, prefix, reply }).ok()?;
         let (blocks, hits) = rx.await.ok()??;
         Some(BlockAllocation { blocks, cached_tokens: hits * self.block_size, block_size: self.block_size, tx: self.tx.clone() })
     }
@@ -203,12 +219,18 @@ impl Blocks {
         hits
     }
 
+    #[cfg(test)]
     fn allocate(&mut self, blocks: u32, prefix: Option<&Prefix>) -> Option<(Vec<u32>, u32)> {
+        self.allocate_keeping(blocks, prefix, 0)
+    }
+
+    /// Like `allocate`, leaving at least `reserve` blocks available afterwards.
+    fn allocate_keeping(&mut self, blocks: u32, prefix: Option<&Prefix>, reserve: u32) -> Option<(Vec<u32>, u32)> {
         let mut hits = prefix.map(|p| self.lookup(p)).unwrap_or_default();
         hits.truncate(blocks as usize);
         let fresh = blocks as usize - hits.len();
         let idle_hits = hits.iter().filter(|b| self.idle_at.contains_key(b)).count();
-        if fresh > self.free.len() + self.idle.len() - idle_hits {
+        if fresh + reserve as usize > self.free.len() + self.idle.len() - idle_hits {
             return None;
         }
         for &b in &hits {
@@ -286,8 +308,18 @@ async fn run(mut blocks: Blocks, mut rx: mpsc::UnboundedReceiver<Command>) {
     gauges(&blocks);
     while let Some(cmd) = rx.recv().await {
         match cmd {
-            Command::Allocate { blocks: n, prefix, reply } => {
-                if let Some(got) = blocks.allocate(n, prefix.as_ref()) {
+            Command::Grow { blocks: n, reserve, reply } => {
+                if let Some((got, _)) = blocks.allocate_keeping(n, None, reserve) {
+                    if let Err(Some(got)) = reply.send(Some(got)) {
+                        blocks.release(got);
+                    }
+                    gauges(&blocks);
+                } else {
+                    let _ = reply.send(None);
+                }
+            }
+            Command::Allocate { blocks: n, reserve, prefix, reply } => {
+                if let Some(got) = blocks.allocate_keeping(n, prefix.as_ref(), reserve) {
                     if let Err(Some((got, _))) = reply.send(Some(got)) {
                         blocks.release(got); // the asker went away
                     }

@@ -93,11 +93,11 @@ impl ShardClient {
         let req = traced(pb::PrefillRequest { batch: Some(batch) }, trace);
         Ok(self.stub.prefill(req).await?.into_inner())
     }
-    pub async fn decode(&mut self, batches: Vec<pb::CachedBatch>, trace: Option<String>) -> Result<pb::DecodeResponse> {
+    pub async fn decode(&mut self, batches: Vec<pb::CachedBatch>, grants: Vec<pb::BlockGrant>, trace: Option<String>) -> Result<pb::DecodeResponse> {
         // The shard keeps each batch's rows: a step names the batches only (requests leave by
         // FilterBatch or end on the shard), so the per-step message does not grow with the batch.
         let batches = batches.into_iter().map(|b| pb::CachedBatch { id: b.id, ..Default::default() }).collect();
-        let req = traced(pb::DecodeRequest { batches }, trace);
+        let req = traced(pb::DecodeRequest { batches, grants }, trace);
         Ok(self.stub.decode(req).await?.into_inner())
     }
     pub async fn load_adapter(&mut self, req: pb::LoadAdapterRequest) -> Result<pb::LoadAdapterResponse> {
@@ -190,8 +190,8 @@ impl ShardedClient {
     pub async fn prefill(&mut self, batch: pb::Batch, trace: Option<String>) -> Result<pb::PrefillResponse> {
         fan_out!(self, |c| c.prefill(batch.clone(), trace.clone()))
     }
-    pub async fn decode(&mut self, batches: Vec<pb::CachedBatch>, trace: Option<String>) -> Result<pb::DecodeResponse> {
-        fan_out!(self, |c| c.decode(batches.clone(), trace.clone()))
+    pub async fn decode(&mut self, batches: Vec<pb::CachedBatch>, grants: Vec<pb::BlockGrant>, trace: Option<String>) -> Result<pb::DecodeResponse> {
+        fan_out!(self, |c| c.decode(batches.clone(), grants.clone(), trace.clone()))
     }
     pub async fn load_adapter(&mut self, req: pb::LoadAdapterRequest) -> Result<pb::LoadAdapterResponse> {
         fan_out!(self, |c| c.load_adapter(req.clone()))

@@ -42,6 +42,7 @@ fn describe() {
     describe_counter!("tessera_prefix_cache_queried_tokens_total", "Prompt tokens looked up in the prefix cache");
     describe_counter!("tessera_prefix_cache_hit_tokens_total", "Prompt tokens found cached (not computed)");
     describe_counter!("tessera_prefix_cache_evictions_total", "Cached blocks reused for other contents");
+    describe_counter!("tessera_preemptions_total", "Running requests paused to free KV blocks for older ones (recomputed later)");
     describe_histogram!("tessera_request_duration_seconds", Unit::Seconds, "Whole request, queue included");
     describe_histogram!("tessera_request_queue_duration_seconds", Unit::Seconds, "Time waiting in the queue");
     describe_histogram!("tessera_request_inference_duration_seconds", Unit::Seconds, "Admission to last token");
@@ -107,6 +108,10 @@ pub fn prefix_lookup(queried: u32, hit: u32) {
     if hit > 0 {
         counter!("tessera_prefix_cache_hits_total").increment(1);
     }
+}
+
+pub fn preemption() {
+    counter!("tessera_preemptions_total").increment(1);
 }
 
 pub fn prefix_eviction() {

@@ -51,25 +51,39 @@ pub struct Entry {
     pub generated: Vec<u32>,
     /// Positions whose keys/values the shard has computed (prompt, then all but the last token).
     pub kv_valid: u32,
+    /// Admitted, its prefill's first token not yet here.
+    pub fresh: bool,
+    /// Prompt tokens the first admission found in the prefix cache (what the response reports).
+    pub first_cached: Option<u32>,
 }
 
 impl Entry {
     pub fn new(request: ValidGenerateRequest, events: EventSender) -> Self {
         Self { request: Arc::new(request), events, queued: Instant::now(), started: None, allocation: None, span: None,
-               prefix: None, generated: Vec::new(), kv_valid: 0 }
+               prefix: None, generated: Vec::new(), kv_valid: 0, fresh: false, first_cached: None }
     }
 
-    /// Leading prompt tokens served from the prefix cache.
+    /// Leading prompt tokens served from the prefix cache (at its first admission).
     pub fn cached_tokens(&self) -> u32 {
-        self.allocation.as_ref().map_or(0, |a| a.cached_tokens)
+        self.first_cached.or_else(|| self.allocation.as_ref().map(|a| a.cached_tokens)).unwrap_or(0)
     }
 
-    /// The prompt's full blocks are computed: offer them to the prefix cache.
-    pub fn publish_prompt(&mut self) {
-        self.kv_valid = self.kv_valid.max(self.request.input_length());
-        if let (Some(key), Some(a)) = (&self.prefix, &self.allocation) {
-            a.publish(key, &self.request.input_ids, self.kv_valid);
-        }
+    /// Tokens a prefill feeds: the prompt, then what it generated before it was preempted.
+    pub fn fed(&self) -> u32 {
+        self.request.input_length() + self.generated.len() as u32
+    }
+
+    /// The prompt and the generated tokens.
+    pub fn tokens(&self) -> Vec<u32> {
+        self.request.input_ids.iter().chain(&self.generated).copied().collect()
+    }
+
+    /// KV positions the next shard call may write: what is fed so far, and the position of the
+    /// step a shard with overlapped steps launches ahead (never past the last fed position,
+    /// input + max_new_tokens - 2).
+    pub fn needed_positions(&self) -> u32 {
+        let last = self.request.input_length() + self.request.stopping.max_new_tokens.max(1) - 1;
+        self.fed().max((self.fed() + 1).min(last))
     }
 
     /// The client is gone (disconnected, or its stream ended on a stop sequence).
@@ -77,10 +91,35 @@ impl Entry {
         self.events.is_closed()
     }
 
-    /// A token arrived: the one before it has keys/values now.
+    /// A token arrived. The first of an admission means its prefill is computed: its full blocks
+    /// go to the prefix cache. Then the token before this one has keys/values.
     pub fn record_token(&mut self, id: u32) {
+        if self.fresh {
+            self.fresh = false;
+            self.kv_valid = self.fed();
+            self.first_cached.get_or_insert(self.allocation.as_ref().map_or(0, |a| a.cached_tokens));
+            self.publish();
+        }
         self.generated.push(id);
-        self.kv_valid = self.request.input_length() + self.generated.len() as u32 - 1;
+        self.kv_valid = self.fed() - 1;
+    }
+
+    /// Offers the computed full blocks (prompt and generated tokens) to the prefix cache.
+    fn publish(&self) {
+        if let (Some(key), Some(a)) = (&self.prefix, &self.allocation) {
+            if self.kv_valid > 0 {
+                a.publish(key, &self.tokens(), self.kv_valid);
+            }
+        }
+    }
+
+    /// Gives its blocks back to make room for older requests; what it computed stays cached, so
+    /// its recompute (prompt + generated tokens) is cheap when it is admitted again.
+    pub fn preempt(&mut self) {
+        self.publish();
+        self.allocation = None;
+        self.kv_valid = 0;
+        crate::metrics::preemption();
     }
 }
 
@@ -88,11 +127,7 @@ impl Drop for Entry {
     /// What the request computed (prompt and generated tokens, full blocks only) goes to the
     /// prefix cache before its blocks are released: a conversation's next turn starts with it.
     fn drop(&mut self) {
-        let (Some(key), Some(a)) = (&self.prefix, &self.allocation) else { return };
-        if self.kv_valid > self.request.input_length() {
-            let tokens: Vec<u32> = self.request.input_ids.iter().chain(&self.generated).copied().collect();
-            a.publish(key, &tokens, self.kv_valid);
-        }
+        self.publish();
     }
 }
 
@@ -103,12 +138,16 @@ pub struct BatchLimits {
     pub max_size: Option<usize>,
     /// Most prompt tokens to prefill.
     pub prefill_tokens: u32,
+    /// KV blocks to leave free for the running requests to grow into.
+    pub reserve_blocks: u32,
 }
 
 pub type NextBatch = Option<(Vec<(u64, Entry)>, pb::Batch)>;
 
 enum Command {
     Append(Box<Entry>),
+    /// A preempted request, back at the front (it keeps its id).
+    Requeue(u64, Box<Entry>),
     NextBatch { limits: BatchLimits, reply: oneshot::Sender<NextBatch> },
     Len { reply: oneshot::Sender<usize> },
 }
@@ -134,6 +173,11 @@ impl Queue {
         // dropped sender tells its stream so.
         let _ = self.tx.send(Command::Append(Box::new(entry)));
         self.notify.notify_one();
+    }
+
+    /// Puts a preempted request back at the front of the queue.
+    pub fn requeue(&self, id: u64, entry: Entry) {
+        let _ = self.tx.send(Command::Requeue(id, Box::new(entry)));
     }
 
     pub async fn next_batch(&self, limits: BatchLimits) -> NextBatch {
@@ -167,6 +211,10 @@ async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Command>) {
                 state.entries.push_back((id, *entry));
                 crate::metrics::queue_size(state.entries.len());
             }
+            Command::Requeue(id, entry) => {
+                state.entries.push_front((id, *entry));
+                crate::metrics::queue_size(state.entries.len());
+            }
             Command::NextBatch { limits, reply } => {
                 let batch = state.next_batch(limits).await;
                 crate::metrics::queue_size(state.entries.len());
@@ -193,7 +241,7 @@ impl State {
             if entry.is_cancelled() {
                 continue; // the client left while waiting
             }
-            let input = entry.request.input_length();
+            let input = entry.fed();
             if !taken.is_empty() && prefill_tokens + input > limits.prefill_tokens {
                 self.entries.push_front((id, entry));
                 break;
@@ -202,10 +250,12 @@ impl State {
             // published for others).
             let prefix = entry.prefix.as_ref().map(|key| Prefix {
                 key: key.clone(),
-                tokens: entry.request.input_ids.clone(),
+                tokens: if entry.generated.is_empty() { entry.request.input_ids.clone() } else { Arc::new(entry.tokens()) },
                 lookup: !entry.request.decoder_input_details,
             });
-            match self.allocator.allocate_for(entry.request.max_tokens(), prefix).await {
+            // KV on demand: the prompt and one step ahead now, more as the sequence grows
+            // (scheduler `grow`); room is left for the running requests to grow into.
+            match self.allocator.allocate_for(entry.needed_positions(), prefix, limits.reserve_blocks).await {
                 Some(a) => entry.allocation = Some(a),
                 None => {
                     // FIFO: nobody jumps ahead of a request waiting for blocks.
@@ -213,8 +263,9 @@ impl State {
                     break;
                 }
             }
-            prefill_tokens += input - entry.cached_tokens();
-            entry.started = Some(Instant::now());
+            prefill_tokens += input - entry.allocation.as_ref().map_or(0, |a| a.cached_tokens);
+            entry.fresh = true;
+            entry.started.get_or_insert_with(Instant::now);
             taken.push((id, entry));
             if limits.max_size.is_some_and(|m| taken.len() >= m) {
                 break;
@@ -227,7 +278,7 @@ impl State {
         let batch = pb::Batch {
             id: self.next_batch_id,
             size: requests.len() as u32,
-            max_tokens: taken.iter().map(|(_, e)| e.request.max_tokens()).sum(),
+            max_tokens: taken.iter().map(|(_, e)| e.needed_positions()).sum(),
             max_blocks: requests.iter().map(|r| r.blocks.len() as u32).max().unwrap_or(0),
             requests,
         };
@@ -241,7 +292,7 @@ fn to_pb(id: u64, e: &Entry) -> pb::Request {
     let a = e.allocation.as_ref().expect("admitted entries hold an allocation");
     pb::Request {
         id,
-        input_ids: r.input_ids.to_vec(),
+        input_ids: e.tokens(),
         parameters: Some(pb::NextTokenChooserParameters {
             temperature: r.parameters.temperature,
             top_k: r.parameters.top_k,
@@ -259,11 +310,12 @@ fn to_pb(id: u64, e: &Entry) -> pb::Request {
             ignore_eos_token: r.stopping.ignore_eos_token,
         }),
         blocks: a.blocks.clone(),
-        slots: a.slots(r.input_length()),
+        slots: a.slots(e.fed()),
         adapter_id: r.adapter_id.clone(),
         prefill_logprobs: r.decoder_input_details,
         top_n_tokens: r.top_n_tokens,
         cached_tokens: a.cached_tokens,
+        generated_tokens: e.generated.len() as u32,
     }
 }
 
@@ -304,7 +356,7 @@ pub(crate) mod tests {
         (Entry::new(valid_request(input_len, max_new_tokens), tx), rx)
     }
 
-    const ALL: BatchLimits = BatchLimits { max_size: None, prefill_tokens: 1000 };
+    const ALL: BatchLimits = BatchLimits { max_size: None, prefill_tokens: 1000, reserve_blocks: 0 };
 
     #[tokio::test]
     async fn fifo_with_ids_and_slots() {
@@ -330,9 +382,9 @@ pub(crate) mod tests {
         let (e2, _r2) = entry(10, 1);
         q.append(e1);
         q.append(e2);
-        let (first, _) = q.next_batch(BatchLimits { max_size: None, prefill_tokens: 15 }).await.unwrap();
+        let (first, _) = q.next_batch(BatchLimits { max_size: None, prefill_tokens: 15, reserve_blocks: 0 }).await.unwrap();
         assert_eq!(first.len(), 1);
-        let (second, batch) = q.next_batch(BatchLimits { max_size: None, prefill_tokens: 15 }).await.unwrap();
+        let (second, batch) = q.next_batch(BatchLimits { max_size: None, prefill_tokens: 15, reserve_blocks: 0 }).await.unwrap();
         assert_eq!(second.len(), 1);
         assert_eq!(batch.id, 1);
     }
@@ -378,7 +430,7 @@ pub(crate) mod tests {
             keep.push(r);
             q.append(e);
         }
-        let (entries, _) = q.next_batch(BatchLimits { max_size: Some(2), prefill_tokens: 100 }).await.unwrap();
+        let (entries, _) = q.next_batch(BatchLimits { max_size: Some(2), prefill_tokens: 100, reserve_blocks: 0 }).await.unwrap();
         assert_eq!(entries.len(), 2);
         assert_eq!(q.len().await, 1);
     }

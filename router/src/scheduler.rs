@@ -14,7 +14,8 @@ use crate::queue::{BatchLimits, Entry, Queue, ShardEvent};
 pub trait Shards: Send + 'static {
     /// `trace`: a W3C traceparent for the shard's spans.
     fn prefill(&mut self, batch: pb::Batch, trace: Option<String>) -> impl Future<Output = client::Result<pb::PrefillResponse>> + Send;
-    fn decode(&mut self, batches: Vec<pb::CachedBatch>, trace: Option<String>) -> impl Future<Output = client::Result<pb::DecodeResponse>> + Send;
+    /// `grants`: blocks appended to requests' tables before the step is launched.
+    fn decode(&mut self, batches: Vec<pb::CachedBatch>, grants: Vec<pb::BlockGrant>, trace: Option<String>) -> impl Future<Output = client::Result<pb::DecodeResponse>> + Send;
     fn filter_batch(&mut self, id: u64, keep: Vec<u64>) -> impl Future<Output = client::Result<Option<pb::CachedBatch>>> + Send;
     fn clear_cache(&mut self, id: Option<u64>) -> impl Future<Output = client::Result<()>> + Send;
 }
@@ -23,8 +24,8 @@ impl Shards for ShardedClient {
     fn prefill(&mut self, batch: pb::Batch, trace: Option<String>) -> impl Future<Output = client::Result<pb::PrefillResponse>> + Send {
         ShardedClient::prefill(self, batch, trace)
     }
-    fn decode(&mut self, batches: Vec<pb::CachedBatch>, trace: Option<String>) -> impl Future<Output = client::Result<pb::DecodeResponse>> + Send {
-        ShardedClient::decode(self, batches, trace)
+    fn decode(&mut self, batches: Vec<pb::CachedBatch>, grants: Vec<pb::BlockGrant>, trace: Option<String>) -> impl Future<Output = client::Result<pb::DecodeResponse>> + Send {
+        ShardedClient::decode(self, batches, grants, trace)
     }
     fn filter_batch(&mut self, id: u64, keep: Vec<u64>) -> impl Future<Output = client::Result<Option<pb::CachedBatch>>> + Send {
         ShardedClient::filter_batch(self, id, keep)
@@ -47,7 +48,7 @@ type Entries = HashMap<u64, Entry>;
 pub async fn batching_loop<S: Shards>(mut shards: S, queue: Queue, cfg: SchedulerConfig) {
     loop {
         queue.notify.notified().await;
-        while let Some((entries, batch)) = queue.next_batch(limits(&cfg, 0)).await {
+        while let Some((entries, batch)) = queue.next_batch(limits(&cfg, 0, 0)).await {
             let mut entries: Entries = entries.into_iter().collect();
             let mut cached = prefill(&mut shards, batch, &mut entries).await;
             // When the last decode answered: the router's own time until the next one is measured
@@ -57,7 +58,8 @@ pub async fn batching_loop<S: Shards>(mut shards: S, queue: Queue, cfg: Schedule
                 let mut batches = vec![batch];
                 let running = entries.len();
                 if cfg.max_batch_size.is_none_or(|m| running < m) {
-                    if let Some((new, new_batch)) = queue.next_batch(limits(&cfg, running)).await {
+                    let reserve = entries.len() as u32; // a block each to grow into
+                    if let Some((new, new_batch)) = queue.next_batch(limits(&cfg, running, reserve)).await {
                         answered = None;
                         let mut new: Entries = new.into_iter().collect();
                         let new_cached = prefill(&mut shards, new_batch, &mut new).await;
@@ -67,13 +69,14 @@ pub async fn batching_loop<S: Shards>(mut shards: S, queue: Queue, cfg: Schedule
                 }
                 let mut live = Vec::with_capacity(batches.len());
                 entries.retain(|_, e| !e.is_cancelled());
+                let grants = grow(&mut entries, &queue).await;
                 for b in batches {
                     live.extend(update(&mut shards, Some(b), &mut entries).await);
                 }
                 if let Some(t) = answered.take() {
                     crate::metrics::router_step_duration(t.elapsed());
                 }
-                cached = if live.is_empty() { None } else { decode(&mut shards, live, &mut entries, &mut answered).await };
+                cached = if live.is_empty() { None } else { decode(&mut shards, live, grants, &mut entries, &mut answered).await };
             }
             debug_assert!(entries.is_empty() || entries.values().all(|e| e.is_cancelled()));
             crate::metrics::batch_size(0);
@@ -81,11 +84,47 @@ pub async fn batching_loop<S: Shards>(mut shards: S, queue: Queue, cfg: Schedule
     }
 }
 
-fn limits(cfg: &SchedulerConfig, running: usize) -> BatchLimits {
+fn limits(cfg: &SchedulerConfig, running: usize, reserve_blocks: u32) -> BatchLimits {
     BatchLimits {
         max_size: cfg.max_batch_size.map(|m| m.saturating_sub(running)),
         prefill_tokens: cfg.max_batch_prefill_tokens,
+        reserve_blocks,
     }
+}
+
+/// KV on demand: grows every running request's blocks to what the next decode call may write
+/// (oldest first). When the cache is full, the youngest running request is preempted: its blocks
+/// go back (what it computed stays in the prefix cache), it returns to the front of the queue
+/// with its generated tokens, and its stream just pauses until it is admitted again. Returns the
+/// blocks to send with the call; the caller filters preempted requests out of the batches.
+async fn grow(entries: &mut Entries, queue: &Queue) -> Vec<pb::BlockGrant> {
+    let mut order: Vec<u64> = entries.keys().copied().collect();
+    order.sort_by_key(|id| (entries[id].started, *id));
+    let mut grants = Vec::new();
+    let mut i = 0;
+    while i < order.len() {
+        let id = order[i];
+        let e = entries.get_mut(&id).expect("ordered entries are running");
+        let need = e.needed_positions();
+        let Some(a) = e.allocation.as_mut() else { i += 1; continue };
+        match a.grow(need).await {
+            Some(added) => {
+                if !added.is_empty() {
+                    grants.push(pb::BlockGrant { request_id: id, blocks: added });
+                }
+                i += 1;
+            }
+            None => {
+                let victim = order.pop().expect("the list holds `id`");
+                let mut v = entries.remove(&victim).expect("ordered entries are running");
+                grants.retain(|g| g.request_id != victim);
+                v.preempt();
+                tracing::debug!(request = victim, generated = v.generated.len(), "preempted: KV cache full");
+                queue.requeue(victim, v);
+            }
+        }
+    }
+    grants
 }
 
 async fn prefill<S: Shards>(shards: &mut S, batch: pb::Batch, entries: &mut Entries) -> Option<pb::CachedBatch> {
@@ -110,13 +149,13 @@ async fn prefill<S: Shards>(shards: &mut S, batch: pb::Batch, entries: &mut Entr
 }
 
 /// `answered`: set to when the shards' answer arrived.
-async fn decode<S: Shards>(shards: &mut S, batches: Vec<pb::CachedBatch>, entries: &mut Entries,
+async fn decode<S: Shards>(shards: &mut S, batches: Vec<pb::CachedBatch>, grants: Vec<pb::BlockGrant>, entries: &mut Entries,
                            answered: &mut Option<std::time::Instant>) -> Option<pb::CachedBatch> {
     let ids: Vec<u64> = batches.iter().map(|b| b.id).collect();
     crate::metrics::batch_size(entries.len());
     let t0 = std::time::Instant::now();
     let span = crate::telemetry::batch_span("decode", entries.values().filter_map(|e| e.span.as_ref()));
-    let result = shards.decode(batches, span.as_ref().map(|s| s.1.clone())).await;
+    let result = shards.decode(batches, grants, span.as_ref().map(|s| s.1.clone())).await;
     *answered = Some(std::time::Instant::now());
     drop(span);
     crate::metrics::decode_duration(t0.elapsed());
@@ -185,9 +224,6 @@ fn send_generations(generations: Vec<pb::Generation>, entries: &mut Entries) {
             Ok(pb::FinishReason::Unspecified) | Err(_) => None,
             Ok(f) => Some(f),
         };
-        if entry.generated.is_empty() {
-            entry.publish_prompt(); // its first token: the prompt's keys/values are in the cache
-        }
         entry.record_token(id);
         let event = ShardEvent::Token {
             cached: entry.cached_tokens(),
@@ -229,6 +265,9 @@ mod tests {
         reject_input_len: Option<u32>, // requests with this prompt length fail alone
         steps: Vec<Vec<u64>>, // request ids of each decode step
         prefills: Vec<(u64, u32, Vec<u32>)>, // (request id, cached_tokens, blocks) of each prefilled request
+        caps: HashMap<u64, u32>, // KV positions each request's blocks hold
+        kv_overruns: Vec<u64>, // requests a step would have written past their blocks
+        resumed: Vec<(u64, u32)>, // (request id, generated_tokens) of re-admitted requests
     }
     #[derive(Clone, Default)]
     struct Fake(Arc<Mutex<FakeState>>);
@@ -262,7 +301,13 @@ mod tests {
             let reject = s.reject_input_len;
             s.prefills.extend(batch.requests.iter().map(|r| (r.id, r.cached_tokens, r.blocks.clone())));
             let (bad, good): (Vec<_>, Vec<_>) = batch.requests.iter().partition(|r| Some(r.input_ids.len() as u32) == reject);
-            let mut rows: Vec<_> = good.iter().map(|r| (r.id, r.input_ids.len() as u32, 0, r.stopping_parameters.as_ref().unwrap().max_new_tokens)).collect();
+            for r in &good {
+                s.caps.insert(r.id, r.blocks.len() as u32 * 16);
+                if r.generated_tokens > 0 {
+                    s.resumed.push((r.id, r.generated_tokens));
+                }
+            }
+            let mut rows: Vec<_> = good.iter().map(|r| (r.id, r.input_ids.len() as u32, r.generated_tokens, r.stopping_parameters.as_ref().unwrap().max_new_tokens)).collect();
             let mut generations = gens(&mut rows);
             generations.extend(bad.iter().map(|r| pb::Generation {
                 request_id: r.id,
@@ -273,12 +318,23 @@ mod tests {
             s.batches.insert(batch.id, rows);
             Ok(pb::PrefillResponse { generations, batch: c, ..Default::default() })
         }
-        async fn decode(&mut self, batches: Vec<pb::CachedBatch>, _trace: Option<String>) -> client::Result<pb::DecodeResponse> {
+        async fn decode(&mut self, batches: Vec<pb::CachedBatch>, grants: Vec<pb::BlockGrant>, _trace: Option<String>) -> client::Result<pb::DecodeResponse> {
             tokio::time::sleep(Duration::from_micros(500)).await; // a step takes time, as on a real shard
             let mut s = self.0.lock().unwrap();
+            for g in grants {
+                *s.caps.get_mut(&g.request_id).expect("blocks granted to an unknown request") += 16 * g.blocks.len() as u32;
+            }
             let mut rows = vec![];
             for b in &batches {
                 rows.extend(s.batches.remove(&b.id).expect("decode of an unknown batch"));
+            }
+            // This step feeds the last token (position next - 1); a shard running ahead also
+            // feeds the one it samples (position next) unless that is the last.
+            for &(id, next, generated, max_new) in &rows {
+                let last_fed = next - generated + max_new - 2;
+                if generated < max_new && s.caps[&id] < (next + 1).min(last_fed + 1) {
+                    s.kv_overruns.push(id);
+                }
             }
             s.steps.push(rows.iter().map(|r| r.0).collect());
             let generations = gens(&mut rows);
@@ -362,6 +418,30 @@ mod tests {
         let stats = alloc.stats().await;
         assert_eq!(stats.free, 64, "every reference returned");
         assert!(stats.cached >= 2, "the published blocks stay cached");
+    }
+
+    #[tokio::test]
+    async fn a_full_cache_preempts_the_youngest_and_everyone_finishes_in_order() {
+        // 12 blocks of 16; each request needs ~6 by its end (20 prompt + 70 new): at most two
+        // fit, so the later ones wait or are preempted and resumed.
+        let fake = Fake::default();
+        let (queue, alloc) = start(fake.clone(), 12);
+        let mut rxs = vec![];
+        for _ in 0..4 {
+            let (e, rx) = entry(20, 70);
+            queue.append(e);
+            rxs.push(rx);
+        }
+        for rx in rxs {
+            assert_eq!(collect(rx).await.unwrap(), (20..90).collect::<Vec<_>>(), "tokens continue across a preemption");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let s = fake.0.lock().unwrap();
+        assert!(s.kv_overruns.is_empty(), "a step would have written past its blocks: {:?}", s.kv_overruns);
+        assert!(!s.resumed.is_empty(), "the cache was too small for all: someone was preempted and resumed");
+        assert!(s.resumed.iter().all(|&(_, g)| g > 0 && g < 70));
+        drop(s);
+        assert_eq!(alloc.stats().await.free, 12);
     }
 
     #[tokio::test]

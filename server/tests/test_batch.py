@@ -223,3 +223,60 @@ def test_a_bad_cached_prefix_fails_alone(engine_factory, cached, logprobs, why):
     ok, _ = request(1, [3, 4], 2, 10)
     res, _ = eng.prefill(pb.Batch(id=1, requests=[r, ok]))
     assert res.request_ids == [1] and why in res.failed[0][1]
+
+
+def run_rows(eng, batch_pb, grants_at=None):
+    """Tokens per request until every row ends; `grants_at(step, cached)` -> blocks to grant."""
+    res, cached = eng.prefill(batch_pb)
+    out = {r: [int(t)] for r, t in zip(res.request_ids, res.token_ids)}
+    step = 0
+    while cached is not None:
+        grants = grants_at(step, cached) if grants_at else None
+        res, cached, _ = eng.decode([cached.id], grants)
+        for r, t in zip(res.request_ids, res.token_ids):
+            out[r].append(int(t))
+        step += 1
+    return out
+
+
+def test_blocks_granted_as_the_sequence_grows(engine_factory):
+    """KV on demand: a request admitted with blocks for its prompt (+1) decodes as far as the
+    blocks granted with each Decode take it, token for token as one given every block at once."""
+    from shard_calls import request
+
+    eng, _ = engine_factory("llama")
+    full, _ = request(0, [5, 9, 11, 4, 7], 12, 0)
+    want = run_rows(eng, pb.Batch(id=1, requests=[full]))[0]
+    lean, _ = request(1, [5, 9, 11, 4, 7], 12, 50)
+    spare = list(lean.blocks[2:])
+    del lean.blocks[2:]  # 8 positions: the prompt and three more
+
+    def grant(step, cached):
+        # before the step that feeds position 5 + step + 1 > capacity: one more block
+        have = len(eng.batches[cached.id].block_tables_host[0][:int(eng.batches[cached.id].num_blocks[0])])
+        return {1: [spare.pop(0)]} if 5 + step + 1 >= have * BLOCK and spare else None
+
+    assert run_rows(eng, pb.Batch(id=2, requests=[lean]), grant)[1] == want
+    r, _ = request(3, [5, 9], 4, 90)
+    eng.prefill(pb.Batch(id=3, requests=[r]))
+    with pytest.raises(ShardError, match="not in these batches"):
+        eng.decode([3], {77: [120]})
+
+
+def test_a_preempted_request_resumes_where_it_was(engine_factory):
+    """Recompute after preemption: prompt + the tokens generated so far as input, with
+    generated_tokens saying which are outputs: seeded sampling with penalties continues exactly
+    (same noise counter, same output counts, same max_new_tokens)."""
+    from shard_calls import request
+
+    eng, _ = engine_factory("llama")
+    kw = dict(do_sample=True, temperature=0.9, top_k=30, seed=11)
+    whole, _ = request(0, [5, 9, 11, 4, 7], 10, 0, **kw)
+    whole.parameters.frequency_penalty = 0.7
+    want = run_rows(eng, pb.Batch(id=1, requests=[whole]))[0]
+    k = 4
+    resumed, _ = request(0, [5, 9, 11, 4, 7] + want[:k], 10, 50, **kw)
+    resumed.parameters.frequency_penalty = 0.7
+    resumed.generated_tokens = k
+    got = run_rows(eng, pb.Batch(id=2, requests=[resumed]))[0]
+    assert got == want[k:]

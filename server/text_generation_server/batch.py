@@ -100,7 +100,8 @@ class Batch:
             num_blocks=np.array([len(r.blocks) for r in reqs], dtype=np.int64),
             # a prompt's cached prefix (the router's prefix cache) is in the cache already
             cache_lens=np.array([r.cached_tokens for r in reqs], dtype=np.int64),
-            generated=np.zeros(len(reqs), dtype=np.int64),
+            # a preempted request's earlier tokens, recomputed as part of its prompt
+            generated=np.array([r.generated_tokens for r in reqs], dtype=np.int64),
             max_new_tokens=np.array([r.stopping_parameters.max_new_tokens for r in reqs], dtype=np.int64),
             ignore_eos=np.array([r.stopping_parameters.ignore_eos_token for r in reqs], dtype=bool),
             top_n=np.array([r.top_n_tokens for r in reqs], dtype=np.int64),
@@ -124,7 +125,31 @@ class Batch:
             )
         if sp.needs_output_counts:
             b.out_counts = torch.zeros((len(reqs), vocab_size), dtype=torch.int32, device=device)
+            outs = [p[len(p) - r.generated_tokens:] if r.generated_tokens else [] for p, r in zip(prompts, reqs)]
+            if any(outs):
+                rows = np.repeat(np.arange(len(reqs)), [len(o) for o in outs])
+                ids = np.concatenate([np.asarray(o, dtype=np.int64) for o in outs])
+                b.out_counts.index_put_((to_device(rows, device), to_device(ids, device)),
+                                        torch.ones(len(ids), dtype=torch.int32, device=device), accumulate=True)
         return b
+
+    def grow(self, grants: dict[int, list[int]]) -> None:
+        """Appends granted blocks to rows' tables (KV allocated as sequences grow)."""
+        pos = {rid: i for i, rid in enumerate(self.request_ids)}
+        rows = [(pos[r], b) for r, b in grants.items() if r in pos and b]
+        if not rows:
+            return
+        num = self.num_blocks.copy()
+        for i, b in rows:
+            num[i] += len(b)
+        width = max(int(num.max()), self.block_tables_host.shape[1])
+        tables = np.zeros((len(self), width), dtype=np.int32)
+        tables[:, : self.block_tables_host.shape[1]] = self.block_tables_host
+        for i, b in rows:
+            tables[i, self.num_blocks[i]: num[i]] = b
+        self.block_tables_host, self.num_blocks = tables, num
+        self.block_tables = to_device(tables, self.block_tables.device)  # a new tensor: steps in flight keep theirs
+        self.next_host = None
 
     # ---- per-step inputs -------------------------------------------------------------------
 
@@ -268,8 +293,10 @@ def check_request(r, block_size: int, vocab_size: int, num_blocks: int) -> str |
         return "no input tokens"
     if len(r.slots) != len(r.input_ids):
         return f"{len(r.slots)} slots for {len(r.input_ids)} tokens"
-    if len(r.blocks) * block_size < len(r.input_ids) + max(r.stopping_parameters.max_new_tokens, 1) - 1:
-        return "block table too short for prompt + max_new_tokens"
+    if len(r.blocks) * block_size < len(r.input_ids):
+        return "block table too short for the prompt"
+    if r.generated_tokens >= max(r.stopping_parameters.max_new_tokens, 1) or r.generated_tokens >= len(r.input_ids):
+        return "generated_tokens must be below max_new_tokens and within input_ids"
     if max(r.blocks) >= num_blocks:
         return f"block ids beyond the cache's {num_blocks} blocks"
     if max(r.input_ids) >= vocab_size:

@@ -166,7 +166,7 @@ class Engine:
         result.failed = failed
         return result, self._keep(self._without(batch, result.finished_ids()))
 
-    def decode(self, batch_ids: list[int]) -> tuple[StepResult, Batch | None, int]:
+    def decode(self, batch_ids: list[int], grants: dict[int, list[int]] | None = None) -> tuple[StepResult, Batch | None, int]:
         """The next step of the given cached batches, concatenated into the first. With overlap, a
         batch's next step is usually in flight already (launched by the previous call): this call
         launches the one after it, from its sampled ids on the device, and only then waits for
@@ -176,10 +176,17 @@ class Engine:
         missing = [b for b in batch_ids if b not in self.batches]
         if missing:
             raise ShardError(ErrorCode.BATCH_NOT_FOUND, f"batches {missing} not found")
+        if grants:
+            unknown = set(grants) - {r for b in batch_ids for r in self.batches[b].request_ids}
+            if unknown:
+                raise ShardError(ErrorCode.INVALID_REQUEST, f"blocks granted to requests {sorted(unknown)} not in these batches",
+                                 sorted(unknown))
         parts = [self.batches.pop(b) for b in batch_ids]
         for p in parts:
             if p.ahead_error is not None:
                 raise p.ahead_error
+            if grants:
+                p.grow(grants)
         ahead = [p for p in parts if p.ahead is not None]
         fresh = [p for p in parts if p.ahead is None]
         launched = [(p.ahead, set(p.request_ids)) for p in ahead]

@@ -123,7 +123,8 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
     async def Decode(self, request, context):
         t0 = time.perf_counter_ns()
         with tracing.span("shard.decode", context, batches=len(request.batches)):
-            result, batch, concat_ns = await self._run(context, self.engine.decode, [b.id for b in request.batches])
+            grants = {g.request_id: list(g.blocks) for g in request.grants}
+            result, batch, concat_ns = await self._run(context, self.engine.decode, [b.id for b in request.batches], grants)
         return pb.DecodeResponse(
             generations=_generations(result), batch=_cached(batch), concat_ns=concat_ns,
             forward_ns=result.forward_ns, sample_ns=result.sample_ns, total_ns=time.perf_counter_ns() - t0,
