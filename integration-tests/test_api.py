@@ -170,7 +170,7 @@ def test_metrics_move_with_requests(server, chat):
         assert name in after, name
     moved = ["tessera_request_duration_seconds_count", "tessera_request_queue_duration_seconds_count",
              "tessera_batch_prefill_duration_seconds_count", "tessera_batch_decode_duration_seconds_count",
-             "tessera_batch_router_duration_seconds_count",
+             "tessera_batch_router_duration_seconds_count", "tessera_batch_prefill_tokens_count",
              "tessera_time_to_first_token_seconds_count", "tessera_inter_token_latency_seconds_count",
              "tessera_request_input_tokens_count", "tessera_request_generated_tokens_count",
              "tessera_input_tokens_total", "tessera_generated_tokens_total", 'tessera_requests_total{status="success"}']

@@ -295,3 +295,20 @@ def test_adapters_never_share_prefix_cache_blocks(adapters, reference, chat):
         assert got[3][1] == 0 and all(c > 0 for (_, c), n in zip(got, names) if n != "mlp16")
     finally:
         s.stop()
+
+
+def test_adapters_and_base_under_forced_preemption_match_peft(adapters, reference, chat):
+    """A KV cache too small for the batch (256 tokens for six requests of ~67): the youngest are
+    preempted and recomputed (with their adapter, their cached blocks reused), and every answer is
+    still transformers + peft's, token for token."""
+    s = Server("--max-input-tokens", "100", "--max-total-tokens", "200", "--max-batch-prefill-tokens", "200",
+               "--max-batch-total-tokens", "256", "--adapter-source", str(adapters)).wait_ready()
+    try:
+        names = ["upper4", None, "all8", "mlp16", None, "attn32"]
+        with ThreadPoolExecutor(len(names)) as ex:
+            got = list(ex.map(lambda n: gen(s, chat, n), names))
+        assert got == [reference[n] for n in names]
+        metrics = requests.get(s.url("/metrics"), timeout=10).text
+        assert sum(float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("tessera_preemptions_total")) > 0
+    finally:
+        s.stop()

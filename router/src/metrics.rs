@@ -42,6 +42,8 @@ fn describe() {
     describe_counter!("tessera_prefix_cache_queried_tokens_total", "Prompt tokens looked up in the prefix cache");
     describe_counter!("tessera_prefix_cache_hit_tokens_total", "Prompt tokens found cached (not computed)");
     describe_counter!("tessera_prefix_cache_evictions_total", "Cached blocks reused for other contents");
+    describe_histogram!("tessera_batch_prefill_tokens", "Prompt tokens computed per prefill call (cached prefixes excluded)");
+    describe_histogram!("tessera_batch_prefill_requests", "Requests per prefill call");
     describe_counter!("tessera_preemptions_total", "Running requests paused to free KV blocks for older ones (recomputed later)");
     describe_histogram!("tessera_request_duration_seconds", Unit::Seconds, "Whole request, queue included");
     describe_histogram!("tessera_request_queue_duration_seconds", Unit::Seconds, "Time waiting in the queue");
@@ -108,6 +110,12 @@ pub fn prefix_lookup(queried: u32, hit: u32) {
     if hit > 0 {
         counter!("tessera_prefix_cache_hits_total").increment(1);
     }
+}
+
+/// One prefill call: prompt tokens it computes (past cached prefixes) and requests in it.
+pub fn prefill_tokens(tokens: u32, requests: usize) {
+    histogram!("tessera_batch_prefill_tokens").record(tokens as f64);
+    histogram!("tessera_batch_prefill_requests").record(requests as f64);
 }
 
 pub fn preemption() {

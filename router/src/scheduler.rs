@@ -129,6 +129,8 @@ async fn grow(entries: &mut Entries, queue: &Queue) -> Vec<pb::BlockGrant> {
 
 async fn prefill<S: Shards>(shards: &mut S, batch: pb::Batch, entries: &mut Entries) -> Option<pb::CachedBatch> {
     let id = batch.id;
+    let computed: usize = batch.requests.iter().map(|r| r.input_ids.len() - r.cached_tokens as usize).sum();
+    crate::metrics::prefill_tokens(computed as u32, batch.requests.len());
     let t0 = std::time::Instant::now();
     let span = crate::telemetry::batch_span("prefill", entries.values().filter_map(|e| e.span.as_ref()));
     let result = shards.prefill(batch, span.as_ref().map(|s| s.1.clone())).await;
