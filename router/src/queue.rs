@@ -251,7 +251,7 @@ impl State {
             let prefix = entry.prefix.as_ref().map(|key| Prefix {
                 key: key.clone(),
                 tokens: if entry.generated.is_empty() { entry.request.input_ids.clone() } else { Arc::new(entry.tokens()) },
-                lookup: !entry.request.decoder_input_details,
+                lookup: !entry.request.decoder_input_details || !entry.generated.is_empty(),
             });
             // KV on demand: the prompt and one step ahead now, more as the sequence grows
             // (scheduler `grow`); room is left for the running requests to grow into.
@@ -312,7 +312,9 @@ fn to_pb(id: u64, e: &Entry) -> pb::Request {
         blocks: a.blocks.clone(),
         slots: a.slots(e.fed()),
         adapter_id: r.adapter_id.clone(),
-        prefill_logprobs: r.decoder_input_details,
+        // a resumed request's stream has its prompt logprobs already (and its input now holds
+        // generated tokens too)
+        prefill_logprobs: r.decoder_input_details && e.generated.is_empty(),
         top_n_tokens: r.top_n_tokens,
         cached_tokens: a.cached_tokens,
         generated_tokens: e.generated.len() as u32,
@@ -354,6 +356,25 @@ pub(crate) mod tests {
     pub fn entry(input_len: usize, max_new_tokens: u32) -> (Entry, mpsc::UnboundedReceiver<Result<ShardEvent, InferError>>) {
         let (tx, rx) = mpsc::unbounded_channel();
         (Entry::new(valid_request(input_len, max_new_tokens), tx), rx)
+    }
+
+    #[tokio::test]
+    async fn a_resumed_request_feeds_its_tokens_as_outputs_without_prompt_logprobs() {
+        let mut r = valid_request(5, 10);
+        r.decoder_input_details = true;
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut e = Entry::new(r, tx);
+        let alloc = BlockAllocator::new(4, 16);
+        e.allocation = Some(alloc.allocate(16).await.unwrap());
+        assert!(to_pb(0, &e).prefill_logprobs);
+        e.generated = vec![7, 8, 9];
+        let p = to_pb(0, &e);
+        assert_eq!((p.input_ids.len(), p.generated_tokens, p.prefill_logprobs), (8, 3, false));
+        assert_eq!(&p.input_ids[5..], &[7, 8, 9]);
+        assert_eq!(p.slots.len(), 8);
+        assert_eq!(e.needed_positions(), 9);
+        e.generated = vec![1; 9];
+        assert_eq!(e.needed_positions(), 14, "never past the last fed position (input + max_new - 2)");
     }
 
     const ALL: BatchLimits = BatchLimits { max_size: None, prefill_tokens: 1000, reserve_blocks: 0 };
