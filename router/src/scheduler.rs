@@ -136,18 +136,7 @@ async fn prefill<S: Shards>(shards: &mut S, batch: pb::Batch, entries: &mut Entr
     let result = shards.prefill(batch, span.as_ref().map(|s| s.1.clone())).await;
     drop(span);
     crate::metrics::prefill_duration(t0.elapsed());
-    match result {
-        Ok(resp) => {
-            send_generations(resp.generations, entries);
-            update(shards, resp.batch, entries).await
-        }
-        Err(e) => {
-            tracing::error!(batch = id, "prefill failed: {e}");
-            let _ = shards.clear_cache(Some(id)).await;
-            fail_all(entries, &e);
-            None
-        }
-    }
+    settle(shards, "prefill", vec![id], result.map(|r| (r.generations, r.batch)), entries).await
 }
 
 /// `answered`: set to when the shards' answer arrived.
@@ -161,14 +150,22 @@ async fn decode<S: Shards>(shards: &mut S, batches: Vec<pb::CachedBatch>, grants
     *answered = Some(std::time::Instant::now());
     drop(span);
     crate::metrics::decode_duration(t0.elapsed());
+    settle(shards, "decode", ids, result.map(|r| (r.generations, r.batch)), entries).await
+}
+
+/// What a step's answer does: tokens to their requests and the batch kept in step with the
+/// entries; or, when the call failed, its batches cleared on the shards and its requests failed.
+async fn settle<S: Shards>(shards: &mut S, call: &str, batch_ids: Vec<u64>,
+                           result: client::Result<(Vec<pb::Generation>, Option<pb::CachedBatch>)>,
+                           entries: &mut Entries) -> Option<pb::CachedBatch> {
     match result {
-        Ok(resp) => {
-            send_generations(resp.generations, entries);
-            update(shards, resp.batch, entries).await
+        Ok((generations, batch)) => {
+            send_generations(generations, entries);
+            update(shards, batch, entries).await
         }
         Err(e) => {
-            tracing::error!(batches = ?ids, "decode failed: {e}");
-            for id in ids {
+            tracing::error!(batches = ?batch_ids, "{call} failed: {e}");
+            for id in batch_ids {
                 let _ = shards.clear_cache(Some(id)).await;
             }
             fail_all(entries, &e);
