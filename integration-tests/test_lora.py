@@ -4,6 +4,7 @@ mixed with base requests in one batch, token for token against transformers + pe
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -305,8 +306,18 @@ def test_adapters_and_base_under_forced_preemption_match_peft(adapters, referenc
                "--max-batch-total-tokens", "256", "--adapter-source", str(adapters)).wait_ready()
     try:
         names = ["upper4", None, "all8", "mlp16", None, "attn32"]
+        for n in set(names) - {None}:  # resident first, so that all six reach the queue together
+            r = requests.post(s.url("/generate"), timeout=300,
+                              json={"inputs": "Hi", "parameters": {"max_new_tokens": 1, "adapter_id": n}})
+            assert r.status_code == 200, r.text
+        start = threading.Barrier(len(names))
+
+        def go(n):
+            start.wait()
+            return gen(s, chat, n)
+
         with ThreadPoolExecutor(len(names)) as ex:
-            got = list(ex.map(lambda n: gen(s, chat, n), names))
+            got = list(ex.map(go, names))
         assert got == [reference[n] for n in names]
         metrics = requests.get(s.url("/metrics"), timeout=10).text
         assert sum(float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("tessera_preemptions_total")) > 0
