@@ -30,7 +30,6 @@ pub struct Prefix {
 
 enum Command {
     Allocate { blocks: u32, reserve: u32, prefix: Option<Prefix>, reply: oneshot::Sender<Option<(Vec<u32>, u32)>> },
-    Grow { blocks: u32, reserve: u32, reply: oneshot::Sender<Option<Vec<u32>>> },
     Publish { key: Arc<str>, tokens: Vec<u32>, blocks: Vec<u32> },
     Free { blocks: Vec<u32> },
     Stats { reply: oneshot::Sender<BlockStats> },
@@ -69,16 +68,21 @@ impl BlockAllocation {
         (0..n).map(|p| self.blocks[(p / self.block_size) as usize] * self.block_size + p % self.block_size).collect()
     }
 
+    /// Whether the blocks already hold `tokens` positions.
+    pub fn holds(&self, tokens: u32) -> bool {
+        tokens.div_ceil(self.block_size) as usize <= self.blocks.len()
+    }
+
     /// Grows the allocation to hold `tokens` positions (KV allocated as the sequence grows);
     /// returns the blocks added (none when it already does), or None when they do not fit now.
     pub async fn grow(&mut self, tokens: u32) -> Option<Vec<u32>> {
-        let want = tokens.div_ceil(self.block_size) as usize;
-        if want <= self.blocks.len() {
+        if self.holds(tokens) {
             return Some(vec![]);
         }
+        let blocks = tokens.div_ceil(self.block_size) - self.blocks.len() as u32;
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Grow { blocks: (want - self.blocks.len()) as u32, reserve: 0, reply }).ok()?;
-        let added = rx.await.ok()??;
+        self.tx.send(Command::Allocate { blocks, reserve: 0, prefix: None, reply }).ok()?;
+        let (added, _) = rx.await.ok()??;
         self.blocks.extend(&added);
         Some(added)
     }
@@ -116,6 +120,7 @@ impl BlockAllocator {
     }
 
     /// Blocks for `tokens` tokens, or None if they do not fit now.
+    #[cfg(test)]
     pub async fn allocate(&self, tokens: u32) -> Option<BlockAllocation> {
         self.allocate_for(tokens, None, 0).await
     }
@@ -308,16 +313,6 @@ async fn run(mut blocks: Blocks, mut rx: mpsc::UnboundedReceiver<Command>) {
     gauges(&blocks);
     while let Some(cmd) = rx.recv().await {
         match cmd {
-            Command::Grow { blocks: n, reserve, reply } => {
-                if let Some((got, _)) = blocks.allocate_keeping(n, None, reserve) {
-                    if let Err(Some(got)) = reply.send(Some(got)) {
-                        blocks.release(got);
-                    }
-                    gauges(&blocks);
-                } else {
-                    let _ = reply.send(None);
-                }
-            }
             Command::Allocate { blocks: n, reserve, prefix, reply } => {
                 if let Some(got) = blocks.allocate_keeping(n, prefix.as_ref(), reserve) {
                     if let Err(Some((got, _))) = reply.send(Some(got)) {

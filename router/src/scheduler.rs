@@ -98,6 +98,10 @@ fn limits(cfg: &SchedulerConfig, running: usize, reserve_blocks: u32) -> BatchLi
 /// with its generated tokens, and its stream just pauses until it is admitted again. Returns the
 /// blocks to send with the call; the caller filters preempted requests out of the batches.
 async fn grow(entries: &mut Entries, queue: &Queue) -> Vec<pb::BlockGrant> {
+    // Most steps cross no block boundary: nothing to order or ask for.
+    if entries.values().all(|e| e.allocation.as_ref().is_none_or(|a| a.holds(e.needed_positions()))) {
+        return Vec::new();
+    }
     let mut order: Vec<u64> = entries.keys().copied().collect();
     order.sort_by_key(|id| (entries[id].started, *id));
     let mut grants = Vec::new();

@@ -1,6 +1,8 @@
 """One engine step in named parts: the adapters of its rows, the forward (a CUDA-graph replay or
-eager), sampling with the step's one host sync, and token-level finish. `Engine._step` runs them
-in order; the engine owns the state they read (model, cache, attention, graphs, adapters)."""
+eager), sampling and the copies of its results to the host (`sample_and_launch` -> `Launched`),
+then `collect`: the step's one wait and token-level finish. `Engine._launch` runs the first
+parts, the engine decides when to collect (after launching the next step, with overlap); it owns
+the state they read (model, cache, attention, graphs, adapters)."""
 
 from __future__ import annotations
 
