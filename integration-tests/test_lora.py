@@ -299,11 +299,11 @@ def test_adapters_never_share_prefix_cache_blocks(adapters, reference, chat):
 
 
 def test_adapters_and_base_under_forced_preemption_match_peft(adapters, reference, chat):
-    """A KV cache too small for the batch (256 tokens for six requests of ~67): the youngest are
-    preempted and recomputed (with their adapter, their cached blocks reused), and every answer is
-    still transformers + peft's, token for token."""
-    s = Server("--max-input-tokens", "100", "--max-total-tokens", "200", "--max-batch-prefill-tokens", "200",
-               "--max-batch-total-tokens", "256", "--adapter-source", str(adapters)).wait_ready()
+    """A KV cache of 8 blocks (128 tokens) for six requests of ~67 tokens (5 blocks each): any two
+    running together outgrow it, so the youngest are preempted and recomputed (with their adapter,
+    their cached blocks reused), and every answer is still transformers + peft's, token for token."""
+    s = Server("--max-input-tokens", "60", "--max-total-tokens", "100", "--max-batch-prefill-tokens", "60",
+               "--max-batch-total-tokens", "128", "--adapter-source", str(adapters)).wait_ready()
     try:
         names = ["upper4", None, "all8", "mlp16", None, "attn32"]
         for n in set(names) - {None}:  # resident first, so that all six reach the queue together
