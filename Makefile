@@ -24,7 +24,7 @@ $(STAMP): server/pyproject.toml
 	touch $@
 
 proto: $(STUBS)
-$(STUBS): proto/v1/generate.proto $(STAMP)
+$(STUBS): proto/v2/generate.proto $(STAMP)
 	cd server && ../$(PY) build_proto.py
 
 build:

@@ -1,4 +1,4 @@
-"""Shard-level benchmark: times Prefill and Decode per batch size over gRPC against one shard,
+"""Shard-level benchmark: times prefill and decode Steps per batch size over gRPC against one shard,
 skipping the router (W1 decode roofline, W4 shard-alone step time, prefill time for TTFT).
 
 Every step is reported against the roofline: bytes a decode step must read (weights + KV of
@@ -95,14 +95,14 @@ def run(model_dir: Path, batches: list[int], context: int, batch1_context: int, 
                 reqs = [request(start + i, rng.integers(0, vocab, ctx).tolist(), steps + 2, blocks) for i in range(min(per, b - start))]
                 bid += 1
                 t0 = time.perf_counter()
-                resp = stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=bid, requests=reqs, size=len(reqs))))
+                resp = stub.Step(pb.StepRequest(prefill=pb.Batch(id=bid, requests=reqs, size=len(reqs))))
                 t_prefill.append(time.perf_counter() - t0)
                 cached.append(resp.batch)
             times, shard, forward, sample, req_bytes, resp_bytes = [], [], [], [], [], []
             for _ in range(steps):
-                msg = pb.DecodeRequest(batches=cached)
+                msg = pb.StepRequest(batch_ids=[c.id for c in cached])
                 t0 = time.perf_counter()
-                resp = stub.Decode(msg)
+                resp = stub.Step(msg)
                 times.append(time.perf_counter() - t0)
                 shard.append(resp.total_ns / 1e9)
                 forward.append(resp.forward_ns / 1e9)
@@ -117,7 +117,7 @@ def run(model_dir: Path, batches: list[int], context: int, batch1_context: int, 
             row = {"batch": b, "context": ctx, "step_ms": step * 1e3, "bytes_read": read,
                    "roofline_ms": floor * 1e3, "roofline_ratio": floor / step if bw else None,
                    "tokens_per_s": b / step,
-                   # Where a step's time goes: inside the shard's Decode handler (the engine's inputs +
+                   # Where a step's time goes: inside the shard's Step handler (the engine's inputs +
                    # forward, then sampling + the host sync), and outside it (gRPC, both ends).
                    "shard_ms": _median_ms(shard), "forward_ms": _median_ms(forward), "sample_ms": _median_ms(sample),
                    "grpc_ms": (step - statistics.median(shard[2:])) * 1e3,
@@ -133,7 +133,7 @@ def run(model_dir: Path, batches: list[int], context: int, batch1_context: int, 
             req = request(i, rng.integers(0, vocab, 1024).tolist(), 1, blocks)
             bid += 1
             t0 = time.perf_counter()
-            stub.Prefill(pb.PrefillRequest(batch=pb.Batch(id=bid, requests=[req], size=1)))
+            stub.Step(pb.StepRequest(prefill=pb.Batch(id=bid, requests=[req], size=1)))
             t.append(time.perf_counter() - t0)
             stub.ClearCache(pb.ClearCacheRequest())
             blocks.next = 0

@@ -298,12 +298,37 @@ def test_adapters_never_share_prefix_cache_blocks(adapters, reference, chat):
         s.stop()
 
 
+@pytest.mark.parametrize("budget, caching", [("64", "on"), ("64", "off"), ("512", "on"), ("4096", "off")])
+def test_token_budgets_and_prefix_caching_do_not_change_answers(adapters, reference, chat, budget, caching):
+    """Base and adapter requests together, twice (the second round reads the first's cached
+    prompts when caching is on), in steps of `budget` tokens: with 64, prompts are chunked beside
+    the decoding rows. Every answer is transformers + peft's, token for token."""
+    s = Server(*LIMITS, "--max-batch-tokens", budget, "--prefix-caching", caching, "--adapter-source", str(adapters)).wait_ready()
+    try:
+        names = ["upper4", None, "all8", "mlp16", None, "attn32", "down4"]
+        for _ in range(2):
+            start = threading.Barrier(len(names))
+
+            def go(n):
+                start.wait()
+                return gen(s, chat, n)
+
+            with ThreadPoolExecutor(len(names)) as ex:
+                assert list(ex.map(go, names)) == [reference[n] for n in names]
+        metrics = requests.get(s.url("/metrics"), timeout=10).text
+        chunks = sum(float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("tessera_prefill_chunks_total"))
+        assert (chunks > 0) == (budget == "64"), chunks
+    finally:
+        s.stop()
+
+
 def test_adapters_and_base_under_forced_preemption_match_peft(adapters, reference, chat):
     """A KV cache of 8 blocks (128 tokens) for six requests of ~67 tokens (5 blocks each): any two
     running together outgrow it, so the youngest are preempted and recomputed (with their adapter,
-    their cached blocks reused), and every answer is still transformers + peft's, token for token."""
+    their cached blocks reused) in chunks of steps of 24 tokens, and every answer is still
+    transformers + peft's, token for token."""
     s = Server("--max-input-tokens", "60", "--max-total-tokens", "100", "--max-batch-prefill-tokens", "60",
-               "--max-batch-total-tokens", "128", "--adapter-source", str(adapters)).wait_ready()
+               "--max-batch-tokens", "24", "--max-batch-total-tokens", "128", "--adapter-source", str(adapters)).wait_ready()
     try:
         names = ["upper4", None, "all8", "mlp16", None, "attn32"]
         for n in set(names) - {None}:  # resident first, so that all six reach the queue together
@@ -321,5 +346,6 @@ def test_adapters_and_base_under_forced_preemption_match_peft(adapters, referenc
         assert got == [reference[n] for n in names]
         metrics = requests.get(s.url("/metrics"), timeout=10).text
         assert sum(float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("tessera_preemptions_total")) > 0
+        assert sum(float(l.split()[-1]) for l in metrics.splitlines() if l.startswith("tessera_prefill_chunks_total")) > 0
     finally:
         s.stop()

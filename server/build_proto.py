@@ -7,7 +7,7 @@ from pathlib import Path
 from grpc_tools import protoc
 
 root = Path(__file__).resolve().parent
-proto_dir = root.parent / "proto" / "v1"
+proto_dir = root.parent / "proto" / "v2"
 out = root / "text_generation_server" / "pb"
 out.mkdir(exist_ok=True)
 args = ["grpc_tools.protoc", f"-I{proto_dir}", f"--python_out={out}", f"--pyi_out={out}",

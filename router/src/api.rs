@@ -220,10 +220,14 @@ pub struct Info {
     pub max_input_tokens: u32,
     pub max_total_tokens: u32,
     pub max_batch_prefill_tokens: u32,
+    /// Tokens per step: a token for each running request, then prompt chunks.
+    pub max_batch_tokens: u32,
     pub max_batch_total_tokens: u32,
     pub max_top_n_tokens: u32,
     pub block_size: u32,
     pub kv_blocks_total: u32,
+    /// Blocks held by running requests (total - free).
+    pub kv_blocks_used: u32,
     pub kv_blocks_free: u32,
     /// Of the free blocks, those holding a cached prefix (reused by a matching prompt, else
     /// taken when unused ones run out).

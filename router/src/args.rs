@@ -24,9 +24,14 @@ pub struct LimitArgs {
     /// Longest prompt + generation accepted, in tokens.
     #[arg(long, env = "MAX_TOTAL_TOKENS", default_value_t = 2048)]
     pub max_total_tokens: u32,
-    /// Most prompt tokens prefilled in one step.
+    /// Most prompt tokens computed in one step (the prompt share of --max-batch-tokens); longer
+    /// prompts are computed in chunks over several steps.
     #[arg(long, env = "MAX_BATCH_PREFILL_TOKENS", default_value_t = 4096)]
     pub max_batch_prefill_tokens: u32,
+    /// Most tokens computed in one step: a token for each running request first, then prompt
+    /// chunks in what is left (at most --max-batch-prefill-tokens). Unset: --max-batch-prefill-tokens.
+    #[arg(long, env = "MAX_BATCH_TOKENS")]
+    pub max_batch_tokens: Option<u32>,
     /// Most tokens (prompt + generated) held in the KV cache at once; unset: sized by the shard's warmup.
     #[arg(long, env = "MAX_BATCH_TOTAL_TOKENS")]
     pub max_batch_total_tokens: Option<u32>,
@@ -131,7 +136,21 @@ impl LimitArgs {
         if let Some(b) = self.max_batch_size {
             a.push(format!("--max-batch-size={b}"));
         }
+        if let Some(t) = self.max_batch_tokens {
+            a.push(format!("--max-batch-tokens={t}"));
+        }
         a
+    }
+
+    /// Tokens per step (--max-batch-tokens, or the prompt share when unset).
+    pub fn step_tokens(&self) -> u32 {
+        self.max_batch_tokens.unwrap_or(self.max_batch_prefill_tokens)
+    }
+
+    /// The largest step the router may send: the token budget, or one whole prompt that asks for
+    /// prompt logprobs (never split into chunks).
+    pub fn largest_step(&self) -> u32 {
+        self.step_tokens().max(self.max_input_tokens)
     }
 
     /// Checks the limits against each other; the message names the flags.
@@ -145,11 +164,8 @@ impl LimitArgs {
                 self.max_input_tokens, self.max_total_tokens
             ));
         }
-        if self.max_batch_prefill_tokens < self.max_input_tokens {
-            return Err(format!(
-                "--max-batch-prefill-tokens ({}) must be >= --max-input-tokens ({})",
-                self.max_batch_prefill_tokens, self.max_input_tokens
-            ));
+        if self.max_batch_prefill_tokens == 0 || self.max_batch_tokens == Some(0) {
+            return Err("--max-batch-prefill-tokens and --max-batch-tokens must be positive".into());
         }
         if let Some(total) = self.max_batch_total_tokens {
             if total < self.max_total_tokens {
@@ -182,7 +198,8 @@ mod tests {
     #[test]
     fn to_args_round_trips() {
         use clap::Parser;
-        let a = LimitArgs { max_batch_total_tokens: Some(9999), max_batch_size: Some(3), prefix_caching: Switch::Off, ..Default::default() };
+        let a = LimitArgs { max_batch_total_tokens: Some(9999), max_batch_size: Some(3), max_batch_tokens: Some(77), prefix_caching: Switch::Off,
+                            ..Default::default() };
         let mut argv = vec!["x".to_string()];
         argv.extend(a.to_args());
         let b = Wrap::parse_from(argv).limits;
@@ -220,8 +237,14 @@ mod tests {
     }
 
     #[test]
-    fn prefill_budget_must_hold_one_prompt() {
-        let a = LimitArgs { max_batch_prefill_tokens: 10, ..Default::default() };
+    fn step_budgets_must_be_positive_but_may_be_below_a_prompt() {
+        let a = LimitArgs { max_batch_prefill_tokens: 0, ..Default::default() };
         assert!(a.check().unwrap_err().contains("--max-batch-prefill-tokens"));
+        let a = LimitArgs { max_batch_tokens: Some(0), ..Default::default() };
+        assert!(a.check().unwrap_err().contains("--max-batch-tokens"));
+        // prompts longer than a step's budget are chunked
+        let a = LimitArgs { max_batch_prefill_tokens: 10, max_batch_tokens: Some(16), ..Default::default() };
+        assert!(a.check().is_ok());
+        assert_eq!((a.step_tokens(), a.largest_step()), (16, 1024));
     }
 }

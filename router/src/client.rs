@@ -89,16 +89,12 @@ impl ShardClient {
     pub async fn warmup(&mut self, req: pb::WarmupRequest) -> Result<u32> {
         Ok(self.stub.warmup(req).await?.into_inner().num_blocks)
     }
-    pub async fn prefill(&mut self, batch: pb::Batch, trace: Option<String>) -> Result<pb::PrefillResponse> {
-        let req = traced(pb::PrefillRequest { batch: Some(batch) }, trace);
-        Ok(self.stub.prefill(req).await?.into_inner())
-    }
-    pub async fn decode(&mut self, batches: Vec<pb::CachedBatch>, grants: Vec<pb::BlockGrant>, trace: Option<String>) -> Result<pb::DecodeResponse> {
+    pub async fn step(&mut self, batch_ids: Vec<u64>, grants: Vec<pb::BlockGrant>, prefill: Option<pb::Batch>,
+                      trace: Option<String>) -> Result<pb::StepResponse> {
         // The shard keeps each batch's rows: a step names the batches only (requests leave by
-        // FilterBatch or end on the shard), so the per-step message does not grow with the batch.
-        let batches = batches.into_iter().map(|b| pb::CachedBatch { id: b.id, ..Default::default() }).collect();
-        let req = traced(pb::DecodeRequest { batches, grants }, trace);
-        Ok(self.stub.decode(req).await?.into_inner())
+        // FilterBatch or end on the shard), so the per-step message grows with new prompts only.
+        let req = traced(pb::StepRequest { batch_ids, grants, prefill }, trace);
+        Ok(self.stub.step(req).await?.into_inner())
     }
     pub async fn load_adapter(&mut self, req: pb::LoadAdapterRequest) -> Result<pb::LoadAdapterResponse> {
         Ok(self.stub.load_adapter(req).await?.into_inner())
@@ -187,11 +183,9 @@ impl ShardedClient {
         }
         Ok(n)
     }
-    pub async fn prefill(&mut self, batch: pb::Batch, trace: Option<String>) -> Result<pb::PrefillResponse> {
-        fan_out!(self, |c| c.prefill(batch.clone(), trace.clone()))
-    }
-    pub async fn decode(&mut self, batches: Vec<pb::CachedBatch>, grants: Vec<pb::BlockGrant>, trace: Option<String>) -> Result<pb::DecodeResponse> {
-        fan_out!(self, |c| c.decode(batches.clone(), grants.clone(), trace.clone()))
+    pub async fn step(&mut self, batch_ids: Vec<u64>, grants: Vec<pb::BlockGrant>, prefill: Option<pb::Batch>,
+                      trace: Option<String>) -> Result<pb::StepResponse> {
+        fan_out!(self, |c| c.step(batch_ids.clone(), grants.clone(), prefill.clone(), trace.clone()))
     }
     pub async fn load_adapter(&mut self, req: pb::LoadAdapterRequest) -> Result<pb::LoadAdapterResponse> {
         fan_out!(self, |c| c.load_adapter(req.clone()))

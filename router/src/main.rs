@@ -56,10 +56,10 @@ struct Args {
     launch_token: Option<String>,
 }
 
-/// The largest prefill the router will ever send, as dummy requests.
+/// The largest step the router will ever send, as dummy prompts.
 fn warmup_batch(limits: &LimitArgs, block_size: u32) -> pb::Batch {
     let mut requests = vec![];
-    let mut left = limits.max_batch_prefill_tokens;
+    let mut left = limits.largest_step();
     let mut next_block = 0u32;
     while left > 0 {
         let n = left.min(limits.max_input_tokens);
@@ -77,7 +77,7 @@ fn warmup_batch(limits: &LimitArgs, block_size: u32) -> pb::Batch {
         });
         left -= n;
     }
-    pb::Batch { id: u64::MAX, size: requests.len() as u32, max_tokens: limits.max_batch_prefill_tokens, max_blocks: 0, requests }
+    pb::Batch { id: u64::MAX, size: requests.len() as u32, max_tokens: limits.largest_step(), max_blocks: 0, requests }
 }
 
 async fn connect(path: &str) -> Result<ShardedClient, String> {
@@ -149,6 +149,7 @@ async fn run(args: Args) -> Result<(), String> {
     let allocator = BlockAllocator::new(num_blocks, block_size);
     let queue = Queue::new(allocator.clone());
     let cfg = SchedulerConfig {
+        max_batch_tokens: args.limits.step_tokens(),
         max_batch_prefill_tokens: args.limits.max_batch_prefill_tokens,
         max_batch_size: args.limits.max_batch_size,
     };
@@ -165,10 +166,12 @@ async fn run(args: Args) -> Result<(), String> {
         max_input_tokens: args.limits.max_input_tokens,
         max_total_tokens: args.limits.max_total_tokens,
         max_batch_prefill_tokens: args.limits.max_batch_prefill_tokens,
+        max_batch_tokens: args.limits.step_tokens(),
         max_batch_total_tokens: num_blocks * block_size,
         max_top_n_tokens: args.limits.max_top_n_tokens,
         block_size,
         kv_blocks_total: num_blocks,
+        kv_blocks_used: 0,
         kv_blocks_free: num_blocks,
         kv_blocks_cached: 0,
         queue_size: 0,

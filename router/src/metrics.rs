@@ -42,18 +42,21 @@ fn describe() {
     describe_counter!("tessera_prefix_cache_queried_tokens_total", "Prompt tokens looked up in the prefix cache");
     describe_counter!("tessera_prefix_cache_hit_tokens_total", "Prompt tokens found cached (not computed)");
     describe_counter!("tessera_prefix_cache_evictions_total", "Cached blocks reused for other contents");
-    describe_histogram!("tessera_batch_prefill_tokens", "Prompt tokens computed per prefill call (cached prefixes excluded)");
-    describe_histogram!("tessera_batch_prefill_requests", "Requests per prefill call");
+    describe_histogram!("tessera_batch_step_tokens", "Tokens computed per step: a token per decoding row plus prompt chunks");
+    describe_histogram!("tessera_batch_prefill_tokens", "Prompt tokens computed per step with prompts (cached prefixes excluded)");
+    describe_histogram!("tessera_batch_prefill_requests", "Prompts (whole or a chunk) per step with prompts");
+    describe_counter!("tessera_prefill_chunks_total", "Prompt chunks sent that were not their prompt's last (the token budget split the prompt)");
+    describe_counter!("tessera_chunked_prefills_total", "Prompts computed over more than one step");
     describe_counter!("tessera_preemptions_total", "Running requests paused to free KV blocks for older ones (recomputed later)");
     describe_histogram!("tessera_request_duration_seconds", Unit::Seconds, "Whole request, queue included");
     describe_histogram!("tessera_request_queue_duration_seconds", Unit::Seconds, "Time waiting in the queue");
     describe_histogram!("tessera_request_inference_duration_seconds", Unit::Seconds, "Admission to last token");
     describe_histogram!("tessera_time_to_first_token_seconds", Unit::Seconds, "Arrival to first token");
     describe_histogram!("tessera_inter_token_latency_seconds", Unit::Seconds, "Between consecutive tokens");
-    describe_histogram!("tessera_batch_prefill_duration_seconds", Unit::Seconds, "One prefill call");
-    describe_histogram!("tessera_batch_decode_duration_seconds", Unit::Seconds, "One decode call");
+    describe_histogram!("tessera_batch_prefill_duration_seconds", Unit::Seconds, "One step with prompts (and decoding rows) in it");
+    describe_histogram!("tessera_batch_decode_duration_seconds", Unit::Seconds, "One step of decoding rows only");
     describe_histogram!("tessera_batch_router_duration_seconds", Unit::Seconds,
-                        "Router time between a decode's answer and the next decode call (steps without admissions)");
+                        "Router time between a step's answer and the next step call (steps without prompts)");
     describe_histogram!("tessera_request_input_tokens", "Prompt tokens per request");
     describe_histogram!("tessera_request_generated_tokens", "Generated tokens per request");
     describe_counter!("tessera_input_tokens_total", "Prompt tokens of all requests");
@@ -112,10 +115,17 @@ pub fn prefix_lookup(queried: u32, hit: u32) {
     }
 }
 
-/// One prefill call: prompt tokens it computes (past cached prefixes) and requests in it.
-pub fn prefill_tokens(tokens: u32, requests: usize) {
-    histogram!("tessera_batch_prefill_tokens").record(tokens as f64);
-    histogram!("tessera_batch_prefill_requests").record(requests as f64);
+/// One step: its decoding rows, and the prompt tokens it computes (past cached prefixes) for
+/// `prompts` prompts, `partial` of them chunks that are not their prompt's last and `completed`
+/// prompts whose last chunk it is after earlier ones.
+pub fn step(decoding: usize, prompt_tokens: u32, prompts: usize, partial: usize, completed: usize) {
+    histogram!("tessera_batch_step_tokens").record((decoding as u32 + prompt_tokens) as f64);
+    if prompts > 0 {
+        histogram!("tessera_batch_prefill_tokens").record(prompt_tokens as f64);
+        histogram!("tessera_batch_prefill_requests").record(prompts as f64);
+    }
+    counter!("tessera_prefill_chunks_total").increment(partial as u64);
+    counter!("tessera_chunked_prefills_total").increment(completed as u64);
 }
 
 pub fn preemption() {

@@ -136,13 +136,15 @@ impl Drop for Entry {
 pub struct BatchLimits {
     /// Most new requests to admit.
     pub max_size: Option<usize>,
-    /// Most prompt tokens to prefill.
+    /// Prompt tokens the step has room for: requests are admitted while some is left (the last
+    /// one's prompt may run past it: it is computed in chunks over the next steps).
     pub prefill_tokens: u32,
     /// KV blocks to leave free for the running requests to grow into.
     pub reserve_blocks: u32,
 }
 
-pub type NextBatch = Option<(Vec<(u64, Entry)>, pb::Batch)>;
+/// Admitted requests with their ids, in queue order; each holds blocks for its prompt.
+pub type NextBatch = Option<Vec<(u64, Entry)>>;
 
 enum Command {
     Append(Box<Entry>),
@@ -164,7 +166,7 @@ impl Queue {
     pub fn new(allocator: BlockAllocator) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let notify = Arc::new(Notify::new());
-        tokio::spawn(run(State { entries: VecDeque::new(), next_request_id: 0, next_batch_id: 0, allocator }, rx));
+        tokio::spawn(run(State { entries: VecDeque::new(), next_request_id: 0, allocator }, rx));
         Self { tx, notify }
     }
 
@@ -198,7 +200,6 @@ impl Queue {
 struct State {
     entries: VecDeque<(u64, Entry)>,
     next_request_id: u64,
-    next_batch_id: u64,
     allocator: BlockAllocator,
 }
 
@@ -218,7 +219,7 @@ async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Command>) {
             Command::NextBatch { limits, reply } => {
                 let batch = state.next_batch(limits).await;
                 crate::metrics::queue_size(state.entries.len());
-                if let Err(Some((entries, _))) = reply.send(batch) {
+                if let Err(Some(entries)) = reply.send(batch) {
                     // The loop went away: put the requests back, blocks freed by the drop.
                     for (id, mut e) in entries.into_iter().rev() {
                         e.allocation = None;
@@ -242,7 +243,7 @@ impl State {
                 continue; // the client left while waiting
             }
             let input = entry.fed();
-            if !taken.is_empty() && prefill_tokens + input > limits.prefill_tokens {
+            if prefill_tokens >= limits.prefill_tokens {
                 self.entries.push_front((id, entry));
                 break;
             }
@@ -274,20 +275,20 @@ impl State {
         if taken.is_empty() {
             return None;
         }
-        let requests: Vec<pb::Request> = taken.iter().map(|(id, e)| to_pb(*id, e)).collect();
-        let batch = pb::Batch {
-            id: self.next_batch_id,
-            size: requests.len() as u32,
-            max_tokens: taken.iter().map(|(_, e)| e.needed_positions()).sum(),
-            max_blocks: requests.iter().map(|r| r.blocks.len() as u32).max().unwrap_or(0),
-            requests,
-        };
-        self.next_batch_id += 1;
-        Some((taken, batch))
+        Some(taken)
     }
 }
 
-fn to_pb(id: u64, e: &Entry) -> pb::Request {
+/// The request as the shard sees it, computing `compute` of its fed tokens after the first
+/// `cached` (in the cache already: the prefix cache's, or earlier chunks').
+pub fn to_pb(id: u64, e: &Entry, cached: u32, compute: u32) -> pb::Request {
+    let mut r = request_pb(id, e);
+    r.cached_tokens = cached;
+    r.compute_tokens = compute;
+    r
+}
+
+fn request_pb(id: u64, e: &Entry) -> pb::Request {
     let r = &e.request;
     let a = e.allocation.as_ref().expect("admitted entries hold an allocation");
     pb::Request {
@@ -318,6 +319,7 @@ fn to_pb(id: u64, e: &Entry) -> pb::Request {
         top_n_tokens: r.top_n_tokens,
         cached_tokens: a.cached_tokens,
         generated_tokens: e.generated.len() as u32,
+        compute_tokens: 0,
     }
 }
 
@@ -366,9 +368,9 @@ pub(crate) mod tests {
         let mut e = Entry::new(r, tx);
         let alloc = BlockAllocator::new(4, 16);
         e.allocation = Some(alloc.allocate(16).await.unwrap());
-        assert!(to_pb(0, &e).prefill_logprobs);
+        assert!(request_pb(0, &e).prefill_logprobs);
         e.generated = vec![7, 8, 9];
-        let p = to_pb(0, &e);
+        let p = request_pb(0, &e);
         assert_eq!((p.input_ids.len(), p.generated_tokens, p.prefill_logprobs), (8, 3, false));
         assert_eq!(&p.input_ids[5..], &[7, 8, 9]);
         assert_eq!(p.slots.len(), 8);
@@ -386,28 +388,31 @@ pub(crate) mod tests {
         let (e2, _r2) = entry(20, 5);
         q.append(e1);
         q.append(e2);
-        let (entries, batch) = q.next_batch(ALL).await.unwrap();
+        let entries = q.next_batch(ALL).await.unwrap();
         assert_eq!(entries.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![0, 1]);
-        assert_eq!(batch.requests[0].blocks, vec![0]);
-        assert_eq!(batch.requests[0].slots, vec![0, 1, 2]);
-        assert_eq!(batch.requests[1].blocks, vec![1, 2]);
-        assert_eq!(batch.requests[1].slots.len(), 20);
-        assert_eq!(batch.size, 2);
+        let requests: Vec<pb::Request> = entries.iter().map(|(id, e)| request_pb(*id, e)).collect();
+        assert_eq!(requests[0].blocks, vec![0]);
+        assert_eq!(requests[0].slots, vec![0, 1, 2]);
+        assert_eq!(requests[1].blocks, vec![1, 2]);
+        assert_eq!(requests[1].slots.len(), 20);
         assert!(q.next_batch(ALL).await.is_none());
     }
 
     #[tokio::test]
-    async fn prefill_budget_splits_batches() {
+    async fn admission_stops_once_the_prefill_budget_is_spent() {
         let q = Queue::new(BlockAllocator::new(100, 16));
-        let (e1, _r1) = entry(10, 1);
-        let (e2, _r2) = entry(10, 1);
-        q.append(e1);
-        q.append(e2);
-        let (first, _) = q.next_batch(BatchLimits { max_size: None, prefill_tokens: 15, reserve_blocks: 0 }).await.unwrap();
-        assert_eq!(first.len(), 1);
-        let (second, batch) = q.next_batch(BatchLimits { max_size: None, prefill_tokens: 15, reserve_blocks: 0 }).await.unwrap();
+        let mut receivers = vec![]; // kept open: the entries stay live
+        for _ in 0..3 {
+            let (e, r) = entry(10, 1);
+            receivers.push(r);
+            q.append(e);
+        }
+        // 15 tokens of budget: the first prompt fits, the second starts in it (chunked), the third waits
+        let first = q.next_batch(BatchLimits { max_size: None, prefill_tokens: 15, reserve_blocks: 0 }).await.unwrap();
+        assert_eq!(first.len(), 2);
+        let second = q.next_batch(BatchLimits { max_size: None, prefill_tokens: 1, reserve_blocks: 0 }).await.unwrap();
         assert_eq!(second.len(), 1);
-        assert_eq!(batch.id, 1);
+        assert!(q.next_batch(BatchLimits { max_size: None, prefill_tokens: 0, reserve_blocks: 0 }).await.is_none());
     }
 
     #[tokio::test]
@@ -418,11 +423,11 @@ pub(crate) mod tests {
         let (e2, _r2) = entry(1, 1); // 1 block
         q.append(e1);
         q.append(e2);
-        let (first, _) = q.next_batch(ALL).await.unwrap();
+        let first = q.next_batch(ALL).await.unwrap();
         assert_eq!(first.len(), 1);
         assert!(q.next_batch(ALL).await.is_none(), "no blocks left");
         drop(first);
-        let (second, _) = q.next_batch(ALL).await.unwrap();
+        let second = q.next_batch(ALL).await.unwrap();
         assert_eq!(second[0].0, 1);
         drop(second);
         assert_eq!(alloc.stats().await.free, 2);
@@ -436,7 +441,7 @@ pub(crate) mod tests {
         q.append(e1);
         q.append(e2);
         drop(r1);
-        let (entries, _) = q.next_batch(ALL).await.unwrap();
+        let entries = q.next_batch(ALL).await.unwrap();
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].0, 1);
         assert_eq!(q.len().await, 0);
@@ -451,7 +456,7 @@ pub(crate) mod tests {
             keep.push(r);
             q.append(e);
         }
-        let (entries, _) = q.next_batch(BatchLimits { max_size: Some(2), prefill_tokens: 100, reserve_blocks: 0 }).await.unwrap();
+        let entries = q.next_batch(BatchLimits { max_size: Some(2), prefill_tokens: 100, reserve_blocks: 0 }).await.unwrap();
         assert_eq!(entries.len(), 2);
         assert_eq!(q.len().await, 1);
     }

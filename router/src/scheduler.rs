@@ -1,31 +1,35 @@
-//! The continuous batching loop. It owns the running batch and its entries: between decode
-//! steps it admits waiting requests (one prefill within the token budget) and merges them in;
-//! finished, failed and cancelled requests are filtered out and their blocks freed by drop.
+//! The continuous batching loop. Each step is one shard call within a token budget
+//! (`--max-batch-tokens`): a token for every running request first, then prompts in arrival
+//! order, in chunks that fill what is left of the budget (at most `--max-batch-prefill-tokens`);
+//! a long prompt spans several steps and its first token comes from its last chunk. Between
+//! steps the loop grows running requests' KV blocks (preempting the youngest when the cache is
+//! full), admits waiting requests and keeps the shards' batch in step with its entries; finished,
+//! failed and cancelled requests leave it and their blocks are freed by drop.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::time::Instant;
 
 use crate::client::{self, ClientError, ShardedClient};
 use crate::error::InferError;
 use crate::pb;
-use crate::queue::{BatchLimits, Entry, Queue, ShardEvent};
+use crate::queue::{to_pb, BatchLimits, Entry, Queue, ShardEvent};
 
 /// What the loop needs from the shards; the real client, or a fake in tests.
 pub trait Shards: Send + 'static {
+    /// One step: a token for each row of `batch_ids` (concatenated on the shards), the prompt
+    /// chunks of `prefill`; `grants`: blocks appended to requests' tables before it is launched;
     /// `trace`: a W3C traceparent for the shard's spans.
-    fn prefill(&mut self, batch: pb::Batch, trace: Option<String>) -> impl Future<Output = client::Result<pb::PrefillResponse>> + Send;
-    /// `grants`: blocks appended to requests' tables before the step is launched.
-    fn decode(&mut self, batches: Vec<pb::CachedBatch>, grants: Vec<pb::BlockGrant>, trace: Option<String>) -> impl Future<Output = client::Result<pb::DecodeResponse>> + Send;
+    fn step(&mut self, batch_ids: Vec<u64>, grants: Vec<pb::BlockGrant>, prefill: Option<pb::Batch>, trace: Option<String>)
+            -> impl Future<Output = client::Result<pb::StepResponse>> + Send;
     fn filter_batch(&mut self, id: u64, keep: Vec<u64>) -> impl Future<Output = client::Result<Option<pb::CachedBatch>>> + Send;
     fn clear_cache(&mut self, id: Option<u64>) -> impl Future<Output = client::Result<()>> + Send;
 }
 
 impl Shards for ShardedClient {
-    fn prefill(&mut self, batch: pb::Batch, trace: Option<String>) -> impl Future<Output = client::Result<pb::PrefillResponse>> + Send {
-        ShardedClient::prefill(self, batch, trace)
-    }
-    fn decode(&mut self, batches: Vec<pb::CachedBatch>, grants: Vec<pb::BlockGrant>, trace: Option<String>) -> impl Future<Output = client::Result<pb::DecodeResponse>> + Send {
-        ShardedClient::decode(self, batches, grants, trace)
+    fn step(&mut self, batch_ids: Vec<u64>, grants: Vec<pb::BlockGrant>, prefill: Option<pb::Batch>, trace: Option<String>)
+            -> impl Future<Output = client::Result<pb::StepResponse>> + Send {
+        ShardedClient::step(self, batch_ids, grants, prefill, trace)
     }
     fn filter_batch(&mut self, id: u64, keep: Vec<u64>) -> impl Future<Output = client::Result<Option<pb::CachedBatch>>> + Send {
         ShardedClient::filter_batch(self, id, keep)
@@ -37,67 +41,166 @@ impl Shards for ShardedClient {
 
 #[derive(Debug, Clone, Copy)]
 pub struct SchedulerConfig {
-    /// Prompt tokens per prefill.
+    /// Tokens per step: one per running request, then prompt chunks.
+    pub max_batch_tokens: u32,
+    /// Of those, the most prompt tokens per step.
     pub max_batch_prefill_tokens: u32,
-    /// Requests per running batch.
+    /// Requests per running batch (decoding and prefilling).
     pub max_batch_size: Option<usize>,
+}
+
+impl SchedulerConfig {
+    /// Prompt tokens a step with `decoding` running rows has room for.
+    fn prefill_budget(&self, decoding: usize) -> u32 {
+        self.max_batch_prefill_tokens.min(self.max_batch_tokens.saturating_sub(decoding as u32))
+    }
 }
 
 type Entries = HashMap<u64, Entry>;
 
+/// An admitted request whose prompt (its fed tokens) is being computed, chunk by chunk.
+struct Prompt {
+    id: u64,
+    entry: Entry,
+    /// Fed tokens whose keys/values are in the cache or on their way (cached prefix + chunks sent).
+    done: u32,
+    /// Chunks sent so far.
+    chunks: u32,
+}
+
+/// The loop's state between steps.
+#[derive(Default)]
+struct Batching {
+    /// Requests with rows in the shards' batch (or joining it with their last chunk).
+    running: Entries,
+    /// Admitted requests with prompt tokens still to compute, in arrival order.
+    prompts: VecDeque<Prompt>,
+    /// The shards' batch of running rows.
+    cached: Option<pb::CachedBatch>,
+    next_batch_id: u64,
+    /// When the last step without prompts answered (the router's own time until the next call
+    /// is measured).
+    answered: Option<Instant>,
+}
+
+/// What one step carries besides the running rows.
+#[derive(Default)]
+struct StepPrompts {
+    batch: Option<pb::Batch>,
+    tokens: u32,
+    partial: usize,
+    completed: usize,
+}
+
 pub async fn batching_loop<S: Shards>(mut shards: S, queue: Queue, cfg: SchedulerConfig) {
+    let mut st = Batching::default();
     loop {
-        queue.notify.notified().await;
-        while let Some((entries, batch)) = queue.next_batch(limits(&cfg, 0, 0)).await {
-            let mut entries: Entries = entries.into_iter().collect();
-            let mut cached = prefill(&mut shards, batch, &mut entries).await;
-            // When the last decode answered: the router's own time until the next one is measured
-            // (steps without an admission), what the shards wait for unless they run ahead.
-            let mut answered: Option<std::time::Instant> = None;
-            while let Some(batch) = cached {
-                let mut batches = vec![batch];
-                let running = entries.len();
-                if cfg.max_batch_size.is_none_or(|m| running < m) {
-                    let reserve = entries.len() as u32; // a block each to grow into
-                    if let Some((new, new_batch)) = queue.next_batch(limits(&cfg, running, reserve)).await {
-                        answered = None;
-                        let mut new: Entries = new.into_iter().collect();
-                        let new_cached = prefill(&mut shards, new_batch, &mut new).await;
-                        entries.extend(new);
-                        batches.extend(new_cached);
-                    }
-                }
-                let mut live = Vec::with_capacity(batches.len());
-                entries.retain(|_, e| !e.is_cancelled());
-                let grants = grow(&mut entries, &queue).await;
-                for b in batches {
-                    live.extend(update(&mut shards, Some(b), &mut entries).await);
-                }
-                if let Some(t) = answered.take() {
-                    crate::metrics::router_step_duration(t.elapsed());
-                }
-                cached = if live.is_empty() { None } else { decode(&mut shards, live, grants, &mut entries, &mut answered).await };
-            }
-            debug_assert!(entries.is_empty() || entries.values().all(|e| e.is_cancelled()));
+        st.running.retain(|_, e| !e.is_cancelled());
+        st.prompts.retain(|p| !p.entry.is_cancelled());
+        let grants = grow(&mut st, &queue).await;
+        admit(&mut st, &queue, &cfg).await;
+        if st.running.is_empty() && st.prompts.is_empty() {
+            // Idle: wait for a request (one appended since the last look left a wake-up behind).
             crate::metrics::batch_size(0);
+            queue.notify.notified().await;
+            continue;
         }
+        st.cached = update(&mut shards, st.cached.take(), &mut st.running).await;
+        let decoding = st.cached.as_ref().map_or(0, |b| b.request_ids.len());
+        let prompts = chunks(&mut st, &cfg, decoding);
+        if st.cached.is_none() && prompts.batch.is_none() {
+            if !st.running.is_empty() {
+                // Requests the shards' batch does not hold: nothing would ever answer them.
+                tracing::error!(requests = ?st.running.keys().collect::<Vec<_>>(), "running requests missing from the shards' batch");
+                let e = ClientError::Shard { code: pb::ErrorCode::BatchNotFound, message: "request lost by the shards".into(), request_ids: vec![] };
+                fail_all(&mut st.running, &e);
+            }
+            tokio::task::yield_now().await; // nothing runnable now (everything left was cancelled)
+            continue;
+        }
+        step(&mut shards, &mut st, grants, prompts, decoding).await;
     }
 }
 
-fn limits(cfg: &SchedulerConfig, running: usize, reserve_blocks: u32) -> BatchLimits {
-    BatchLimits {
-        max_size: cfg.max_batch_size.map(|m| m.saturating_sub(running)),
-        prefill_tokens: cfg.max_batch_prefill_tokens,
-        reserve_blocks,
+/// Admits waiting requests while this step has prompt budget left beyond the prompts already
+/// admitted (the last one admitted may be chunked over the next steps).
+async fn admit(st: &mut Batching, queue: &Queue, cfg: &SchedulerConfig) {
+    let rows = st.running.len() + st.prompts.len();
+    if cfg.max_batch_size.is_some_and(|m| rows >= m) {
+        return;
+    }
+    let pending: u32 = st.prompts.iter().map(|p| p.entry.fed() - p.done).sum();
+    let budget = cfg.prefill_budget(st.running.len()).saturating_sub(pending);
+    if budget == 0 {
+        return;
+    }
+    let limits = BatchLimits {
+        max_size: cfg.max_batch_size.map(|m| m - rows),
+        prefill_tokens: budget,
+        reserve_blocks: st.running.len() as u32, // a block each to grow into
+    };
+    for (id, entry) in queue.next_batch(limits).await.into_iter().flatten() {
+        let done = entry.allocation.as_ref().map_or(0, |a| a.cached_tokens);
+        st.prompts.push_back(Prompt { id, entry, done, chunks: 0 });
     }
 }
 
-/// KV on demand: grows every running request's blocks to what the next decode call may write
-/// (oldest first). When the cache is full, the youngest running request is preempted: its blocks
-/// go back (what it computed stays in the prefix cache), it returns to the front of the queue
-/// with its generated tokens, and its stream just pauses until it is admitted again. Returns the
-/// blocks to send with the call; the caller filters preempted requests out of the batches.
-async fn grow(entries: &mut Entries, queue: &Queue) -> Vec<pb::BlockGrant> {
+/// This step's prompt chunks, oldest prompt first, within the budget left by the decoding rows.
+/// A prompt whose last chunk goes joins the running requests (its first token arrives from this
+/// step, or from the next call when the shards run a step ahead). A prompt asking for prompt
+/// logprobs is never split: it goes whole, alone over the budget if it must.
+fn chunks(st: &mut Batching, cfg: &SchedulerConfig, decoding: usize) -> StepPrompts {
+    let mut budget = cfg.prefill_budget(decoding);
+    let mut out = StepPrompts::default();
+    let mut requests = Vec::new();
+    while let Some(p) = st.prompts.front() {
+        let left = p.entry.fed() - p.done;
+        let whole = p.entry.request.decoder_input_details && p.entry.generated.is_empty();
+        let n = if whole {
+            if requests.is_empty() || left <= budget { left } else { break }
+        } else {
+            left.min(budget)
+        };
+        if n == 0 {
+            break;
+        }
+        let mut p = st.prompts.pop_front().expect("front exists");
+        requests.push(to_pb(p.id, &p.entry, p.done, n));
+        p.done += n;
+        p.chunks += 1;
+        p.entry.kv_valid = p.done; // in the cache once this step ran (steps run in order)
+        budget = budget.saturating_sub(n);
+        out.tokens += n;
+        if p.done < p.entry.fed() {
+            out.partial += 1;
+            st.prompts.push_front(p);
+            break;
+        }
+        out.completed += usize::from(p.chunks > 1);
+        st.running.insert(p.id, p.entry);
+    }
+    if !requests.is_empty() {
+        let id = st.next_batch_id;
+        st.next_batch_id += 1;
+        out.batch = Some(pb::Batch {
+            id,
+            size: requests.len() as u32,
+            max_tokens: requests.iter().map(|r| r.slots.len() as u32).sum(),
+            max_blocks: requests.iter().map(|r| r.blocks.len() as u32).max().unwrap_or(0),
+            requests,
+        });
+    }
+    out
+}
+
+/// KV on demand: grows every running request's blocks to what the next call may write (oldest
+/// first). When the cache is full, the youngest request is preempted (prompts not yet running
+/// first): its blocks go back (what it computed stays in the prefix cache), it returns to the
+/// front of the queue with its generated tokens, and its stream just pauses until it is admitted
+/// again. Returns the blocks to send with the call; preempted requests leave `running` (and the
+/// shards' batch at the next `update`).
+async fn grow(st: &mut Batching, queue: &Queue) -> Vec<pb::BlockGrant> {
+    let entries = &mut st.running;
     // Most steps cross no block boundary: nothing to order or ask for.
     if entries.values().all(|e| e.allocation.as_ref().is_none_or(|a| a.holds(e.needed_positions()))) {
         return Vec::new();
@@ -119,6 +222,12 @@ async fn grow(entries: &mut Entries, queue: &Queue) -> Vec<pb::BlockGrant> {
                 i += 1;
             }
             None => {
+                if let Some(mut p) = st.prompts.pop_back() {
+                    p.entry.preempt();
+                    tracing::debug!(request = p.id, "preempted while prefilling: KV cache full");
+                    queue.requeue(p.id, p.entry);
+                    continue;
+                }
                 let victim = order.pop().expect("the list holds `id`");
                 let mut v = entries.remove(&victim).expect("ordered entries are running");
                 grants.retain(|g| g.request_id != victim);
@@ -131,49 +240,43 @@ async fn grow(entries: &mut Entries, queue: &Queue) -> Vec<pb::BlockGrant> {
     grants
 }
 
-async fn prefill<S: Shards>(shards: &mut S, batch: pb::Batch, entries: &mut Entries) -> Option<pb::CachedBatch> {
-    let id = batch.id;
-    let computed: usize = batch.requests.iter().map(|r| r.input_ids.len() - r.cached_tokens as usize).sum();
-    crate::metrics::prefill_tokens(computed as u32, batch.requests.len());
-    let t0 = std::time::Instant::now();
-    let span = crate::telemetry::batch_span("prefill", entries.values().filter_map(|e| e.span.as_ref()));
-    let result = shards.prefill(batch, span.as_ref().map(|s| s.1.clone())).await;
+/// One shard call and what its answer does: tokens to their requests, the batch kept in step
+/// with the entries; or, when the call failed, its batches cleared on the shards and every
+/// request in them (and every prompt in progress) failed.
+async fn step<S: Shards>(shards: &mut S, st: &mut Batching, grants: Vec<pb::BlockGrant>, prompts: StepPrompts, decoding: usize) {
+    let batch_ids: Vec<u64> = st.cached.take().map(|b| b.id).into_iter().collect();
+    let new_id = prompts.batch.as_ref().map(|b| b.id);
+    let with_prompts = prompts.batch.is_some();
+    crate::metrics::step(decoding, prompts.tokens, prompts.batch.as_ref().map_or(0, |b| b.requests.len()), prompts.partial,
+                         prompts.completed);
+    crate::metrics::batch_size(st.running.len());
+    if let Some(t) = st.answered.take().filter(|_| !with_prompts) {
+        crate::metrics::router_step_duration(t.elapsed());
+    }
+    let t0 = Instant::now();
+    let span = crate::telemetry::batch_span(if with_prompts { "prefill" } else { "decode" },
+                                            st.running.values().filter_map(|e| e.span.as_ref()));
+    let result = shards.step(batch_ids.clone(), grants, prompts.batch, span.as_ref().map(|s| s.1.clone())).await;
     drop(span);
-    crate::metrics::prefill_duration(t0.elapsed());
-    settle(shards, "prefill", vec![id], result.map(|r| (r.generations, r.batch)), entries).await
-}
-
-/// `answered`: set to when the shards' answer arrived.
-async fn decode<S: Shards>(shards: &mut S, batches: Vec<pb::CachedBatch>, grants: Vec<pb::BlockGrant>, entries: &mut Entries,
-                           answered: &mut Option<std::time::Instant>) -> Option<pb::CachedBatch> {
-    let ids: Vec<u64> = batches.iter().map(|b| b.id).collect();
-    crate::metrics::batch_size(entries.len());
-    let t0 = std::time::Instant::now();
-    let span = crate::telemetry::batch_span("decode", entries.values().filter_map(|e| e.span.as_ref()));
-    let result = shards.decode(batches, grants, span.as_ref().map(|s| s.1.clone())).await;
-    *answered = Some(std::time::Instant::now());
-    drop(span);
-    crate::metrics::decode_duration(t0.elapsed());
-    settle(shards, "decode", ids, result.map(|r| (r.generations, r.batch)), entries).await
-}
-
-/// What a step's answer does: tokens to their requests and the batch kept in step with the
-/// entries; or, when the call failed, its batches cleared on the shards and its requests failed.
-async fn settle<S: Shards>(shards: &mut S, call: &str, batch_ids: Vec<u64>,
-                           result: client::Result<(Vec<pb::Generation>, Option<pb::CachedBatch>)>,
-                           entries: &mut Entries) -> Option<pb::CachedBatch> {
+    if with_prompts {
+        crate::metrics::prefill_duration(t0.elapsed());
+    } else {
+        crate::metrics::decode_duration(t0.elapsed());
+        st.answered = Some(Instant::now());
+    }
     match result {
-        Ok((generations, batch)) => {
-            send_generations(generations, entries);
-            update(shards, batch, entries).await
+        Ok(r) => {
+            send_generations(r.generations, &mut st.running, &mut st.prompts);
+            st.cached = update(shards, r.batch, &mut st.running).await;
         }
         Err(e) => {
-            tracing::error!(batches = ?batch_ids, "{call} failed: {e}");
-            for id in batch_ids {
+            tracing::error!(batches = ?batch_ids, "step failed: {e}");
+            for id in batch_ids.into_iter().chain(new_id) {
                 let _ = shards.clear_cache(Some(id)).await;
             }
-            fail_all(entries, &e);
-            None
+            fail_all(&mut st.running, &e);
+            let mut prompts: Entries = st.prompts.drain(..).map(|p| (p.id, p.entry)).collect();
+            fail_all(&mut prompts, &e);
         }
     }
 }
@@ -204,18 +307,22 @@ async fn update<S: Shards>(shards: &mut S, batch: Option<pb::CachedBatch>, entri
 }
 
 /// Sends each generation to its request; finished or abandoned requests leave `entries`
-/// (their blocks are freed as the entry drops).
-fn send_generations(generations: Vec<pb::Generation>, entries: &mut Entries) {
+/// (their blocks are freed as the entry drops). A prompt the shards refused fails alone.
+fn send_generations(generations: Vec<pb::Generation>, entries: &mut Entries, prompts: &mut VecDeque<Prompt>) {
     for g in generations {
-        let Some(entry) = entries.get_mut(&g.request_id) else { continue };
         if let Some(err) = g.error {
-            // This request alone failed; the rest of the batch goes on.
+            // This request alone failed; the rest of the step went on.
             let code = pb::ErrorCode::try_from(err.code).unwrap_or(pb::ErrorCode::Internal);
             let e = ClientError::Shard { code, message: err.message, request_ids: err.request_ids };
             let mut failed: Entries = entries.remove_entry(&g.request_id).into_iter().collect();
+            if let Some(i) = prompts.iter().position(|p| p.id == g.request_id) {
+                let p = prompts.remove(i).expect("position is in range");
+                failed.insert(p.id, p.entry);
+            }
             fail_all(&mut failed, &e);
             continue;
         }
+        let Some(entry) = entries.get_mut(&g.request_id) else { continue };
         let tokens = g.tokens.unwrap_or_default();
         let (Some(&id), Some(&logprob)) = (tokens.ids.first(), tokens.logprobs.first()) else {
             let e = ClientError::Shard { code: pb::ErrorCode::Internal, message: "generation without a token".into(), request_ids: vec![] };
@@ -245,8 +352,11 @@ fn send_generations(generations: Vec<pb::Generation>, entries: &mut Entries) {
     }
 }
 
+/// Fails the requests. What they computed is not offered to the prefix cache: after a failure
+/// their keys/values may never have been written.
 fn fail_all(entries: &mut Entries, e: &ClientError) {
-    for (_, entry) in entries.drain() {
+    for (_, mut entry) in entries.drain() {
+        entry.prefix = None;
         let _ = entry.events.send(Err(InferError::from(e)));
     }
 }
@@ -266,8 +376,10 @@ mod tests {
         batches: HashMap<u64, Vec<(u64, u32, u32, u32)>>, // id -> (request id, next token, generated, max_new)
         fail_prefill: bool,
         reject_input_len: Option<u32>, // requests with this prompt length fail alone
-        steps: Vec<Vec<u64>>, // request ids of each decode step
-        prefills: Vec<(u64, u32, Vec<u32>)>, // (request id, cached_tokens, blocks) of each prefilled request
+        steps: Vec<(Vec<u64>, u32)>, // (decoding request ids, prompt tokens computed) of each step
+        prefills: Vec<(u64, u32, Vec<u32>)>, // (request id, cached_tokens, blocks) of each prompt chunk
+        progress: HashMap<u64, u32>, // prompt tokens computed so far of prompts in progress
+        chunk_errors: Vec<u64>, // prompts whose chunks came out of order or past their blocks
         caps: HashMap<u64, u32>, // KV positions each request's blocks hold
         kv_overruns: Vec<u64>, // requests a step would have written past their blocks
         resumed: Vec<(u64, u32)>, // (request id, generated_tokens) of re-admitted requests
@@ -296,40 +408,19 @@ mod tests {
     }
 
     impl Shards for Fake {
-        async fn prefill(&mut self, batch: pb::Batch, _trace: Option<String>) -> client::Result<pb::PrefillResponse> {
-            let mut s = self.0.lock().unwrap();
-            if s.fail_prefill {
-                return Err(ClientError::Shard { code: pb::ErrorCode::OutOfMemory, message: "boom".into(), request_ids: vec![] });
-            }
-            let reject = s.reject_input_len;
-            s.prefills.extend(batch.requests.iter().map(|r| (r.id, r.cached_tokens, r.blocks.clone())));
-            let (bad, good): (Vec<_>, Vec<_>) = batch.requests.iter().partition(|r| Some(r.input_ids.len() as u32) == reject);
-            for r in &good {
-                s.caps.insert(r.id, r.blocks.len() as u32 * 16);
-                if r.generated_tokens > 0 {
-                    s.resumed.push((r.id, r.generated_tokens));
-                }
-            }
-            let mut rows: Vec<_> = good.iter().map(|r| (r.id, r.input_ids.len() as u32, r.generated_tokens, r.stopping_parameters.as_ref().unwrap().max_new_tokens)).collect();
-            let mut generations = gens(&mut rows);
-            generations.extend(bad.iter().map(|r| pb::Generation {
-                request_id: r.id,
-                error: Some(pb::ShardError { code: pb::ErrorCode::InvalidRequest as i32, message: "bad".into(), request_ids: vec![r.id] }),
-                ..Default::default()
-            }));
-            let c = cached(batch.id, &rows);
-            s.batches.insert(batch.id, rows);
-            Ok(pb::PrefillResponse { generations, batch: c, ..Default::default() })
-        }
-        async fn decode(&mut self, batches: Vec<pb::CachedBatch>, grants: Vec<pb::BlockGrant>, _trace: Option<String>) -> client::Result<pb::DecodeResponse> {
+        async fn step(&mut self, batch_ids: Vec<u64>, grants: Vec<pb::BlockGrant>, prefill: Option<pb::Batch>, _trace: Option<String>)
+                      -> client::Result<pb::StepResponse> {
             tokio::time::sleep(Duration::from_micros(500)).await; // a step takes time, as on a real shard
             let mut s = self.0.lock().unwrap();
+            if s.fail_prefill && prefill.is_some() {
+                return Err(ClientError::Shard { code: pb::ErrorCode::OutOfMemory, message: "boom".into(), request_ids: vec![] });
+            }
             for g in grants {
                 *s.caps.get_mut(&g.request_id).expect("blocks granted to an unknown request") += 16 * g.blocks.len() as u32;
             }
             let mut rows = vec![];
-            for b in &batches {
-                rows.extend(s.batches.remove(&b.id).expect("decode of an unknown batch"));
+            for id in &batch_ids {
+                rows.extend(s.batches.remove(id).expect("a step of an unknown batch"));
             }
             // This step feeds the last token (position next - 1); a shard running ahead also
             // feeds the one it samples (position next) unless that is the last.
@@ -339,11 +430,48 @@ mod tests {
                     s.kv_overruns.push(id);
                 }
             }
-            s.steps.push(rows.iter().map(|r| r.0).collect());
-            let generations = gens(&mut rows);
-            let c = cached(batches[0].id, &rows);
-            s.batches.insert(batches[0].id, rows);
-            Ok(pb::DecodeResponse { generations, batch: c, ..Default::default() })
+            let decoding: Vec<u64> = rows.iter().map(|r| r.0).collect();
+            let mut generations = gens(&mut rows);
+            let mut prompt_tokens = 0;
+            let out_id = batch_ids.first().copied().or(prefill.as_ref().map(|b| b.id)).unwrap_or(0);
+            for r in prefill.map(|b| b.requests).unwrap_or_default() {
+                if Some(r.input_ids.len() as u32) == s.reject_input_len {
+                    generations.push(pb::Generation {
+                        request_id: r.id,
+                        error: Some(pb::ShardError { code: pb::ErrorCode::InvalidRequest as i32, message: "bad".into(), request_ids: vec![r.id] }),
+                        ..Default::default()
+                    });
+                    continue;
+                }
+                let len = r.input_ids.len() as u32;
+                let end = if r.compute_tokens > 0 { r.cached_tokens + r.compute_tokens } else { len };
+                // chunks of a prompt come in order, each after the last
+                if s.progress.get(&r.id).is_some_and(|&done| done != r.cached_tokens) || end > len
+                    || r.blocks.len() as u32 * 16 < end {
+                    s.chunk_errors.push(r.id);
+                }
+                s.prefills.push((r.id, r.cached_tokens, r.blocks.clone()));
+                s.caps.insert(r.id, r.blocks.len() as u32 * 16);
+                prompt_tokens += end - r.cached_tokens;
+                if end < len {
+                    s.progress.insert(r.id, end);
+                    continue;
+                }
+                s.progress.remove(&r.id);
+                if r.generated_tokens > 0 {
+                    s.resumed.push((r.id, r.generated_tokens));
+                }
+                let mut row = [(r.id, len, r.generated_tokens, r.stopping_parameters.as_ref().unwrap().max_new_tokens)];
+                generations.extend(gens(&mut row));
+                rows.push(row[0]);
+            }
+            s.steps.push((decoding, prompt_tokens));
+            rows.retain(|r| r.2 < r.3);
+            let c = if rows.is_empty() { None } else { cached(out_id, &rows) };
+            if !rows.is_empty() {
+                s.batches.insert(out_id, rows);
+            }
+            Ok(pb::StepResponse { generations, batch: c, ..Default::default() })
         }
         async fn filter_batch(&mut self, id: u64, keep: Vec<u64>) -> client::Result<Option<pb::CachedBatch>> {
             let mut s = self.0.lock().unwrap();
@@ -374,9 +502,14 @@ mod tests {
     }
 
     fn start(fake: Fake, blocks: u32) -> (Queue, BlockAllocator) {
+        start_with(fake, blocks, 1000)
+    }
+
+    /// `budget`: tokens per step (and prompt tokens per step).
+    fn start_with(fake: Fake, blocks: u32, budget: u32) -> (Queue, BlockAllocator) {
         let alloc = BlockAllocator::new(blocks, 16);
         let queue = Queue::new(alloc.clone());
-        let cfg = SchedulerConfig { max_batch_prefill_tokens: 1000, max_batch_size: None };
+        let cfg = SchedulerConfig { max_batch_tokens: budget, max_batch_prefill_tokens: budget, max_batch_size: None };
         tokio::spawn(batching_loop(fake, queue.clone(), cfg));
         (queue, alloc)
     }
@@ -443,8 +576,53 @@ mod tests {
         assert!(s.kv_overruns.is_empty(), "a step would have written past its blocks: {:?}", s.kv_overruns);
         assert!(!s.resumed.is_empty(), "the cache was too small for all: someone was preempted and resumed");
         assert!(s.resumed.iter().all(|&(_, g)| g > 0 && g < 70));
+        assert!(s.resumed.iter().all(|&(id, _)| id >= 2), "the two oldest fit and are never preempted: {:?}", s.resumed);
         drop(s);
         assert_eq!(alloc.stats().await.free, 12);
+    }
+
+    #[tokio::test]
+    async fn a_long_prompt_is_chunked_into_steps_beside_the_decoding_rows() {
+        let fake = Fake::default();
+        let (queue, alloc) = start_with(fake.clone(), 64, 8); // 8 tokens per step
+        let (a, a_rx) = entry(2, 40);
+        queue.append(a);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let (b, b_rx) = entry(50, 3);
+        queue.append(b);
+        assert_eq!(collect(b_rx).await.unwrap(), vec![50, 51, 52], "the first token comes from the last chunk");
+        assert_eq!(collect(a_rx).await.unwrap(), (2..42).collect::<Vec<_>>());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let s = fake.0.lock().unwrap();
+        assert!(s.chunk_errors.is_empty(), "chunks out of order or past their blocks: {:?}", s.chunk_errors);
+        assert!(s.steps.iter().all(|(rows, prompt)| rows.len() as u32 + prompt <= 8), "every step within the budget: {:?}", s.steps);
+        let chunked: Vec<_> = s.steps[1..].iter().filter(|(_, p)| *p > 0).collect(); // after a's own prompt
+        assert!(chunked.len() >= 7, "50 prompt tokens at most 7 per step: {:?}", s.steps);
+        assert!(chunked.iter().all(|(rows, _)| rows.contains(&0)), "the running request decodes in every step with chunks");
+        assert_eq!(s.steps.iter().map(|(_, p)| p).sum::<u32>(), 52, "each prompt token computed once (and a's two)");
+        drop(s);
+        assert_eq!(alloc.stats().await.free, 64);
+    }
+
+    #[tokio::test]
+    async fn cached_blocks_are_evicted_when_a_prompt_needs_them() {
+        let fake = Fake::default();
+        let (queue, alloc) = start(fake.clone(), 8);
+        let run = |tokens: u32, len: usize| {
+            let (mut e, rx) = entry(len, 2);
+            Arc::get_mut(&mut e.request).unwrap().input_ids = Arc::new(vec![tokens; len]);
+            e.prefix = Some("".into());
+            queue.append(e);
+            collect(rx)
+        };
+        run(2, 40).await.unwrap(); // publishes two full blocks
+        assert_eq!(alloc.stats().await.cached, 2);
+        run(3, 110).await.unwrap(); // 111 positions: 7 of the 8 blocks, one of them cached before
+        run(2, 40).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let p = fake.0.lock().unwrap().prefills.clone();
+        assert_eq!(p.iter().map(|x| x.1).collect::<Vec<_>>(), vec![0, 0, 16], "the tail block was evicted, the head kept");
+        assert_eq!(alloc.stats().await.free, 8, "every reference returned");
     }
 
     #[tokio::test]
@@ -460,7 +638,7 @@ mod tests {
         assert_eq!(short_toks.len(), 3);
         assert_eq!(collect(long_rx).await.unwrap().len(), 50);
         let steps = fake.0.lock().unwrap().steps.clone();
-        assert!(steps.iter().any(|s| s.len() == 2), "both requests decoded in one step");
+        assert!(steps.iter().any(|s| s.0.len() == 2), "both requests decoded in one step");
     }
 
     #[tokio::test]
@@ -476,7 +654,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(alloc.stats().await.free, 64);
         let steps = fake.0.lock().unwrap().steps.clone();
-        assert!(steps.last().unwrap().len() == 1);
+        assert!(steps.last().unwrap().0.len() == 1);
     }
 
     #[tokio::test]

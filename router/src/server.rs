@@ -376,6 +376,7 @@ async fn info(State(s): State<AppState>) -> Response {
     let mut info = (*s.info).clone();
     info.kv_blocks_total = stats.total;
     info.kv_blocks_free = stats.free;
+    info.kv_blocks_used = stats.total - stats.free;
     info.kv_blocks_cached = stats.cached;
     info.queue_size = s.infer.queue().len().await;
     info.adapters = adapters;

@@ -104,3 +104,68 @@ def check_overlap(make_engine, rtol: float, atol: float, adapters: dict[int, str
     assert all(1 not in c for _, c in over[names.index("decode 2") + 1:])
     assert all(11 not in c for _, c in over[names.index("decode ab 2") + 1:])
     assert any(11 in c for _, c in over[: names.index("decode ab 2") + 1])
+
+
+def chunked_script(eng, chunk: int, adapters: dict[int, str] | None = None) -> dict[int, tuple[list[int], list[float]]]:
+    """Two requests decode while two long prompts arrive and are computed `chunk` tokens per step
+    in the same steps (the router's token budget), the second starting mid-way through the
+    first's chunks; returns each request's tokens and logprobs, in the order the calls reported them."""
+    out: dict[int, tuple[list[int], list[float]]] = {}
+
+    def record(res):
+        for r, t, lp in zip(res.request_ids, res.token_ids, res.logprobs):
+            out.setdefault(r, ([], []))
+            out[r][0].append(int(t))
+            out[r][1].append(float(lp))
+        assert not res.failed, res.failed
+
+    a, nxt = batch(1, [[5, 6, 7, 8], [9, 10]], 14)
+    name_adapters(a, adapters)
+    res, cached = eng.prefill(a)
+    record(res)
+    long_c, nxt = request(20, [(3 * i) % 90 + 2 for i in range(23)], 6, nxt)
+    long_d, _ = request(21, [(7 * i) % 90 + 2 for i in range(17)], 6, nxt)
+    long_c.parameters.repetition_penalty = 1.2
+    long_d.parameters.do_sample, long_d.parameters.seed, long_d.parameters.temperature = True, 3, 0.9
+    pending = [[long_c, 0]]
+    waiting = [long_d]
+    bid = 10
+    while cached is not None or pending or waiting:
+        budget, chunks = chunk, []
+        for p in pending:
+            r, done = p
+            n = min(budget, len(r.input_ids) - done)
+            if n <= 0:
+                break
+            c = pb.Request()
+            c.CopyFrom(r)
+            c.cached_tokens, c.compute_tokens = done, n
+            name_adapters(pb.Batch(requests=[c]), adapters)
+            chunks.append(c)
+            p[1] += n
+            budget -= n
+        pending = [p for p in pending if p[1] < len(p[0].input_ids)]
+        if waiting and any(p[0].id == 20 for p in pending) and pending[0][1] >= 8:
+            pending.append([waiting.pop(), 0])  # the second prompt arrives mid-way through the first
+        elif waiting and not pending:
+            pending.append([waiting.pop(), 0])
+        bid += 1
+        prefill = pb.Batch(id=bid, requests=chunks) if chunks else None
+        res, cached, _ = eng.step([cached.id] if cached is not None else [], None, prefill)
+        record(res)
+    return out
+
+
+def alone(eng, r: pb.Request, adapter: str | None = None) -> tuple[list[int], list[float]]:
+    """One request prefilled whole and decoded alone to its end: tokens and logprobs."""
+    b = pb.Batch(id=500 + r.id, requests=[r])
+    if adapter:
+        r.adapter_id = adapter
+    toks, lps = [], []
+    res, cached = eng.prefill(b)
+    while True:
+        toks += [int(t) for t in res.token_ids]
+        lps += [float(x) for x in res.logprobs]
+        if cached is None:
+            return toks, lps
+        res, cached, _ = eng.decode([cached.id])

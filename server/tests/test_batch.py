@@ -177,7 +177,8 @@ def test_every_per_row_field_is_reshaped(engine_factory):
 
     handled = set(HOST_ROWS) | set(COUNT_ROWS) | {
         "id", "request_ids", "block_tables", "block_tables_host", "last_tokens", "sampling", "block_size",
-        "prompt_ids", "prefill_slots", "prefill_logprobs", "next_host",  # prefill-only or rebuilt each step
+        "prompt_ids", "prompt_slots", "prompt_ends", "prefill_logprobs",  # pending prompts: stacked by concatenate, gone after the step
+        "next_host",  # rebuilt each step
         "ahead", "ahead_error",  # a launched step: carried whole, its rows picked by request id when collected
     }
     assert {f.name for f in dataclasses.fields(Batch)} == handled
@@ -212,14 +213,15 @@ def test_a_cached_prefix_is_read_not_recomputed(engine_factory):
     np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("cached, logprobs, why", [(6, False, "whole blocks"), (12, False, "leave a prompt token"),
-                                                   (8, True, "prompt logprobs")])
-def test_a_bad_cached_prefix_fails_alone(engine_factory, cached, logprobs, why):
+@pytest.mark.parametrize("cached, compute, logprobs, why", [
+    (4, 10, False, "stay within the prompt"), (12, 0, False, "leave a prompt token"),
+    (8, 0, True, "prompt logprobs"), (0, 5, True, "no chunks")])
+def test_a_bad_cached_prefix_or_chunk_fails_alone(engine_factory, cached, compute, logprobs, why):
     from shard_calls import request
 
     eng, _ = engine_factory("llama")
     r, _ = request(0, list(range(2, 14)), 2, 0)
-    r.cached_tokens, r.prefill_logprobs = cached, logprobs
+    r.cached_tokens, r.compute_tokens, r.prefill_logprobs = cached, compute, logprobs
     ok, _ = request(1, [3, 4], 2, 10)
     res, _ = eng.prefill(pb.Batch(id=1, requests=[r, ok]))
     assert res.request_ids == [1] and why in res.failed[0][1]
@@ -241,7 +243,7 @@ def run_rows(eng, batch_pb, grants_at=None):
 
 def test_blocks_granted_as_the_sequence_grows(engine_factory):
     """KV on demand: a request admitted with blocks for its prompt (+1) decodes as far as the
-    blocks granted with each Decode take it, token for token as one given every block at once."""
+    blocks granted with each step take it, token for token as one given every block at once."""
     from shard_calls import request
 
     eng, _ = engine_factory("llama")

@@ -60,9 +60,12 @@ class Batch:
     counts: torch.Tensor | None  # [B, vocab] int32, device: prompt + output occurrences; None unless a row has a repetition penalty
     out_counts: torch.Tensor | None  # [B, vocab] int32, device: output occurrences; None unless a row has a frequency/presence penalty
     block_size: int
-    prompt_ids: list[list[int]] | None = None  # host, only between from_pb and the first step
-    prefill_slots: np.ndarray | None = None  # [T] int64, host, only between from_pb and the first step
-    prefill_logprobs: np.ndarray | None = None  # [B] bool, host, only between from_pb and the first step
+    # Rows computing (a chunk of) their prompt in the next step; None when every row decodes.
+    # Per row, None for a decoding row: its prompt ids and the KV slot of each prompt token.
+    prompt_ids: list[list[int] | None] | None = None
+    prompt_slots: list[np.ndarray | None] | None = None
+    prompt_ends: np.ndarray | None = None  # [B] int64, host: KV positions after the next step (decoding rows: cache_lens + 1)
+    prefill_logprobs: np.ndarray | None = None  # [B] bool, host: rows returning prompt logprobs
     # (cache_lens it was built for, page CSR of the next decode step): built ahead by prepare_decode_host
     next_host: tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
     # Overlapped steps: the next decode step, already launched (the state above is past it), and
@@ -112,7 +115,10 @@ class Batch:
             out_counts=None,
             block_size=block_size,
             prompt_ids=prompts,
-            prefill_slots=np.concatenate([np.asarray(r.slots[r.cached_tokens:], dtype=np.int64) for r in reqs]),
+            prompt_slots=[np.asarray(r.slots, dtype=np.int64) for r in reqs],
+            # a long prompt is computed in chunks: this step computes `compute_tokens` of it
+            prompt_ends=np.array([r.cached_tokens + r.compute_tokens if r.compute_tokens else len(r.input_ids)
+                                  for r in reqs], dtype=np.int64),
             prefill_logprobs=np.array([r.prefill_logprobs for r in reqs], dtype=bool),
         )
         if sp.needs_prompt_counts:
@@ -153,35 +159,61 @@ class Batch:
 
     # ---- per-step inputs -------------------------------------------------------------------
 
-    def prefill_new_tokens(self) -> np.ndarray:
-        """[B] prompt tokens each row computes in its prefill (those past its cached prefix)."""
-        return np.array([len(p) for p in self.prompt_ids], dtype=np.int64) - self.cache_lens
+    def new_tokens(self) -> np.ndarray:
+        """[B] tokens each row computes in its next step: a prompt chunk, or one."""
+        if self.prompt_ends is None:
+            return np.ones(len(self), dtype=np.int64)
+        return self.prompt_ends - self.cache_lens
+
+    def partial_ids(self) -> set[int]:
+        """Rows whose next step computes a prompt chunk that is not the prompt's last: they write
+        keys/values only, their sampled token is dropped, and they leave the batch after it."""
+        if self.prompt_ids is None:
+            return set()
+        return {rid for rid, p, e in zip(self.request_ids, self.prompt_ids, self.prompt_ends.tolist())
+                if p is not None and e < len(p)}
 
     def prefill_inputs(self) -> StepInputs:
-        assert self.prompt_ids is not None, "prefill_inputs() after the first step"
+        """A mixed step: prompt rows compute their chunk (prompt[cache_len:prompt_end]), the other
+        rows the one token they feed next (on the device, from the previous step's sample)."""
+        assert self.prompt_ids is not None, "prefill_inputs() without prompt rows"
         dev = self.block_tables.device
-        lens = np.array([len(p) for p in self.prompt_ids], dtype=np.int64)  # keys/values after the step
-        new = lens - self.cache_lens  # queries: the prompt past its cached prefix
-        cu = np.zeros(len(lens) + 1, dtype=np.int64)
+        bs = self.block_size
+        starts, ends = self.cache_lens, self.prompt_ends  # keys/values after the step: `ends`
+        over = ends > self.num_blocks * bs
+        if over.any():
+            ids = [self.request_ids[i] for i in np.flatnonzero(over)]
+            raise ShardError(ErrorCode.INVALID_REQUEST, f"requests {ids} have no KV slot left for another token", ids)
+        new = ends - starts
+        cu = np.zeros(len(ends) + 1, dtype=np.int64)
         np.cumsum(new, out=cu[1:])
-        positions = np.concatenate([np.arange(c, n) for c, n in zip(self.cache_lens.tolist(), lens.tolist())])
-        ids = np.concatenate([np.asarray(p[c:], dtype=np.int64) for p, c in zip(self.prompt_ids, self.cache_lens.tolist())])
+        positions = np.concatenate([np.arange(c, e) for c, e in zip(starts.tolist(), ends.tolist())])
+        ids, slots, decoding = [], [], []
+        for i, (p, c, e) in enumerate(zip(self.prompt_ids, starts.tolist(), ends.tolist())):
+            if p is None:
+                decoding.append(i)
+                ids.append(np.zeros(1, dtype=np.int64))
+                slots.append(np.array([int(self.block_tables_host[i, c // bs]) * bs + c % bs], dtype=np.int64))
+            else:
+                ids.append(np.asarray(p[c:e], dtype=np.int64))
+                slots.append(self.prompt_slots[i][c:e])
+        input_ids = to_device(np.concatenate(ids), dev)
+        if decoding:
+            rows = to_device(np.asarray(decoding, dtype=np.int64), dev)
+            input_ids.index_copy_(0, to_device(cu[decoding], dev), self.last_tokens[rows])
         attn = AttentionInputs(
             cu_seqlens_q=to_device(cu.astype(np.int32), dev),
-            kv_lens=to_device(lens.astype(np.int32), dev),
+            kv_lens=to_device(ends.astype(np.int32), dev),
             block_tables=self.block_tables,
-            slots=to_device(self.prefill_slots, dev),
+            slots=to_device(np.concatenate(slots), dev),
             max_q=int(new.max()),
-            max_kv=int(lens.max()),
+            max_kv=int(ends.max()),
             is_decode=False,
             cu_seqlens_q_host=cu.astype(np.int32),
-            kv_lens_host=lens.astype(np.int32),
+            kv_lens_host=ends.astype(np.int32),
             block_tables_host=self.block_tables_host,
         )
-        return StepInputs(
-            to_device(ids, dev), to_device(positions, dev), attn,
-            to_device(cu[1:] - 1, dev),
-        )
+        return StepInputs(input_ids, to_device(positions, dev), attn, to_device(cu[1:] - 1, dev))
 
     def prepare_decode_host(self) -> None:
         """Builds the next decode step's host-side page metadata now (call it while the GPU runs
@@ -223,7 +255,8 @@ class Batch:
         self.generated = self.generated + 1
         self.last_tokens = next_ids
         self.prompt_ids = None
-        self.prefill_slots = None
+        self.prompt_slots = None
+        self.prompt_ends = None
         self.prefill_logprobs = None
         rows = torch.arange(len(self), device=next_ids.device)
         if self.counts is not None:
@@ -234,6 +267,7 @@ class Batch:
     # ---- reshaping --------------------------------------------------------------------------
 
     def filter(self, keep_ids: Sequence[int]) -> "Batch":
+        assert self.prompt_ids is None, "filter a batch between steps, not with prompts pending"
         pos = {rid: i for i, rid in enumerate(self.request_ids)}
         missing = [r for r in keep_ids if r not in pos]
         if missing:
@@ -265,6 +299,19 @@ class Batch:
         tables = torch.cat([torch.nn.functional.pad(b.block_tables, (0, width - b.block_tables.shape[1])) for b in batches])
         tables_host = np.concatenate([np.pad(b.block_tables_host, ((0, 0), (0, width - b.block_tables_host.shape[1]))) for b in batches])
         sizes = [len(b) for b in batches]
+        prompts = {}
+        if any(b.prompt_ids is not None for b in batches):
+            # a mixed step: decoding rows beside new prompts
+            def rows(b: Batch, name: str) -> list:
+                v = getattr(b, name)
+                return list(v) if v is not None else [None] * len(b)
+            prompts = dict(
+                prompt_ids=[p for b in batches for p in rows(b, "prompt_ids")],
+                prompt_slots=[p for b in batches for p in rows(b, "prompt_slots")],
+                prompt_ends=np.concatenate([b.prompt_ends if b.prompt_ends is not None else b.cache_lens + 1 for b in batches]),
+                prefill_logprobs=np.concatenate([b.prefill_logprobs if b.prefill_logprobs is not None else np.zeros(len(b), bool)
+                                                 for b in batches]),
+            )
         return cls(
             id=batches[0].id,
             request_ids=[r for b in batches for r in b.request_ids],
@@ -275,6 +322,7 @@ class Batch:
             sampling=SamplingParams.concat([b.sampling for b in batches], dev),
             **{f: _cat_optional([getattr(b, f) for b in batches], sizes, dev) for f in COUNT_ROWS},
             block_size=batches[0].block_size,
+            **prompts,
         )
 
 
@@ -301,9 +349,9 @@ def check_request(r, block_size: int, vocab_size: int, num_blocks: int) -> str |
         return f"block ids beyond the cache's {num_blocks} blocks"
     if max(r.input_ids) >= vocab_size:
         return "token id out of vocabulary"
-    if r.cached_tokens:
-        if r.cached_tokens >= len(r.input_ids) or r.cached_tokens % block_size:
-            return f"cached_tokens ({r.cached_tokens}) must be whole blocks and leave a prompt token to compute"
-        if r.prefill_logprobs:
-            return "prompt logprobs need the whole prompt computed (cached_tokens must be 0)"
+    if r.cached_tokens + r.compute_tokens > len(r.input_ids) or r.cached_tokens >= len(r.input_ids):
+        return (f"cached_tokens ({r.cached_tokens}) + compute_tokens ({r.compute_tokens}) must leave a prompt token "
+                f"to compute and stay within the prompt ({len(r.input_ids)})")
+    if r.prefill_logprobs and (r.cached_tokens or r.compute_tokens not in (0, len(r.input_ids))):
+        return "prompt logprobs need the whole prompt computed in one step (no cached tokens, no chunks)"
     return None

@@ -108,7 +108,7 @@ class Engine:
         try:
             reqs = list(pb_batch.requests)
             batch = Batch.from_pb(pb_batch.id, reqs, self.cfg.block_size, self.model.config.vocab_size, self.cfg.device)
-            step.collect(self._launch(batch, prefill=True), self.eos)
+            step.collect(self._launch(batch), self.eos)
         except torch.OutOfMemoryError as e:
             raise ShardError(ErrorCode.OUT_OF_MEMORY, f"warmup prefill does not fit: {e}") from e
         self.cache = None
@@ -137,9 +137,16 @@ class Engine:
     # ---- steps -----------------------------------------------------------------------------
 
     def prefill(self, pb_batch) -> tuple[StepResult, Batch | None]:
-        self._require_cache()
-        if pb_batch.id in self.batches:
-            raise ShardError(ErrorCode.INVALID_REQUEST, f"batch {pb_batch.id} already exists")
+        """A step of new requests only (tests and warm paths)."""
+        result, batch, _ = self.step([], None, pb_batch)
+        return result, batch
+
+    def decode(self, batch_ids: list[int], grants: dict[int, list[int]] | None = None) -> tuple[StepResult, Batch | None, int]:
+        """A step of cached batches only."""
+        return self.step(batch_ids, grants, None)
+
+    def _admit(self, pb_batch) -> tuple[Batch | None, list[tuple[int, str, int]]]:
+        """The new requests of a step as a batch; the ones that cannot run fail alone."""
         vocab = self.model.config.vocab_size
         good, failed = [], []
         adapter_errors: dict[str, ShardError] = {}
@@ -158,69 +165,97 @@ class Engine:
             else:
                 good.append(r)
         if not good:
-            return step.empty_result(failed), None
-        batch = Batch.from_pb(pb_batch.id, good, self.cfg.block_size, vocab, self.cfg.device)
-        launched = self._launch(batch, prefill=True)
-        batch = self._launch_ahead(batch)
-        result = step.collect(launched, self.eos)
-        result.failed = failed
-        return result, self._keep(self._without(batch, result.finished_ids()))
+            return None, failed
+        return Batch.from_pb(pb_batch.id, good, self.cfg.block_size, vocab, self.cfg.device), failed
 
-    def decode(self, batch_ids: list[int], grants: dict[int, list[int]] | None = None) -> tuple[StepResult, Batch | None, int]:
-        """The next step of the given cached batches, concatenated into the first. With overlap, a
-        batch's next step is usually in flight already (launched by the previous call): this call
-        launches the one after it, from its sampled ids on the device, and only then waits for
-        the results it returns, so the GPU always has the next step queued."""
+    def step(self, batch_ids: list[int], grants: dict[int, list[int]] | None, pb_prefill) -> tuple[StepResult, Batch | None, int]:
+        """One step: a token for every row of the given cached batches (concatenated into the
+        first) and the prompt chunks of new requests (`pb_prefill`), in one forward.
+
+        With overlap, a batch's next step is usually in flight already (launched by the previous
+        call): this call launches the one after it, from its sampled ids on the device, with the
+        new prompts' chunks in the same forward, and only then waits for the results it returns
+        (so the new prompts' first tokens arrive with the next call). Rows computing a chunk that
+        is not their prompt's last write keys/values only and leave the batch after the step."""
         self._require_cache()
         t0 = time.perf_counter_ns()
         missing = [b for b in batch_ids if b not in self.batches]
         if missing:
             raise ShardError(ErrorCode.BATCH_NOT_FOUND, f"batches {missing} not found")
+        if pb_prefill is not None and not batch_ids and pb_prefill.id in self.batches:
+            raise ShardError(ErrorCode.INVALID_REQUEST, f"batch {pb_prefill.id} already exists")
         if grants:
             unknown = set(grants) - {r for b in batch_ids for r in self.batches[b].request_ids}
             if unknown:
                 raise ShardError(ErrorCode.INVALID_REQUEST, f"blocks granted to requests {sorted(unknown)} not in these batches",
                                  sorted(unknown))
+        new, failed = self._admit(pb_prefill) if pb_prefill is not None and pb_prefill.requests else (None, [])
         parts = [self.batches.pop(b) for b in batch_ids]
         for p in parts:
             if p.ahead_error is not None:
                 raise p.ahead_error
             if grants:
                 p.grow(grants)
-        ahead = [p for p in parts if p.ahead is not None]
+        inflight = [p for p in parts if p.ahead is not None]
         fresh = [p for p in parts if p.ahead is None]
-        launched = [(p.ahead, set(p.request_ids)) for p in ahead]
-        for p in ahead:
+        launched = [(p.ahead, set(p.request_ids)) for p in inflight]
+        for p in inflight:
             p.ahead = None
-        if fresh:
-            joined = Batch.concatenate(fresh)
-            launched.append((self._launch(joined, prefill=False), None))
-            ahead.append(joined)
-        batch = Batch.concatenate(ahead)
-        batch.id = batch_ids[0]
+        # New prompts ride on the step launched ahead when one is; otherwise they run now.
+        rides = new is not None and bool(inflight) and self.overlap
+        now = fresh + ([new] if new is not None and not rides else [])
+        if now:
+            current = Batch.concatenate(now)
+            partial = current.partial_ids()
+            launched.append((self._launch(current), set(current.request_ids) - partial))
+            current = self._drop(current, partial)
+            if current is not None:
+                inflight.append(current)
+        batch = Batch.concatenate(inflight) if inflight else None
+        if batch is not None:
+            batch.id = batch_ids[0] if batch_ids else pb_prefill.id
         concat_ns = time.perf_counter_ns() - t0
-        batch = self._launch_ahead(batch)
-        result = StepResult.concat([step.collect(l, self.eos, keep) for l, keep in launched])
+        batch = self._launch_ahead(batch, new if rides else None, batch_ids[0] if batch_ids else None)
+        parts = [step.collect(lnch, self.eos, keep) for lnch, keep in launched]
+        result = StepResult.concat(parts) if parts else step.empty_result([])
+        result.failed = failed
         return result, self._keep(self._without(batch, result.finished_ids())), concat_ns
 
-    def _launch_ahead(self, batch: Batch) -> Batch | None:
+    def _launch_ahead(self, batch: Batch | None, new: Batch | None = None, batch_id: int | None = None) -> Batch | None:
         """With overlap: the rows that go on after the step just launched (rows reaching
-        max_new_tokens are known to end) get their next step launched now. Rows that end by EOS,
-        or that the router drops, are discarded from it at `collect`. Its failure is kept and
-        raised by the next decode of the batch (its state may be half-advanced)."""
+        max_new_tokens are known to end), with the new prompts' chunks `new`, get their next step
+        launched now. Rows that end by EOS, or that the router drops, are discarded from it at
+        `collect`. A failure is kept and raised by the next step of the batch (its state may be
+        half-advanced), unless the step carried prompt chunks (raised now: nothing else would)."""
         if not self.overlap:
+            assert new is None, "prompts ride ahead only with overlap"
             return batch
-        going = batch.generated < batch.max_new_tokens
-        if not going.all():
-            if not going.any():
-                return None
-            batch = batch.filter([r for r, g in zip(batch.request_ids, going.tolist()) if g])
+        if batch is not None:
+            going = batch.generated < batch.max_new_tokens
+            if not going.all():
+                batch = batch.filter([r for r, g in zip(batch.request_ids, going.tolist()) if g]) if going.any() else None
+        if new is not None:
+            batch = Batch.concatenate([b for b in (batch, new) if b is not None])
+            batch.id = batch_id
+        if batch is None:
+            return None
+        partial = batch.partial_ids()
         try:
-            batch.ahead = self._launch(batch, prefill=False)
+            batch.ahead = self._launch(batch)
         except Exception as e:  # noqa: BLE001 - reported by the call that asks for this step
+            if new is not None:
+                raise
             log.warning("launching the next step of batch %d failed: %s", batch.id, e)
             batch.ahead_error = e
-        return batch
+        return self._drop(batch, partial)
+
+    @staticmethod
+    def _drop(batch: Batch, gone: set[int]) -> Batch | None:
+        """`batch` without the rows `gone` (kept as is when there are none)."""
+        if not gone:
+            return batch
+        keep = [r for r in batch.request_ids if r not in gone]
+        return batch.filter(keep) if keep else None
 
     @staticmethod
     def _without(batch: Batch | None, finished: list[int]) -> Batch | None:
@@ -265,11 +300,12 @@ class Engine:
         if self.cache is None:
             raise ShardError(ErrorCode.INVALID_REQUEST, "shard is not warmed up: call Warmup first")
 
-    def _launch(self, batch: Batch, prefill: bool) -> step.Launched:
+    def _launch(self, batch: Batch) -> step.Launched:
         """Queues one step of `batch` on the device and advances the batch's state past it."""
         t0 = time.perf_counter_ns()
+        prefill = batch.prompt_ids is not None  # prompt rows in the step: the eager, ragged path
         inputs: StepInputs = batch.prefill_inputs() if prefill else batch.decode_inputs()
-        tokens_in = batch.prefill_new_tokens() if prefill else np.ones(len(batch), dtype=np.int64)
+        tokens_in = batch.new_tokens()
         names = set(batch.adapters.tolist()) - {""}
         self._stepping = frozenset(names)
         try:

@@ -6,7 +6,7 @@ from enum import IntEnum
 
 from text_generation_server.pb import generate_pb2 as pb
 
-# tessera.v1.ErrorCode, read from the generated module (one definition, in the .proto).
+# tessera.v2.ErrorCode, read from the generated module (one definition, in the .proto).
 ErrorCode = IntEnum("ErrorCode", {name: value for name, value in pb.ErrorCode.items() if value})
 
 

@@ -111,21 +111,14 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         n = await self._run(context, self.engine.warmup, request.batch, request.num_blocks, request.max_total_tokens)
         return pb.WarmupResponse(num_blocks=n)
 
-    async def Prefill(self, request, context):
+    async def Step(self, request, context):
         t0 = time.perf_counter_ns()
-        with tracing.span("shard.prefill", context, batch_size=len(request.batch.requests)):
-            result, batch = await self._run(context, self.engine.prefill, request.batch)
-        return pb.PrefillResponse(
-            generations=_generations(result), batch=_cached(batch), forward_ns=result.forward_ns,
-            sample_ns=result.sample_ns, total_ns=time.perf_counter_ns() - t0,
-        )
-
-    async def Decode(self, request, context):
-        t0 = time.perf_counter_ns()
-        with tracing.span("shard.decode", context, batches=len(request.batches)):
+        prefill = request.prefill if request.HasField("prefill") else None
+        with tracing.span("shard.step", context, batches=len(request.batch_ids),
+                          new_requests=len(prefill.requests) if prefill is not None else 0):
             grants = {g.request_id: list(g.blocks) for g in request.grants}
-            result, batch, concat_ns = await self._run(context, self.engine.decode, [b.id for b in request.batches], grants)
-        return pb.DecodeResponse(
+            result, batch, concat_ns = await self._run(context, self.engine.step, list(request.batch_ids), grants, prefill)
+        return pb.StepResponse(
             generations=_generations(result), batch=_cached(batch), concat_ns=concat_ns,
             forward_ns=result.forward_ns, sample_ns=result.sample_ns, total_ns=time.perf_counter_ns() - t0,
         )

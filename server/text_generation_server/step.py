@@ -22,7 +22,7 @@ from text_generation_server.sampling.sampler import sample
 if TYPE_CHECKING:
     from text_generation_server.engine import Engine
 
-# tessera.v1.FinishReason, from the generated module.
+# tessera.v2.FinishReason, from the generated module.
 FINISH_NONE, FINISH_LENGTH, FINISH_EOS = pb.FINISH_REASON_UNSPECIFIED, pb.LENGTH, pb.EOS_TOKEN
 
 
