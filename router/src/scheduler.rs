@@ -254,8 +254,9 @@ async fn step<S: Shards>(shards: &mut S, st: &mut Batching, grants: Vec<pb::Bloc
         crate::metrics::router_step_duration(t.elapsed());
     }
     let t0 = Instant::now();
+    // "prefill": a step with prompt chunks (and decoding rows); "decode": decoding rows only
     let span = crate::telemetry::batch_span(if with_prompts { "prefill" } else { "decode" },
-                                            st.running.values().filter_map(|e| e.span.as_ref()));
+                                            st.running.values().chain(st.prompts.iter().map(|p| &p.entry)).filter_map(|e| e.span.as_ref()));
     let result = shards.step(batch_ids.clone(), grants, prompts.batch, span.as_ref().map(|s| s.1.clone())).await;
     drop(span);
     if with_prompts {

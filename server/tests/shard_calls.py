@@ -140,7 +140,8 @@ def chunked_script(eng, chunk: int, adapters: dict[int, str] | None = None) -> d
             c = pb.Request()
             c.CopyFrom(r)
             c.cached_tokens, c.compute_tokens = done, n
-            name_adapters(pb.Batch(requests=[c]), adapters)
+            if adapters and c.id in adapters:
+                c.adapter_id = adapters[c.id]
             chunks.append(c)
             p[1] += n
             budget -= n
@@ -158,9 +159,9 @@ def chunked_script(eng, chunk: int, adapters: dict[int, str] | None = None) -> d
 
 def alone(eng, r: pb.Request, adapter: str | None = None) -> tuple[list[int], list[float]]:
     """One request prefilled whole and decoded alone to its end: tokens and logprobs."""
-    b = pb.Batch(id=500 + r.id, requests=[r])
     if adapter:
         r.adapter_id = adapter
+    b = pb.Batch(id=500 + r.id, requests=[r])  # a copy of r
     toks, lps = [], []
     res, cached = eng.prefill(b)
     while True:
