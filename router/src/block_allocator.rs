@@ -1,5 +1,7 @@
-//! The KV block allocator and the prefix cache. One task owns the blocks; everyone else holds a
-//! cheap handle. A `BlockAllocation` gives its blocks back when dropped, so no path can leak them.
+//! The KV block allocator and the prefix cache: a plain struct (`Blocks`) behind a mutex that the
+//! batching loop calls synchronously (matching, allocation and growth happen in the loop's step,
+//! never awaited); `/info` reads its stats. A `BlockAllocation` gives its blocks back when
+//! dropped, so no path can leak them.
 //!
 //! Prefix cache: a full block whose keys/values are known (a prompt's, once prefilled; a finished
 //! request's prompt and generated tokens) can be *published* under a hash chain over its tokens,
@@ -15,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use std::sync::{Mutex, MutexGuard};
 
 /// What a request's prompt may be matched against (and published under).
 #[derive(Debug, Clone)]
@@ -28,13 +30,6 @@ pub struct Prefix {
     pub lookup: bool,
 }
 
-enum Command {
-    Allocate { blocks: u32, reserve: u32, prefix: Option<Prefix>, reply: oneshot::Sender<Option<(Vec<u32>, u32)>> },
-    Publish { key: Arc<str>, tokens: Vec<u32>, blocks: Vec<u32> },
-    Free { blocks: Vec<u32> },
-    Stats { reply: oneshot::Sender<BlockStats> },
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockStats {
     /// Blocks an allocation can take: never used, or cached and held by nobody.
@@ -44,22 +39,34 @@ pub struct BlockStats {
     pub total: u32,
 }
 
-/// Handle to the allocator task.
+type Shared = Arc<Mutex<Blocks>>;
+
+fn lock(b: &Shared) -> MutexGuard<'_, Blocks> {
+    // A panic while holding the lock leaves the bookkeeping as it was between two whole calls.
+    b.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The blocks, shared by the batching loop, the allocations (which free on drop) and `/info`.
 #[derive(Clone)]
 pub struct BlockAllocator {
-    tx: mpsc::UnboundedSender<Command>,
+    blocks: Shared,
     block_size: u32,
 }
 
 /// Blocks held by one request, in position order. The first `cached_tokens / block_size` came
 /// from the prefix cache.
-#[derive(Debug)]
 pub struct BlockAllocation {
     pub blocks: Vec<u32>,
     /// Leading prompt tokens whose keys/values are already in the blocks.
     pub cached_tokens: u32,
     block_size: u32,
-    tx: mpsc::UnboundedSender<Command>,
+    owner: Shared,
+}
+
+impl std::fmt::Debug for BlockAllocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockAllocation").field("blocks", &self.blocks).field("cached_tokens", &self.cached_tokens).finish()
+    }
 }
 
 impl BlockAllocation {
@@ -75,14 +82,12 @@ impl BlockAllocation {
 
     /// Grows the allocation to hold `tokens` positions (KV allocated as the sequence grows);
     /// returns the blocks added (none when it already does), or None when they do not fit now.
-    pub async fn grow(&mut self, tokens: u32) -> Option<Vec<u32>> {
+    pub fn grow(&mut self, tokens: u32) -> Option<Vec<u32>> {
         if self.holds(tokens) {
             return Some(vec![]);
         }
         let blocks = tokens.div_ceil(self.block_size) - self.blocks.len() as u32;
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Allocate { blocks, reserve: 0, prefix: None, reply }).ok()?;
-        let (added, _) = rx.await.ok()??;
+        let (added, _) = lock(&self.owner).allocate_keeping(blocks, None, 0)?;
         self.blocks.extend(&added);
         Some(added)
     }
@@ -96,23 +101,21 @@ impl BlockAllocation {
             return;
         }
         let n = full * self.block_size as usize;
-        let _ = self.tx.send(Command::Publish { key: key.clone(), tokens: tokens[..n].to_vec(), blocks: self.blocks[..full].to_vec() });
+        lock(&self.owner).publish(key.clone(), &tokens[..n], &self.blocks[..full]);
     }
 }
 
 impl Drop for BlockAllocation {
     fn drop(&mut self) {
-        let blocks = std::mem::take(&mut self.blocks);
-        // The allocator task lives as long as the router; if it is gone, nothing is left to free to.
-        let _ = self.tx.send(Command::Free { blocks });
+        lock(&self.owner).release(std::mem::take(&mut self.blocks));
     }
 }
 
 impl BlockAllocator {
     pub fn new(num_blocks: u32, block_size: u32) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(Blocks::new(num_blocks, block_size), rx));
-        Self { tx, block_size }
+        let blocks = Blocks::new(num_blocks, block_size);
+        blocks.gauges();
+        Self { blocks: Arc::new(Mutex::new(blocks)), block_size }
     }
 
     pub fn block_size(&self) -> u32 {
@@ -121,27 +124,20 @@ impl BlockAllocator {
 
     /// Blocks for `tokens` tokens, or None if they do not fit now.
     #[cfg(test)]
-    pub async fn allocate(&self, tokens: u32) -> Option<BlockAllocation> {
-        self.allocate_for(tokens, None, 0).await
+    pub fn allocate(&self, tokens: u32) -> Option<BlockAllocation> {
+        self.allocate_for(tokens, None, 0)
     }
 
     /// Blocks for `tokens` tokens, the prompt's cached prefix (if any) among them; None if they
     /// do not fit now with `reserve` blocks left over for the running requests to grow into
     /// (nothing is taken then).
-    pub async fn allocate_for(&self, tokens: u32, prefix: Option<Prefix>, reserve: u32) -> Option<BlockAllocation> {
-        let (reply, rx) = oneshot::channel();
-        let blocks = tokens.div_ceil(self.block_size);
-        self.tx.send(Command::Allocate { blocks, reserve, prefix, reply }).ok()?;
-        let (blocks, hits) = rx.await.ok()??;
-        Some(BlockAllocation { blocks, cached_tokens: hits * self.block_size, block_size: self.block_size, tx: self.tx.clone() })
+    pub fn allocate_for(&self, tokens: u32, prefix: Option<Prefix>, reserve: u32) -> Option<BlockAllocation> {
+        let (blocks, hits) = lock(&self.blocks).allocate_keeping(tokens.div_ceil(self.block_size), prefix.as_ref(), reserve)?;
+        Some(BlockAllocation { blocks, cached_tokens: hits * self.block_size, block_size: self.block_size, owner: self.blocks.clone() })
     }
 
-    pub async fn stats(&self) -> BlockStats {
-        let (reply, rx) = oneshot::channel();
-        if self.tx.send(Command::Stats { reply }).is_err() {
-            return BlockStats { free: 0, cached: 0, total: 0 };
-        }
-        rx.await.unwrap_or(BlockStats { free: 0, cached: 0, total: 0 })
+    pub fn stats(&self) -> BlockStats {
+        lock(&self.blocks).stats()
     }
 }
 
@@ -202,6 +198,11 @@ impl Blocks {
         BlockStats { free: (self.free.len() + self.idle.len()) as u32, cached: self.idle.len() as u32, total: self.total }
     }
 
+    fn gauges(&self) {
+        let s = self.stats();
+        crate::metrics::kv_blocks(s.free, s.cached, s.total);
+    }
+
     /// The cached blocks matching the prompt's leading full blocks, leaving at least one token
     /// to compute.
     fn lookup(&self, p: &Prefix) -> Vec<u32> {
@@ -256,6 +257,7 @@ impl Blocks {
         if let Some(p) = prefix.filter(|p| p.lookup) {
             crate::metrics::prefix_lookup(p.tokens.len() as u32, (hits.len() * self.block_size) as u32);
         }
+        self.gauges();
         Some((out, hits.len() as u32))
     }
 
@@ -302,36 +304,7 @@ impl Blocks {
                 self.free.push(b);
             }
         }
-    }
-}
-
-async fn run(mut blocks: Blocks, mut rx: mpsc::UnboundedReceiver<Command>) {
-    let gauges = |b: &Blocks| {
-        let s = b.stats();
-        crate::metrics::kv_blocks(s.free, s.cached, s.total);
-    };
-    gauges(&blocks);
-    while let Some(cmd) = rx.recv().await {
-        match cmd {
-            Command::Allocate { blocks: n, reserve, prefix, reply } => {
-                if let Some(got) = blocks.allocate_keeping(n, prefix.as_ref(), reserve) {
-                    if let Err(Some((got, _))) = reply.send(Some(got)) {
-                        blocks.release(got); // the asker went away
-                    }
-                    gauges(&blocks);
-                } else {
-                    let _ = reply.send(None);
-                }
-            }
-            Command::Publish { key, tokens, blocks: held } => blocks.publish(key, &tokens, &held),
-            Command::Free { blocks: held } => {
-                blocks.release(held);
-                gauges(&blocks);
-            }
-            Command::Stats { reply } => {
-                let _ = reply.send(blocks.stats());
-            }
-        }
+        self.gauges();
     }
 }
 
@@ -343,32 +316,35 @@ mod tests {
         Some(Prefix { key: key.into(), tokens: Arc::new(tokens.to_vec()), lookup: true })
     }
 
-    #[tokio::test]
-    async fn allocates_whole_blocks_and_frees_on_drop() {
+    #[test]
+    fn allocates_whole_blocks_and_frees_on_drop() {
         let a = BlockAllocator::new(10, 16);
-        let x = a.allocate(17).await.unwrap();
+        let x = a.allocate(17).unwrap();
         assert_eq!(x.blocks, vec![0, 1]);
-        assert_eq!(a.stats().await, BlockStats { free: 8, cached: 0, total: 10 });
+        assert_eq!(a.stats(), BlockStats { free: 8, cached: 0, total: 10 });
         drop(x);
-        assert_eq!(a.stats().await, BlockStats { free: 10, cached: 0, total: 10 });
+        assert_eq!(a.stats(), BlockStats { free: 10, cached: 0, total: 10 });
     }
 
-    #[tokio::test]
-    async fn refuses_when_full() {
+    #[test]
+    fn refuses_when_full_and_grows_while_blocks_last() {
         let a = BlockAllocator::new(4, 16);
-        let x = a.allocate(48).await.unwrap();
-        assert!(a.allocate(17).await.is_none());
-        let y = a.allocate(16).await.unwrap();
-        assert_eq!(y.blocks, vec![3]);
+        let mut x = a.allocate(32).unwrap();
+        assert!(a.allocate(33).is_none());
+        let y = a.allocate(16).unwrap();
+        assert_eq!(y.blocks, vec![2]);
+        assert_eq!(x.grow(40), Some(vec![3]));
+        assert_eq!(x.grow(48), Some(vec![]));
+        assert_eq!(x.grow(49), None, "no block left: nothing taken");
         drop(x);
-        assert!(a.allocate(48).await.is_some());
+        assert!(a.allocate(48).is_some());
     }
 
-    #[tokio::test]
-    async fn slots_follow_the_block_table() {
+    #[test]
+    fn slots_follow_the_block_table() {
         let a = BlockAllocator::new(8, 4);
-        let _hold = a.allocate(4).await.unwrap(); // block 0
-        let x = a.allocate(6).await.unwrap(); // blocks 1, 2
+        let _hold = a.allocate(4).unwrap(); // block 0
+        let x = a.allocate(6).unwrap(); // blocks 1, 2
         assert_eq!(x.slots(6), vec![4, 5, 6, 7, 8, 9]);
     }
 

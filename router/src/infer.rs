@@ -16,7 +16,7 @@ use crate::detokenize::{Detokenizer, StopMatcher};
 use crate::error::InferError;
 use crate::metrics as m;
 use crate::pb;
-use crate::queue::{Entry, Queue, ShardEvent};
+use crate::queue::{Entry, QueueHandle, ShardEvent};
 use crate::validation::{ValidGenerateRequest, Validation};
 
 /// One event of a response stream.
@@ -62,7 +62,7 @@ pub type ResponseStream = std::pin::Pin<Box<dyn Stream<Item = Result<InferStream
 #[derive(Clone)]
 pub struct Infer {
     validation: Validation,
-    queue: Queue,
+    queue: QueueHandle,
     limit: Arc<Semaphore>,
     tokenizer: Arc<Tokenizer>,
     special: Arc<HashSet<u32>>,
@@ -77,7 +77,7 @@ pub struct Infer {
 }
 
 impl Infer {
-    pub fn new(validation: Validation, queue: Queue, tokenizer: Arc<Tokenizer>, max_concurrent: usize, adapters: Adapters) -> Self {
+    pub fn new(validation: Validation, queue: QueueHandle, tokenizer: Arc<Tokenizer>, max_concurrent: usize, adapters: Adapters) -> Self {
         let special = tokenizer.get_added_tokens_decoder().iter().filter(|(_, t)| t.special).map(|(id, _)| *id).collect();
         let limit = Arc::new(Semaphore::new(max_concurrent));
         let cut_off = Arc::new(watch::channel(false).0);
@@ -119,7 +119,7 @@ impl Infer {
         }
     }
 
-    pub fn queue(&self) -> &Queue {
+    pub fn queue(&self) -> &QueueHandle {
         &self.queue
     }
     pub fn validation(&self) -> &Validation {

@@ -147,13 +147,13 @@ async fn run(args: Args) -> Result<(), String> {
     tracing::info!(num_blocks, block_size, "warmup done");
 
     let allocator = BlockAllocator::new(num_blocks, block_size);
-    let queue = Queue::new(allocator.clone());
+    let (queue, queue_handle) = Queue::new();
     let cfg = SchedulerConfig {
         max_batch_tokens: args.limits.step_tokens(),
         max_batch_prefill_tokens: args.limits.max_batch_prefill_tokens,
         max_batch_size: args.limits.max_batch_size,
     };
-    tokio::spawn(batching_loop(client.clone(), queue.clone(), cfg));
+    tokio::spawn(batching_loop(client.clone(), queue, allocator.clone(), cfg));
 
     let info = Info {
         model_id: args.model_id.clone(),
@@ -193,7 +193,7 @@ async fn run(args: Args) -> Result<(), String> {
     };
     let validation = Validation::new(tokenizer.clone(), args.limits.clone());
     let adapters = Adapters::new(Arc::new(client.clone()), shard_info.max_active_adapters as usize);
-    let infer = Infer::new(validation, queue, tokenizer, args.limits.max_concurrent_requests, adapters)
+    let infer = Infer::new(validation, queue_handle, tokenizer, args.limits.max_concurrent_requests, adapters)
         .with_request_log(!args.service.disable_request_logging)
         .with_prefix_caching(args.limits.prefix_caching.is_on());
     let draining = Arc::new(AtomicBool::new(false));

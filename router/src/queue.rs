@@ -1,11 +1,13 @@
-//! The waiting queue. One task owns it; the HTTP side appends, the batching loop asks for
-//! the next batch. Admission is FIFO within a prefill token budget and the free KV blocks.
+//! The waiting queue: a plain struct the batching loop owns (admission happens in the loop's
+//! step). The HTTP side appends through a `QueueHandle` (a channel the loop drains). Admission
+//! is FIFO within a prefill token budget and the free KV blocks.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::mpsc;
 
 use crate::block_allocator::{BlockAllocation, BlockAllocator, Prefix};
 use crate::error::InferError;
@@ -146,101 +148,102 @@ pub struct BatchLimits {
 /// Admitted requests with their ids, in queue order; each holds blocks for its prompt.
 pub type NextBatch = Option<Vec<(u64, Entry)>>;
 
-enum Command {
-    Append(Box<Entry>),
-    /// A preempted request, back at the front (it keeps its id).
-    Requeue(u64, Box<Entry>),
-    NextBatch { limits: BatchLimits, reply: oneshot::Sender<NextBatch> },
-    Len { reply: oneshot::Sender<usize> },
+/// How the HTTP side puts requests in the queue (cheap to clone).
+#[derive(Clone)]
+pub struct QueueHandle {
+    tx: mpsc::UnboundedSender<Entry>,
+    waiting: Arc<AtomicUsize>,
 }
 
-/// Handle to the queue task.
-#[derive(Clone)]
+impl QueueHandle {
+    pub fn append(&self, entry: Entry) {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        // A failed send means the loop is gone (shutdown): the entry's dropped sender tells its
+        // stream so.
+        if self.tx.send(entry).is_err() {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
+        crate::metrics::queue_size(self.len());
+    }
+
+    /// Requests waiting for admission.
+    pub fn len(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The waiting requests, in admission order, with their ids.
 pub struct Queue {
-    tx: mpsc::UnboundedSender<Command>,
-    /// Wakes the batching loop when something is appended.
-    pub notify: Arc<Notify>,
+    entries: VecDeque<(u64, Entry)>,
+    next_request_id: u64,
+    rx: mpsc::UnboundedReceiver<Entry>,
+    waiting: Arc<AtomicUsize>,
 }
 
 impl Queue {
-    pub fn new(allocator: BlockAllocator) -> Self {
+    pub fn new() -> (Self, QueueHandle) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let notify = Arc::new(Notify::new());
-        tokio::spawn(run(State { entries: VecDeque::new(), next_request_id: 0, allocator }, rx));
-        Self { tx, notify }
+        let waiting = Arc::new(AtomicUsize::new(0));
+        (Self { entries: VecDeque::new(), next_request_id: 0, rx, waiting: waiting.clone() }, QueueHandle { tx, waiting })
     }
 
-    pub fn append(&self, entry: Entry) {
-        // The queue task outlives every handle; a failed send means shutdown, and the entry's
-        // dropped sender tells its stream so.
-        let _ = self.tx.send(Command::Append(Box::new(entry)));
-        self.notify.notify_one();
+    fn push(&mut self, entry: Entry) {
+        let id = self.next_request_id;
+        self.next_request_id += 1;
+        self.entries.push_back((id, entry));
     }
 
-    /// Puts a preempted request back at the front of the queue.
-    pub fn requeue(&self, id: u64, entry: Entry) {
-        let _ = self.tx.send(Command::Requeue(id, Box::new(entry)));
-    }
-
-    pub async fn next_batch(&self, limits: BatchLimits) -> NextBatch {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::NextBatch { limits, reply }).ok()?;
-        rx.await.ok()?
-    }
-
-    pub async fn len(&self) -> usize {
-        let (reply, rx) = oneshot::channel();
-        if self.tx.send(Command::Len { reply }).is_err() {
-            return 0;
-        }
-        rx.await.unwrap_or(0)
-    }
-}
-
-struct State {
-    entries: VecDeque<(u64, Entry)>,
-    next_request_id: u64,
-    allocator: BlockAllocator,
-}
-
-async fn run(mut state: State, mut rx: mpsc::UnboundedReceiver<Command>) {
-    while let Some(cmd) = rx.recv().await {
-        match cmd {
-            Command::Append(entry) => {
-                let id = state.next_request_id;
-                state.next_request_id += 1;
-                state.entries.push_back((id, *entry));
-                crate::metrics::queue_size(state.entries.len());
-            }
-            Command::Requeue(id, entry) => {
-                state.entries.push_front((id, *entry));
-                crate::metrics::queue_size(state.entries.len());
-            }
-            Command::NextBatch { limits, reply } => {
-                let batch = state.next_batch(limits).await;
-                crate::metrics::queue_size(state.entries.len());
-                if let Err(Some(entries)) = reply.send(batch) {
-                    // The loop went away: put the requests back, blocks freed by the drop.
-                    for (id, mut e) in entries.into_iter().rev() {
-                        e.allocation = None;
-                        state.entries.push_front((id, e));
-                    }
-                }
-            }
-            Command::Len { reply } => {
-                let _ = reply.send(state.entries.len());
-            }
+    /// Takes in what the HTTP side appended since the last call.
+    pub fn receive(&mut self) {
+        while let Ok(entry) = self.rx.try_recv() {
+            self.push(entry);
         }
     }
-}
 
-impl State {
-    async fn next_batch(&mut self, limits: BatchLimits) -> NextBatch {
+    /// Waits for a request when the queue is empty; false once no handle is left (shutdown).
+    pub async fn wait(&mut self) -> bool {
+        if !self.entries.is_empty() {
+            return true;
+        }
+        match self.rx.recv().await {
+            Some(entry) => {
+                self.push(entry);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Puts a preempted request back at the front (it keeps its id).
+    pub fn requeue(&mut self, id: u64, entry: Entry) {
+        self.entries.push_front((id, entry));
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::queue_size(self.waiting.load(Ordering::Relaxed));
+    }
+
+    fn taken(&self, n: usize) {
+        if n > 0 {
+            self.waiting.fetch_sub(n, Ordering::Relaxed);
+            crate::metrics::queue_size(self.waiting.load(Ordering::Relaxed));
+        }
+    }
+
+    /// Admits requests in order: while the step has prompt budget left and their prompts (and a
+    /// step ahead) fit in the free blocks, `limits.reserve_blocks` left over for the running
+    /// requests to grow into. Each admitted request holds blocks for its prompt; cancelled ones
+    /// are dropped on the way.
+    pub fn next_batch(&mut self, allocator: &BlockAllocator, limits: BatchLimits) -> NextBatch {
         let mut taken: Vec<(u64, Entry)> = Vec::new();
+        let mut left = 0;
         let mut prefill_tokens = 0u32;
         while let Some((id, mut entry)) = self.entries.pop_front() {
             if entry.is_cancelled() {
-                continue; // the client left while waiting
+                left += 1; // the client left while waiting
+                continue;
             }
             let input = entry.fed();
             if prefill_tokens >= limits.prefill_tokens {
@@ -256,7 +259,7 @@ impl State {
             });
             // KV on demand: the prompt and one step ahead now, more as the sequence grows
             // (scheduler `grow`); room is left for the running requests to grow into.
-            match self.allocator.allocate_for(entry.needed_positions(), prefix, limits.reserve_blocks).await {
+            match allocator.allocate_for(entry.needed_positions(), prefix, limits.reserve_blocks) {
                 Some(a) => entry.allocation = Some(a),
                 None => {
                     // FIFO: nobody jumps ahead of a request waiting for blocks.
@@ -272,6 +275,7 @@ impl State {
                 break;
             }
         }
+        self.taken(left + taken.len());
         if taken.is_empty() {
             return None;
         }
@@ -360,14 +364,14 @@ pub(crate) mod tests {
         (Entry::new(valid_request(input_len, max_new_tokens), tx), rx)
     }
 
-    #[tokio::test]
-    async fn a_resumed_request_feeds_its_tokens_as_outputs_without_prompt_logprobs() {
+    #[test]
+    fn a_resumed_request_feeds_its_tokens_as_outputs_without_prompt_logprobs() {
         let mut r = valid_request(5, 10);
         r.decoder_input_details = true;
         let (tx, _rx) = mpsc::unbounded_channel();
         let mut e = Entry::new(r, tx);
         let alloc = BlockAllocator::new(4, 16);
-        e.allocation = Some(alloc.allocate(16).await.unwrap());
+        e.allocation = Some(alloc.allocate(16).unwrap());
         assert!(request_pb(0, &e).prefill_logprobs);
         e.generated = vec![7, 8, 9];
         let p = request_pb(0, &e);
@@ -381,83 +385,83 @@ pub(crate) mod tests {
 
     const ALL: BatchLimits = BatchLimits { max_size: None, prefill_tokens: 1000, reserve_blocks: 0 };
 
-    #[tokio::test]
-    async fn fifo_with_ids_and_slots() {
-        let q = Queue::new(BlockAllocator::new(100, 16));
+    /// A queue with requests appended through its handle, taken in.
+    fn queue_of(entries: Vec<Entry>) -> (Queue, QueueHandle) {
+        let (mut q, h) = Queue::new();
+        for e in entries {
+            h.append(e);
+        }
+        q.receive();
+        (q, h)
+    }
+
+    #[test]
+    fn fifo_with_ids_and_slots() {
+        let alloc = BlockAllocator::new(100, 16);
         let (e1, _r1) = entry(3, 5);
         let (e2, _r2) = entry(20, 5);
-        q.append(e1);
-        q.append(e2);
-        let entries = q.next_batch(ALL).await.unwrap();
+        let (mut q, h) = queue_of(vec![e1, e2]);
+        assert_eq!(h.len(), 2);
+        let entries = q.next_batch(&alloc, ALL).unwrap();
+        assert_eq!(h.len(), 0);
         assert_eq!(entries.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![0, 1]);
         let requests: Vec<pb::Request> = entries.iter().map(|(id, e)| request_pb(*id, e)).collect();
         assert_eq!(requests[0].blocks, vec![0]);
         assert_eq!(requests[0].slots, vec![0, 1, 2]);
         assert_eq!(requests[1].blocks, vec![1, 2]);
         assert_eq!(requests[1].slots.len(), 20);
-        assert!(q.next_batch(ALL).await.is_none());
+        assert!(q.next_batch(&alloc, ALL).is_none());
     }
 
-    #[tokio::test]
-    async fn admission_stops_once_the_prefill_budget_is_spent() {
-        let q = Queue::new(BlockAllocator::new(100, 16));
-        let mut receivers = vec![]; // kept open: the entries stay live
-        for _ in 0..3 {
-            let (e, r) = entry(10, 1);
-            receivers.push(r);
-            q.append(e);
-        }
+    #[test]
+    fn admission_stops_once_the_prefill_budget_is_spent() {
+        let alloc = BlockAllocator::new(100, 16);
+        let (entries, _receivers): (Vec<_>, Vec<_>) = (0..3).map(|_| entry(10, 1)).unzip(); // receivers kept: live entries
+        let (mut q, _h) = queue_of(entries);
         // 15 tokens of budget: the first prompt fits, the second starts in it (chunked), the third waits
-        let first = q.next_batch(BatchLimits { max_size: None, prefill_tokens: 15, reserve_blocks: 0 }).await.unwrap();
+        let first = q.next_batch(&alloc, BatchLimits { max_size: None, prefill_tokens: 15, reserve_blocks: 0 }).unwrap();
         assert_eq!(first.len(), 2);
-        let second = q.next_batch(BatchLimits { max_size: None, prefill_tokens: 1, reserve_blocks: 0 }).await.unwrap();
+        let second = q.next_batch(&alloc, BatchLimits { max_size: None, prefill_tokens: 1, reserve_blocks: 0 }).unwrap();
         assert_eq!(second.len(), 1);
-        assert!(q.next_batch(BatchLimits { max_size: None, prefill_tokens: 0, reserve_blocks: 0 }).await.is_none());
+        assert!(q.next_batch(&alloc, BatchLimits { max_size: None, prefill_tokens: 0, reserve_blocks: 0 }).is_none());
     }
 
-    #[tokio::test]
-    async fn waits_for_blocks_in_order() {
+    #[test]
+    fn waits_for_blocks_in_order() {
         let alloc = BlockAllocator::new(2, 16);
-        let q = Queue::new(alloc.clone());
         let (e1, _r1) = entry(20, 10); // 2 blocks
         let (e2, _r2) = entry(1, 1); // 1 block
-        q.append(e1);
-        q.append(e2);
-        let first = q.next_batch(ALL).await.unwrap();
+        let (mut q, _h) = queue_of(vec![e1, e2]);
+        let first = q.next_batch(&alloc, ALL).unwrap();
         assert_eq!(first.len(), 1);
-        assert!(q.next_batch(ALL).await.is_none(), "no blocks left");
+        assert!(q.next_batch(&alloc, ALL).is_none(), "no blocks left");
         drop(first);
-        let second = q.next_batch(ALL).await.unwrap();
+        let second = q.next_batch(&alloc, ALL).unwrap();
         assert_eq!(second[0].0, 1);
         drop(second);
-        assert_eq!(alloc.stats().await.free, 2);
+        assert_eq!(alloc.stats().free, 2);
     }
 
-    #[tokio::test]
-    async fn cancelled_entries_are_skipped() {
-        let q = Queue::new(BlockAllocator::new(10, 16));
+    #[test]
+    fn cancelled_entries_are_skipped() {
+        let alloc = BlockAllocator::new(10, 16);
         let (e1, r1) = entry(3, 1);
         let (e2, _r2) = entry(3, 1);
-        q.append(e1);
-        q.append(e2);
+        let (mut q, h) = queue_of(vec![e1, e2]);
         drop(r1);
-        let entries = q.next_batch(ALL).await.unwrap();
+        let entries = q.next_batch(&alloc, ALL).unwrap();
         assert_eq!(entries.len(), 1);
         assert_eq!(entries[0].0, 1);
-        assert_eq!(q.len().await, 0);
+        assert_eq!(h.len(), 0);
     }
 
-    #[tokio::test]
-    async fn max_size_caps_admission() {
-        let q = Queue::new(BlockAllocator::new(10, 16));
-        let mut keep = vec![];
-        for _ in 0..3 {
-            let (e, r) = entry(1, 1);
-            keep.push(r);
-            q.append(e);
-        }
-        let entries = q.next_batch(BatchLimits { max_size: Some(2), prefill_tokens: 100, reserve_blocks: 0 }).await.unwrap();
+    #[test]
+    fn max_size_caps_admission() {
+        let alloc = BlockAllocator::new(10, 16);
+        let (entries, _keep): (Vec<_>, Vec<_>) = (0..3).map(|_| entry(1, 1)).unzip();
+        let (mut q, h) = queue_of(entries);
+        let entries = q.next_batch(&alloc, BatchLimits { max_size: Some(2), prefill_tokens: 100, reserve_blocks: 0 }).unwrap();
         assert_eq!(entries.len(), 2);
-        assert_eq!(q.len().await, 1);
+        assert_eq!(h.len(), 1);
     }
 }

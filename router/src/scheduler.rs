@@ -13,6 +13,7 @@ use std::time::Instant;
 use crate::client::{self, ClientError, ShardedClient};
 use crate::error::InferError;
 use crate::pb;
+use crate::block_allocator::BlockAllocator;
 use crate::queue::{to_pb, BatchLimits, Entry, Queue, ShardEvent};
 
 /// What the loop needs from the shards; the real client, or a fake in tests.
@@ -92,17 +93,23 @@ struct StepPrompts {
     completed: usize,
 }
 
-pub async fn batching_loop<S: Shards>(mut shards: S, queue: Queue, cfg: SchedulerConfig) {
+/// The loop owns the waiting queue and the running requests; it matches, allocates, grows and
+/// preempts through the block allocator in the same synchronous part of each step. It ends when
+/// every queue handle is gone.
+pub async fn batching_loop<S: Shards>(mut shards: S, mut queue: Queue, allocator: BlockAllocator, cfg: SchedulerConfig) {
     let mut st = Batching::default();
     loop {
+        queue.receive();
         st.running.retain(|_, e| !e.is_cancelled());
         st.prompts.retain(|p| !p.entry.is_cancelled());
-        let grants = grow(&mut st, &queue).await;
-        admit(&mut st, &queue, &cfg).await;
+        let grants = grow(&mut st, &mut queue);
+        admit(&mut st, &mut queue, &allocator, &cfg);
         if st.running.is_empty() && st.prompts.is_empty() {
-            // Idle: wait for a request (one appended since the last look left a wake-up behind).
+            // Idle: wait for a request.
             crate::metrics::batch_size(0);
-            queue.notify.notified().await;
+            if !queue.wait().await {
+                return;
+            }
             continue;
         }
         st.cached = update(&mut shards, st.cached.take(), &mut st.running).await;
@@ -124,7 +131,7 @@ pub async fn batching_loop<S: Shards>(mut shards: S, queue: Queue, cfg: Schedule
 
 /// Admits waiting requests while this step has prompt budget left beyond the prompts already
 /// admitted (the last one admitted may be chunked over the next steps).
-async fn admit(st: &mut Batching, queue: &Queue, cfg: &SchedulerConfig) {
+fn admit(st: &mut Batching, queue: &mut Queue, allocator: &BlockAllocator, cfg: &SchedulerConfig) {
     let rows = st.running.len() + st.prompts.len();
     if cfg.max_batch_size.is_some_and(|m| rows >= m) {
         return;
@@ -139,7 +146,7 @@ async fn admit(st: &mut Batching, queue: &Queue, cfg: &SchedulerConfig) {
         prefill_tokens: budget,
         reserve_blocks: st.running.len() as u32, // a block each to grow into
     };
-    for (id, entry) in queue.next_batch(limits).await.into_iter().flatten() {
+    for (id, entry) in queue.next_batch(allocator, limits).into_iter().flatten() {
         let done = entry.allocation.as_ref().map_or(0, |a| a.cached_tokens);
         st.prompts.push_back(Prompt { id, entry, done, chunks: 0 });
     }
@@ -199,7 +206,7 @@ fn chunks(st: &mut Batching, cfg: &SchedulerConfig, decoding: usize) -> StepProm
 /// front of the queue with its generated tokens, and its stream just pauses until it is admitted
 /// again. Returns the blocks to send with the call; preempted requests leave `running` (and the
 /// shards' batch at the next `update`).
-async fn grow(st: &mut Batching, queue: &Queue) -> Vec<pb::BlockGrant> {
+fn grow(st: &mut Batching, queue: &mut Queue) -> Vec<pb::BlockGrant> {
     let entries = &mut st.running;
     // Most steps cross no block boundary: nothing to order or ask for.
     if entries.values().all(|e| e.allocation.as_ref().is_none_or(|a| a.holds(e.needed_positions()))) {
@@ -214,7 +221,7 @@ async fn grow(st: &mut Batching, queue: &Queue) -> Vec<pb::BlockGrant> {
         let e = entries.get_mut(&id).expect("ordered entries are running");
         let need = e.needed_positions();
         let Some(a) = e.allocation.as_mut() else { i += 1; continue };
-        match a.grow(need).await {
+        match a.grow(need) {
             Some(added) => {
                 if !added.is_empty() {
                     grants.push(pb::BlockGrant { request_id: id, blocks: added });
@@ -368,6 +375,7 @@ mod tests {
     use crate::block_allocator::BlockAllocator;
     use crate::error::ErrorKind;
     use crate::queue::tests::entry;
+    use crate::queue::QueueHandle;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
@@ -502,17 +510,17 @@ mod tests {
         Ok(out)
     }
 
-    fn start(fake: Fake, blocks: u32) -> (Queue, BlockAllocator) {
+    fn start(fake: Fake, blocks: u32) -> (QueueHandle, BlockAllocator) {
         start_with(fake, blocks, 1000)
     }
 
     /// `budget`: tokens per step (and prompt tokens per step).
-    fn start_with(fake: Fake, blocks: u32, budget: u32) -> (Queue, BlockAllocator) {
+    fn start_with(fake: Fake, blocks: u32, budget: u32) -> (QueueHandle, BlockAllocator) {
         let alloc = BlockAllocator::new(blocks, 16);
-        let queue = Queue::new(alloc.clone());
+        let (queue, handle) = Queue::new();
         let cfg = SchedulerConfig { max_batch_tokens: budget, max_batch_prefill_tokens: budget, max_batch_size: None };
-        tokio::spawn(batching_loop(fake, queue.clone(), cfg));
-        (queue, alloc)
+        tokio::spawn(batching_loop(fake, queue, alloc.clone(), cfg));
+        (handle, alloc)
     }
 
     #[tokio::test]
@@ -530,7 +538,7 @@ mod tests {
             assert_eq!(toks, (len..len + n).collect::<Vec<_>>());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(alloc.stats().await.free, 64);
+        assert_eq!(alloc.stats().free, 64);
         assert!(fake.0.lock().unwrap().batches.is_empty(), "finished batches are cleared");
     }
 
@@ -552,7 +560,7 @@ mod tests {
         let p = fake.0.lock().unwrap().prefills.clone();
         assert_eq!((p[0].1, p[1].1, p[2].1), (0, 32, 0), "a hit for the same key only, leaving a token to compute");
         assert_eq!(p[1].2[..2], p[0].2[..2], "the shared blocks are the first request's");
-        let stats = alloc.stats().await;
+        let stats = alloc.stats();
         assert_eq!(stats.free, 64, "every reference returned");
         assert!(stats.cached >= 2, "the published blocks stay cached");
     }
@@ -579,7 +587,7 @@ mod tests {
         assert!(s.resumed.iter().all(|&(_, g)| g > 0 && g < 70));
         assert!(s.resumed.iter().all(|&(id, _)| id >= 2), "the two oldest fit and are never preempted: {:?}", s.resumed);
         drop(s);
-        assert_eq!(alloc.stats().await.free, 12);
+        assert_eq!(alloc.stats().free, 12);
     }
 
     #[tokio::test]
@@ -602,7 +610,7 @@ mod tests {
         assert!(chunked.iter().all(|(rows, _)| rows.contains(&0)), "the running request decodes in every step with chunks");
         assert_eq!(s.steps.iter().map(|(_, p)| p).sum::<u32>(), 52, "each prompt token computed once (and a's two)");
         drop(s);
-        assert_eq!(alloc.stats().await.free, 64);
+        assert_eq!(alloc.stats().free, 64);
     }
 
     #[tokio::test]
@@ -617,13 +625,13 @@ mod tests {
             collect(rx)
         };
         run(2, 40).await.unwrap(); // publishes two full blocks
-        assert_eq!(alloc.stats().await.cached, 2);
+        assert_eq!(alloc.stats().cached, 2);
         run(3, 110).await.unwrap(); // 111 positions: 7 of the 8 blocks, one of them cached before
         run(2, 40).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         let p = fake.0.lock().unwrap().prefills.clone();
         assert_eq!(p.iter().map(|x| x.1).collect::<Vec<_>>(), vec![0, 0, 16], "the tail block was evicted, the head kept");
-        assert_eq!(alloc.stats().await.free, 8, "every reference returned");
+        assert_eq!(alloc.stats().free, 8, "every reference returned");
     }
 
     #[tokio::test]
@@ -653,7 +661,7 @@ mod tests {
         drop(a_rx);
         assert_eq!(collect(b_rx).await.unwrap().len(), 20);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(alloc.stats().await.free, 64);
+        assert_eq!(alloc.stats().free, 64);
         let steps = fake.0.lock().unwrap().steps.clone();
         assert!(steps.last().unwrap().0.len() == 1);
     }
@@ -667,7 +675,7 @@ mod tests {
         queue.append(e);
         assert!(matches!(collect(rx).await, Err(InferError::Shard { code: pb::ErrorCode::OutOfMemory, .. })));
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(alloc.stats().await.free, 64);
+        assert_eq!(alloc.stats().free, 64);
         // The loop keeps serving after a failure.
         fake.0.lock().unwrap().fail_prefill = false;
         let (e, rx) = entry(4, 4);
@@ -689,7 +697,7 @@ mod tests {
         assert_eq!(err.status(), axum::http::StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(collect(good_rx).await.unwrap().len(), 4);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(alloc.stats().await.free, 64);
+        assert_eq!(alloc.stats().free, 64);
     }
 
     #[tokio::test]
@@ -706,6 +714,6 @@ mod tests {
             assert_eq!(collect(rx).await.unwrap().len(), 10);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(alloc.stats().await.free, 2);
+        assert_eq!(alloc.stats().free, 2);
     }
 }

@@ -372,13 +372,13 @@ async fn info(State(s): State<AppState>) -> Response {
         Ok(list) => list.into_iter().map(|a| a.name).collect(),
         Err(e) => return e.into_response(),
     };
-    let stats = s.allocator.stats().await;
+    let stats = s.allocator.stats();
     let mut info = (*s.info).clone();
     info.kv_blocks_total = stats.total;
     info.kv_blocks_free = stats.free;
     info.kv_blocks_used = stats.total - stats.free;
     info.kv_blocks_cached = stats.cached;
-    info.queue_size = s.infer.queue().len().await;
+    info.queue_size = s.infer.queue().len();
     info.adapters = adapters;
     Json(info).into_response()
 }
