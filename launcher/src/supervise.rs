@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use text_generation_router::client::ShardClient;
+use text_generation_router::shard::client::ShardClient;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::signal::unix::{signal, SignalKind};
@@ -230,7 +230,7 @@ enum CheckError {
 
 /// One health check: the shard answers, with the expected launch token when `token` is given.
 async fn check_shard(client: &mut Option<ShardClient>, path: &str, token: Option<&str>) -> Result<(), CheckError> {
-    let unanswered = |e: text_generation_router::client::ClientError| CheckError::Unanswered(e.to_string());
+    let unanswered = |e: text_generation_router::shard::client::ClientError| CheckError::Unanswered(e.to_string());
     let fut = async {
         if client.is_none() {
             *client = Some(ShardClient::connect_uds(path).await.map_err(unanswered)?);

@@ -1,12 +1,14 @@
 //! Errors of the router, and the one table that maps them to HTTP status + JSON.
 
+use std::time::Duration;
+
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Serialize;
 
-use crate::client::ClientError;
-use crate::pb::ErrorCode as ShardCode;
+use crate::shard::client::ClientError;
+use crate::shard::pb::ErrorCode as ShardCode;
 
 impl From<&ClientError> for InferError {
     fn from(e: &ClientError) -> Self {
@@ -87,7 +89,7 @@ pub enum InferError {
     #[error("request failed during generation: {0}")]
     Generation(String),
     #[error("{message}")]
-    Shard { code: crate::pb::ErrorCode, message: String },
+    Shard { code: crate::shard::pb::ErrorCode, message: String },
     #[error("request dropped by the scheduler without an answer")]
     Dropped,
     #[error("the server is not ready: {0}")]
@@ -274,6 +276,19 @@ impl IntoResponse for RequestError {
     fn into_response(self) -> Response {
         crate::metrics::request_failed(self.error_type());
         (self.status(), Json(self.body())).into_response()
+    }
+}
+
+/// How long a shard may take to answer a health or listing call before it counts as not
+/// answering. Health is served beside the steps, so even a busy shard answers in milliseconds.
+pub const SHARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs `call`, or fails with `NotReady` after `SHARD_TIMEOUT`.
+pub async fn bounded<T, E: std::fmt::Display>(what: &str, call: impl std::future::Future<Output = Result<T, E>>) -> Result<T, InferError> {
+    match tokio::time::timeout(SHARD_TIMEOUT, call).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(InferError::NotReady(format!("{what}: {e}"))),
+        Err(_) => Err(InferError::NotReady(format!("{what}: a shard did not answer within {} s", SHARD_TIMEOUT.as_secs()))),
     }
 }
 

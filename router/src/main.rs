@@ -7,20 +7,21 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use text_generation_router::accept::{self, AcceptConfig};
-use text_generation_router::adapters::Adapters;
+use text_generation_router::http::accept::{self, AcceptConfig};
+use text_generation_router::engine::adapters::Adapters;
 use text_generation_router::api::Info;
 use text_generation_router::args::{LimitArgs, ServiceArgs};
-use text_generation_router::chat::ChatTemplate;
-use text_generation_router::block_allocator::BlockAllocator;
-use text_generation_router::client::ShardedClient;
-use text_generation_router::health::ShardHealth;
+use text_generation_router::infer::chat::ChatTemplate;
+use text_generation_router::engine::kv::BlockAllocator;
+use text_generation_router::shard::client::ShardedClient;
+use text_generation_router::http::health::ShardHealth;
 use text_generation_router::infer::Infer;
-use text_generation_router::pb;
-use text_generation_router::queue::Queue;
-use text_generation_router::scheduler::{batching_loop, SchedulerConfig};
-use text_generation_router::server::{app, AppState};
-use text_generation_router::validation::Validation;
+use text_generation_router::shard::pb;
+use text_generation_router::engine::queue::Queue;
+use text_generation_router::engine::scheduler::{batching_loop, SchedulerConfig};
+use text_generation_router::http::server::app;
+use text_generation_router::http::AppState;
+use text_generation_router::infer::validation::Validation;
 
 #[derive(Parser, Debug)]
 #[command(name = "text-generation-router", version, about = "Tessera HTTP router")]

@@ -1,12 +1,11 @@
 //! Prometheus metrics, all named `tessera_*`. Recording is cheap (atomics); `/metrics` renders.
+//! Callers pass plain values: this module depends on no other part of the router.
 
 use std::time::{Duration, Instant};
 
 use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::infer::EndDetails;
-use crate::validation::ValidGenerateRequest;
 
 /// Installs the global recorder; returns the handle `/metrics` renders from.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -82,9 +81,10 @@ pub fn adapter_label(adapter: Option<&str>) -> String {
     adapter.unwrap_or("_base").to_string()
 }
 
-pub fn request_started(r: &ValidGenerateRequest) {
-    histogram!("tessera_request_input_tokens").record(r.input_length() as f64);
-    counter!("tessera_input_tokens_total").increment(r.input_length() as u64);
+/// A request entered the queue with `input_tokens` prompt tokens.
+pub fn request_started(input_tokens: u32) {
+    histogram!("tessera_request_input_tokens").record(input_tokens as f64);
+    counter!("tessera_input_tokens_total").increment(input_tokens as u64);
 }
 
 pub fn request_failed(error_type: &str) {
@@ -181,13 +181,15 @@ impl RequestTimer {
         counter!("tessera_adapter_requests_total", "adapter" => self.adapter.clone(), "status" => error_type.to_string()).increment(1);
     }
 
-    pub fn finish(&self, d: &EndDetails) {
-        histogram!("tessera_request_duration_seconds").record(d.finished.duration_since(d.queued).as_secs_f64());
-        histogram!("tessera_request_queue_duration_seconds").record(d.started.duration_since(d.queued).as_secs_f64());
-        histogram!("tessera_request_inference_duration_seconds").record(d.finished.duration_since(d.started).as_secs_f64());
-        histogram!("tessera_request_generated_tokens").record(d.generated_tokens as f64);
+    /// The request succeeded: it was queued, admitted (`started`) and `finished` at these
+    /// times, with `generated_tokens` tokens.
+    pub fn finish(&self, queued: Instant, started: Instant, finished: Instant, generated_tokens: u32) {
+        histogram!("tessera_request_duration_seconds").record(finished.duration_since(queued).as_secs_f64());
+        histogram!("tessera_request_queue_duration_seconds").record(started.duration_since(queued).as_secs_f64());
+        histogram!("tessera_request_inference_duration_seconds").record(finished.duration_since(started).as_secs_f64());
+        histogram!("tessera_request_generated_tokens").record(generated_tokens as f64);
         counter!("tessera_requests_total", "status" => "success").increment(1);
-        let total = d.finished.duration_since(d.queued).as_secs_f64();
+        let total = finished.duration_since(queued).as_secs_f64();
         histogram!("tessera_adapter_request_duration_seconds", "adapter" => self.adapter.clone()).record(total);
         counter!("tessera_adapter_requests_total", "adapter" => self.adapter.clone(), "status" => "success").increment(1);
     }

@@ -9,10 +9,10 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
-use crate::block_allocator::{BlockAllocation, BlockAllocator, Prefix};
+use crate::engine::kv::{BlockAllocation, BlockAllocator, Prefix};
 use crate::error::InferError;
-use crate::pb;
-use crate::validation::ValidGenerateRequest;
+use crate::shard::pb;
+use crate::engine::request::ValidGenerateRequest;
 
 /// What the batching loop sends back to a request's response stream.
 #[derive(Debug, Clone)]
@@ -330,7 +330,7 @@ fn request_pb(id: u64, e: &Entry) -> pb::Request {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::validation::{ValidParameters, ValidStopping};
+    use crate::engine::request::{ValidParameters, ValidStopping};
 
     pub fn valid_request(input_len: usize, max_new_tokens: u32) -> ValidGenerateRequest {
         ValidGenerateRequest {

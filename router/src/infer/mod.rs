@@ -1,6 +1,10 @@
 //! The inference front: validate, enqueue, and turn the loop's token events into a response
 //! stream (detokenization and stop sequences happen here, per request, off the GPU loop).
 
+pub mod chat;
+pub mod detokenize;
+pub mod validation;
+
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,14 +14,14 @@ use futures::{Stream, StreamExt};
 use tokenizers::Tokenizer;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
-use crate::adapters::{AdapterLease, Adapters};
+use crate::engine::adapters::{AdapterLease, Adapters};
 use crate::api::{FinishReason, GenerateRequest, PrefillToken, Token};
-use crate::detokenize::{Detokenizer, StopMatcher};
+use crate::infer::detokenize::{Detokenizer, StopMatcher};
 use crate::error::InferError;
 use crate::metrics as m;
-use crate::pb;
-use crate::queue::{Entry, QueueHandle, ShardEvent};
-use crate::validation::{ValidGenerateRequest, Validation};
+use crate::shard::pb;
+use crate::engine::queue::{Entry, QueueHandle, ShardEvent};
+use crate::infer::validation::{ValidGenerateRequest, Validation};
 
 /// One event of a response stream.
 #[derive(Debug, Clone)]
@@ -160,7 +164,7 @@ impl Infer {
         let request = entry.request.clone();
         let span = crate::telemetry::RequestSpan::start(request.input_length(), request.stopping.max_new_tokens);
         entry.span = span.as_ref().map(|s| s.span_context());
-        m::request_started(&request);
+        m::request_started(request.input_length());
         self.queue.append(entry);
         let ctx = StreamContext {
             tokenizer: self.tokenizer.clone(),
@@ -385,7 +389,7 @@ fn response_stream(
                 started,
                 finished: Instant::now(),
             };
-            timer.finish(&details);
+            timer.finish(details.queued, details.started, details.finished, details.generated_tokens);
             if let Some(s) = &span { s.finish(details.generated_tokens, "success"); }
             let outcome = match finish_reason {
                 FinishReason::Length => "length",

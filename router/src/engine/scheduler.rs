@@ -10,11 +10,11 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::time::Instant;
 
-use crate::client::{self, ClientError, ShardedClient};
+use crate::shard::client::{self, ClientError, ShardedClient};
 use crate::error::InferError;
-use crate::pb;
-use crate::block_allocator::BlockAllocator;
-use crate::queue::{to_pb, BatchLimits, Entry, Queue, ShardEvent};
+use crate::shard::pb;
+use crate::engine::kv::BlockAllocator;
+use crate::engine::queue::{to_pb, BatchLimits, Entry, Queue, ShardEvent};
 
 /// What the loop needs from the shards; the real client, or a fake in tests.
 pub trait Shards: Send + 'static {
@@ -372,10 +372,10 @@ fn fail_all(entries: &mut Entries, e: &ClientError) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::block_allocator::BlockAllocator;
+    use crate::engine::kv::BlockAllocator;
     use crate::error::ErrorKind;
-    use crate::queue::tests::entry;
-    use crate::queue::QueueHandle;
+    use crate::engine::queue::tests::entry;
+    use crate::engine::queue::QueueHandle;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 

@@ -1,27 +1,14 @@
 //! Whether the shards answer. A background ping keeps a flag the guard reads (new requests get
 //! 503 while a shard does not answer, instead of queueing behind a frozen one), and `/health`
 //! asks the shards live. Every shard call made on behalf of an HTTP request that does not run a
-//! step (health, adapter listing) is bounded by `SHARD_TIMEOUT`.
+//! step (health, adapter listing) is bounded by `error::SHARD_TIMEOUT`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::client::ShardedClient;
-use crate::error::InferError;
-
-/// How long a shard may take to answer a health or listing call before it counts as not
-/// answering. Health is served beside the steps, so even a busy shard answers in milliseconds.
-pub const SHARD_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Runs `call`, or fails with `NotReady` after `SHARD_TIMEOUT`.
-pub async fn bounded<T, E: std::fmt::Display>(what: &str, call: impl std::future::Future<Output = Result<T, E>>) -> Result<T, InferError> {
-    match tokio::time::timeout(SHARD_TIMEOUT, call).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(InferError::NotReady(format!("{what}: {e}"))),
-        Err(_) => Err(InferError::NotReady(format!("{what}: a shard did not answer within {} s", SHARD_TIMEOUT.as_secs()))),
-    }
-}
+use crate::shard::client::ShardedClient;
+use crate::error::{bounded, InferError};
 
 #[derive(Clone)]
 pub struct ShardHealth {

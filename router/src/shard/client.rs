@@ -8,8 +8,8 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tower::service_fn;
 
-use crate::pb;
-use crate::pb::text_generation_service_client::TextGenerationServiceClient;
+use crate::shard::pb;
+use crate::shard::pb::text_generation_service_client::TextGenerationServiceClient;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClientError {

@@ -10,7 +10,7 @@ use futures::stream::StreamExt;
 use super::types::Usage;
 use super::usage;
 use crate::api::{FinishReason, Token};
-use crate::detokenize::StopTrimmer;
+use crate::infer::detokenize::StopTrimmer;
 use crate::error::{ErrorKind, InferError};
 use crate::infer::InferStreamEvent;
 

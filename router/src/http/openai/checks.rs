@@ -5,7 +5,7 @@ use super::types::ChatMessage;
 use super::types::MessageContent;
 use crate::api::{first_meaningful, is_empty_value, UnknownFields};
 use crate::args::LimitArgs;
-use crate::chat::TemplateMessage;
+use crate::infer::chat::TemplateMessage;
 use crate::error::{InferError, ValidationError};
 
 #[derive(Debug, Clone, Copy, PartialEq)]

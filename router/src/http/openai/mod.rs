@@ -18,7 +18,7 @@ pub use self::types::*;
 use crate::api::{FinishReason, GenerateParameters, GenerateRequest, Token};
 use crate::error::{InferError, ValidationError};
 use crate::infer::InferResponse;
-use crate::server::{AppState, JsonBody};
+use crate::http::{AppState, JsonBody};
 
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
@@ -339,8 +339,8 @@ fn adapter_for_model(s: &AppState, model: Option<&str>) -> Result<Option<String>
     match model {
         None => Ok(None),
         Some(m) if is_base_model(s, m) => Ok(None),
-        Some(m) if crate::validation::valid_adapter_name(m) => Ok(Some(m.to_string())),
-        Some(m) => Err(InferError::Shard { code: crate::pb::ErrorCode::AdapterNotFound, message: format!("unknown model {m:?}") }),
+        Some(m) if crate::infer::validation::valid_adapter_name(m) => Ok(Some(m.to_string())),
+        Some(m) => Err(InferError::Shard { code: crate::shard::pb::ErrorCode::AdapterNotFound, message: format!("unknown model {m:?}") }),
     }
 }
 
@@ -353,7 +353,7 @@ fn answer(result: Result<Response, InferError>, route: Route, model: Option<&str
 /// OpenAI's answer to an unknown model: 404, naming it.
 fn model_error(e: InferError, model: Option<&str>) -> Response {
     match e {
-        InferError::Shard { code: crate::pb::ErrorCode::AdapterNotFound, .. } => {
+        InferError::Shard { code: crate::shard::pb::ErrorCode::AdapterNotFound, .. } => {
             let model = model.unwrap_or_default();
             crate::error::RequestError::NotFound(format!(
                 "the model `{model}` does not exist: it is neither the base model nor a known adapter (see /v1/models)"

@@ -135,7 +135,7 @@ impl StopTrimmer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::validation::tests::test_tokenizer;
+    use crate::infer::validation::tests::test_tokenizer;
 
     #[test]
     fn deltas_rebuild_the_text() {

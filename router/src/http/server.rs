@@ -1,12 +1,10 @@
 //! HTTP routes (axum). Handlers are thin: parse the body, call `Infer`, shape the answer.
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -14,36 +12,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::StreamExt;
-use metrics_exporter_prometheus::PrometheusHandle;
-use serde::de::DeserializeOwned;
 use utoipa::OpenApi;
 
 use crate::api::{
     BestOfSequence, Details, FinishReason, GenerateParameters, GenerateRequest, GenerateResponse, Info, PrefillToken,
     SimpleToken, StreamDetails, StreamResponse, Token,
 };
-use crate::block_allocator::BlockAllocator;
-use crate::chat::ChatTemplate;
 use crate::error::{ErrorBody, ErrorKind, InferError, RequestError, ValidationError};
-use crate::health::ShardHealth;
-use crate::infer::{EndDetails, Infer, InferResponse, InferStreamEvent};
-use crate::openai;
-
-#[derive(Clone)]
-pub struct AppState {
-    pub infer: Infer,
-    pub allocator: BlockAllocator,
-    pub health: ShardHealth,
-    pub info: Arc<Info>,
-    pub chat_template: Option<Arc<ChatTemplate>>,
-    pub metrics: Option<PrometheusHandle>,
-    pub api_key: Option<Arc<String>>,
-    pub payload_limit: usize,
-    /// How long a client may take to send a request body.
-    pub body_timeout: Duration,
-    /// Set on SIGTERM: new work gets 503 while in-flight requests finish.
-    pub draining: Arc<AtomicBool>,
-}
+use crate::infer::{EndDetails, InferResponse, InferStreamEvent};
+use crate::http::{openai, AppState, JsonBody};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -163,24 +140,6 @@ async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response 
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// A JSON request body, or our error for it (400 syntax, 415 content type, 422 shape, 413 size):
-/// the one place axum's rejections become `RequestError`s.
-pub struct JsonBody<T>(pub T);
-
-impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
-    type Rejection = RequestError;
-
-    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(r)) => Ok(JsonBody(r)),
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(RequestError::PayloadTooLarge(state.payload_limit)),
-            Err(JsonRejection::JsonDataError(e)) => Err(RequestError::Invalid(e.body_text())),
-            Err(JsonRejection::MissingJsonContentType(_)) => Err(RequestError::ContentType),
-            Err(e) => Err(RequestError::Malformed(e.body_text())),
-        }
-    }
 }
 
 fn details(r: &InferResponse, best_of: Vec<InferResponse>) -> Details {
@@ -406,7 +365,7 @@ pub struct UnloadLoraAdapterRequest {
 /// Admin routes answer shard verdicts with REST statuses: a path outside the adapter source is a
 /// bad request, a missing one not found, an adapter that does not fit the model unprocessable.
 fn admin_error(e: InferError) -> Response {
-    use crate::pb::ErrorCode;
+    use crate::shard::pb::ErrorCode;
     match &e {
         InferError::Shard { code: ErrorCode::InvalidRequest, message } => RequestError::BadRequest(message.clone()).into_response(),
         InferError::Shard { code: ErrorCode::AdapterNotFound, message } => RequestError::NotFound(message.clone()).into_response(),
@@ -421,7 +380,7 @@ fn admin_error(e: InferError) -> Response {
               (status = 401, body = ErrorBody), (status = 404, description = "No adapter at that path", body = ErrorBody),
               (status = 422, description = "Invalid name, or the adapter does not fit the base model", body = ErrorBody)))]
 async fn load_lora_adapter(State(s): State<AppState>, JsonBody(req): JsonBody<LoadLoraAdapterRequest>) -> Response {
-    if !crate::validation::valid_adapter_name(&req.lora_name) {
+    if !crate::infer::validation::valid_adapter_name(&req.lora_name) {
         return InferError::from(ValidationError::AdapterName(req.lora_name)).into_response();
     }
     match s.infer.adapters().register(&req.lora_name, req.lora_path).await {

@@ -20,9 +20,9 @@ use std::time::Instant;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::Notify;
 
-use crate::client::{self, ShardedClient};
+use crate::shard::client::{self, ShardedClient};
 use crate::error::InferError;
-use crate::pb;
+use crate::shard::pb;
 
 /// The shard calls adapter management needs: the real client, or a fake in tests.
 pub trait AdapterShards: Send + Sync + 'static {
@@ -341,7 +341,7 @@ impl Adapters {
     /// unloaded ones and those the shards report a problem with (which requests may still name,
     /// to learn the problem).
     pub async fn list(&self) -> Result<Vec<pb::AdapterInfo>, InferError> {
-        let all = crate::health::bounded("listing adapters", self.inner.shards.list()).await?;
+        let all = crate::error::bounded("listing adapters", self.inner.shards.list()).await?;
         let mut st = self.inner.state.lock().unwrap();
         st.known = all.iter().map(|a| a.name.clone()).collect();
         Ok(all.into_iter().filter(|a| a.problem.is_empty() && !st.forgotten.contains(&a.name)).collect())
