@@ -106,27 +106,45 @@ def check_overlap(make_engine, rtol: float, atol: float, adapters: dict[int, str
     assert any(11 in c for _, c in over[: names.index("decode ab 2") + 1])
 
 
-def chunked_script(eng, chunk: int, adapters: dict[int, str] | None = None) -> dict[int, tuple[list[int], list[float]]]:
+def script_requests() -> list[pb.Request]:
+    """The four requests of `chunked_script`: two short ones (batch 1), then two long prompts (one
+    with a repetition penalty, one sampled with a seed); each asks for its top 2 alternatives."""
+    a, nxt = batch(1, [[5, 6, 7, 8], [9, 10]], 14)
+    c, nxt = request(20, [(3 * i) % 90 + 2 for i in range(23)], 6, nxt)
+    d, _ = request(21, [(7 * i) % 90 + 2 for i in range(17)], 6, nxt)
+    c.parameters.repetition_penalty = 1.2
+    d.parameters.do_sample, d.parameters.seed, d.parameters.temperature = True, 3, 0.9
+    reqs = [*a.requests, c, d]
+    for r in reqs:
+        r.top_n_tokens = 2
+    return reqs
+
+
+Outputs = dict[int, tuple[list[int], list[float], list[tuple[list[int], list[float]]]]]
+
+
+def _record(out: Outputs, res) -> None:
+    """Tokens, logprobs and top-2 alternatives of a step's rows, per request."""
+    assert not res.failed, res.failed
+    for i, (r, t, lp) in enumerate(zip(res.request_ids, res.token_ids, res.logprobs)):
+        toks, lps, tops = out.setdefault(r, ([], [], []))
+        toks.append(int(t))
+        lps.append(float(lp))
+        if res.top_ids is not None:
+            tops.append((res.top_ids[i, :2].tolist(), res.top_logprobs[i, :2].tolist()))
+
+
+def chunked_script(eng, chunk: int, adapters: dict[int, str] | None = None) -> Outputs:
     """Two requests decode while two long prompts arrive and are computed `chunk` tokens per step
     in the same steps (the router's token budget), the second starting mid-way through the
-    first's chunks; returns each request's tokens and logprobs, in the order the calls reported them."""
-    out: dict[int, tuple[list[int], list[float]]] = {}
-
-    def record(res):
-        for r, t, lp in zip(res.request_ids, res.token_ids, res.logprobs):
-            out.setdefault(r, ([], []))
-            out[r][0].append(int(t))
-            out[r][1].append(float(lp))
-        assert not res.failed, res.failed
-
-    a, nxt = batch(1, [[5, 6, 7, 8], [9, 10]], 14)
+    first's chunks; returns each request's tokens, logprobs and top-2 alternatives, in the order
+    the calls reported them."""
+    out: Outputs = {}
+    short0, short1, long_c, long_d = script_requests()
+    a = pb.Batch(id=1, requests=[short0, short1])
     name_adapters(a, adapters)
     res, cached = eng.prefill(a)
-    record(res)
-    long_c, nxt = request(20, [(3 * i) % 90 + 2 for i in range(23)], 6, nxt)
-    long_d, _ = request(21, [(7 * i) % 90 + 2 for i in range(17)], 6, nxt)
-    long_c.parameters.repetition_penalty = 1.2
-    long_d.parameters.do_sample, long_d.parameters.seed, long_d.parameters.temperature = True, 3, 0.9
+    _record(out, res)
     pending = [[long_c, 0]]
     waiting = [long_d]
     bid = 10
@@ -153,20 +171,19 @@ def chunked_script(eng, chunk: int, adapters: dict[int, str] | None = None) -> d
         bid += 1
         prefill = pb.Batch(id=bid, requests=chunks) if chunks else None
         res, cached, _ = eng.step([cached.id] if cached is not None else [], None, prefill)
-        record(res)
+        _record(out, res)
     return out
 
 
-def alone(eng, r: pb.Request, adapter: str | None = None) -> tuple[list[int], list[float]]:
-    """One request prefilled whole and decoded alone to its end: tokens and logprobs."""
+def alone(eng, r: pb.Request, adapter: str | None = None) -> tuple[list[int], list[float], list]:
+    """One request prefilled whole and decoded alone to its end: tokens, logprobs, top-2s."""
     if adapter:
         r.adapter_id = adapter
     b = pb.Batch(id=500 + r.id, requests=[r])  # a copy of r
-    toks, lps = [], []
+    out: Outputs = {}
     res, cached = eng.prefill(b)
     while True:
-        toks += [int(t) for t in res.token_ids]
-        lps += [float(x) for x in res.logprobs]
+        _record(out, res)
         if cached is None:
-            return toks, lps
+            return out[r.id]
         res, cached, _ = eng.decode([cached.id])

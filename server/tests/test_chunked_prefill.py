@@ -6,12 +6,33 @@ launched ahead)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from conftest import batch, write_tiny
-from shard_calls import alone, chunked_script, request
+from shard_calls import alone, chunked_script, request, script_requests
+from text_generation_server.lora.adapter import peft_key, projection_shapes
+from text_generation_server.models.config import ModelConfig
+
+
+def write_adapter(d, cfg, rank, targets, seed):
+    """A PEFT directory with random non-zero weights for the tiny model."""
+    g = torch.Generator().manual_seed(seed)
+    d.mkdir(parents=True)
+    shapes = projection_shapes(cfg)
+    tensors = {}
+    for layer in range(cfg.num_layers):
+        for t in targets:
+            out_f, in_f = shapes[t]
+            tensors[peft_key(layer, t, "A")] = torch.randn(rank, in_f, generator=g) * 0.3
+            tensors[peft_key(layer, t, "B")] = torch.randn(out_f, rank, generator=g) * 0.3
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
+                                                       "target_modules": list(targets)}))
 
 
 @pytest.fixture
@@ -20,9 +41,15 @@ def make_engine(tmp_path, monkeypatch):
 
     path, _ = write_tiny(tmp_path, "llama")
 
-    def make(overlap: bool):
+    src = tmp_path / "adapters"
+    cfg = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
+    write_adapter(src / "qkvo", cfg, 8, ("q_proj", "k_proj", "v_proj", "o_proj"), seed=1)
+    write_adapter(src / "mlp", cfg, 4, ("gate_proj", "up_proj", "down_proj"), seed=2)
+
+    def make(overlap: bool, lora: bool = False):
         monkeypatch.setenv("TESSERA_OVERLAP", "1" if overlap else "0")
-        eng = Engine(EngineConfig(path, torch.float32, torch.device("cpu"), block_size=4))
+        eng = Engine(EngineConfig(path, torch.float32, torch.device("cpu"), block_size=4,
+                                  adapter_source=src if lora else None))
         warm, _ = batch(999, [[2, 3, 4]], 1)
         eng.warmup(warm, 256)
         return eng
@@ -30,25 +57,29 @@ def make_engine(tmp_path, monkeypatch):
     return make
 
 
-def reference(eng) -> dict[int, tuple[list[int], list[float]]]:
+def reference(eng, adapters=None) -> dict:
     """The script's four requests, each alone."""
-    a, nxt = batch(1, [[5, 6, 7, 8], [9, 10]], 14)
-    c, nxt2 = request(20, [(3 * i) % 90 + 2 for i in range(23)], 6, nxt)
-    d, _ = request(21, [(7 * i) % 90 + 2 for i in range(17)], 6, nxt2)
-    c.parameters.repetition_penalty = 1.2
-    d.parameters.do_sample, d.parameters.seed, d.parameters.temperature = True, 3, 0.9
-    return {r.id: alone(eng, r) for r in [*a.requests, c, d]}
+    return {r.id: alone(eng, r, (adapters or {}).get(r.id)) for r in script_requests()}
+
+
+def check(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for rid in want:
+        assert got[rid][0] == want[rid][0], rid
+        np.testing.assert_allclose(got[rid][1], want[rid][1], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("chunk", [3, 5, 8, 64])
 def test_chunks_in_mixed_steps_match_each_request_alone(make_engine, overlap, chunk):
-    want = reference(make_engine(False))
-    got = chunked_script(make_engine(overlap), chunk)
-    assert sorted(got) == sorted(want)
-    for rid in want:
-        assert got[rid][0] == want[rid][0], rid
-        np.testing.assert_allclose(got[rid][1], want[rid][1], rtol=1e-4, atol=1e-5)
+    check(chunked_script(make_engine(overlap), chunk), reference(make_engine(False)))
+
+
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_chunks_with_adapters_match_each_request_alone(make_engine, chunk):
+    """Adapters on decoding rows and on chunked prompts (attention and MLP targets)."""
+    adapters = {0: "qkvo", 20: "qkvo", 21: "mlp"}
+    check(chunked_script(make_engine(True, lora=True), chunk, adapters), reference(make_engine(False, lora=True), adapters))
 
 
 def test_a_partial_chunk_returns_nothing_and_joins_nothing(make_engine):
