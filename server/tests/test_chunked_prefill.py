@@ -11,28 +11,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from conftest import batch, write_tiny
 from shard_calls import alone, chunked_script, request, script_requests
-from text_generation_server.lora.adapter import peft_key, projection_shapes
+from test_lora import write_adapter
 from text_generation_server.models.config import ModelConfig
-
-
-def write_adapter(d, cfg, rank, targets, seed):
-    """A PEFT directory with random non-zero weights for the tiny model."""
-    g = torch.Generator().manual_seed(seed)
-    d.mkdir(parents=True)
-    shapes = projection_shapes(cfg)
-    tensors = {}
-    for layer in range(cfg.num_layers):
-        for t in targets:
-            out_f, in_f = shapes[t]
-            tensors[peft_key(layer, t, "A")] = torch.randn(rank, in_f, generator=g) * 0.3
-            tensors[peft_key(layer, t, "B")] = torch.randn(out_f, rank, generator=g) * 0.3
-    save_file(tensors, str(d / "adapter_model.safetensors"))
-    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank,
-                                                       "target_modules": list(targets)}))
 
 
 @pytest.fixture
@@ -43,8 +26,8 @@ def make_engine(tmp_path, monkeypatch):
 
     src = tmp_path / "adapters"
     cfg = ModelConfig.from_dict(json.loads((path / "config.json").read_text()))
-    write_adapter(src / "qkvo", cfg, 8, ("q_proj", "k_proj", "v_proj", "o_proj"), seed=1)
-    write_adapter(src / "mlp", cfg, 4, ("gate_proj", "up_proj", "down_proj"), seed=2)
+    write_adapter(src / "qkvo", 8, ("q_proj", "k_proj", "v_proj", "o_proj"), seed=1, cfg=cfg)
+    write_adapter(src / "mlp", 4, ("gate_proj", "up_proj", "down_proj"), seed=2, cfg=cfg)
 
     def make(overlap: bool, lora: bool = False):
         monkeypatch.setenv("TESSERA_OVERLAP", "1" if overlap else "0")

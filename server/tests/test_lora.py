@@ -24,12 +24,13 @@ CFG = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "vocab_size"
                              "num_key_value_heads": 2, "max_position_embeddings": 64})
 
 
-def write_adapter(d, rank, targets=("q_proj", "v_proj"), alpha=None, rslora=False, seed=0):
+def write_adapter(d, rank, targets=("q_proj", "v_proj"), alpha=None, rslora=False, seed=0, cfg=CFG):
+    """A PEFT directory with random non-zero weights for the model of `cfg`."""
     torch.manual_seed(seed)
     d.mkdir(parents=True)
-    shapes = projection_shapes(CFG)
+    shapes = projection_shapes(cfg)
     tensors = {}
-    for layer in range(CFG.num_layers):
+    for layer in range(cfg.num_layers):
         for t in targets:
             out_f, in_f = shapes[t]
             tensors[peft_key(layer, t, "A")] = torch.randn(rank, in_f) * 0.3
