@@ -59,6 +59,7 @@ def test_mixed_prefill_and_decode_step(window):
                              torch.tensor(slots), max(new), max(c + n for c, n in zip(cached, new)), False)
     be = TorchAttention(H, KVH, D, BS, window)
     be.plan(inputs)
+    assert [g.max_q for g in be._groups] == [1, 7], "decoding rows padded apart from the prompts"
     new_k = torch.cat([k[c:] for k, c in zip(full_k, cached)])
     new_v = torch.cat([v[c:] for v, c in zip(full_v, cached)])
     write_kv(new_k, new_v, kc, vc, be.slots)  # the layer's job (ops.rope_store)
