@@ -80,6 +80,52 @@ struct Args {
     /// Log as JSON lines.
     #[arg(long, env = "JSON_OUTPUT")]
     json_output: bool,
+    /// The model's name in /info, /v1/models and responses (default: --model-id).
+    #[arg(long, env = "SERVED_MODEL_NAME")]
+    served_model_name: Option<String>,
+    #[command(flatten)]
+    unsupported: Unsupported,
+}
+
+/// TGI's flags for features Tessera does not have yet: accepted by the parser so that a TGI
+/// command line gets a clear refusal instead of "unexpected argument".
+#[derive(clap::Args, Debug, Default)]
+struct Unsupported {
+    /// Not supported yet (weights are served in --dtype).
+    #[arg(long, env = "QUANTIZE", hide_short_help = true)]
+    quantize: Option<String>,
+    /// Not supported yet (no speculative decoding).
+    #[arg(long, env = "SPECULATE", hide_short_help = true)]
+    speculate: Option<String>,
+    /// Not supported yet (the KV cache is kept in --dtype).
+    #[arg(long, env = "KV_CACHE_DTYPE", hide_short_help = true)]
+    kv_cache_dtype: Option<String>,
+    /// Not supported (no model code is ever loaded from a model repository).
+    #[arg(long, env = "TRUST_REMOTE_CODE", hide_short_help = true)]
+    trust_remote_code: bool,
+}
+
+impl Unsupported {
+    /// Refuses the command line when it asks for any of these, naming each flag.
+    fn check(&self) -> Result<(), String> {
+        let mut asked = vec![];
+        if let Some(q) = &self.quantize {
+            asked.push(format!("--quantize {q} (quantized weights)"));
+        }
+        if let Some(s) = &self.speculate {
+            asked.push(format!("--speculate {s} (speculative decoding)"));
+        }
+        if let Some(d) = &self.kv_cache_dtype {
+            asked.push(format!("--kv-cache-dtype {d} (a KV cache dtype other than --dtype)"));
+        }
+        if self.trust_remote_code {
+            asked.push("--trust-remote-code (Tessera runs only its own model code)".into());
+        }
+        if asked.is_empty() {
+            return Ok(());
+        }
+        Err(format!("not supported by Tessera: {}; remove the flag (or its environment variable) to start", asked.join(", ")))
+    }
 }
 
 #[tokio::main]
@@ -135,6 +181,7 @@ fn router_bin(args: &Args) -> PathBuf {
 }
 
 async fn run(args: Args) -> Result<i32, String> {
+    args.unsupported.check()?;
     args.limits.check()?;
     if args.num_shard == 0 {
         return Err("--num-shard must be at least 1".into());
@@ -193,7 +240,7 @@ async fn run(args: Args) -> Result<i32, String> {
         .arg(format!("--master-shard-uds-path={}-0", args.shard_uds_path))
         .arg("--tokenizer-dir")
         .arg(&model_dir)
-        .arg(format!("--model-id={}", args.model_id.as_deref().unwrap_or("HuggingFaceTB/SmolLM2-135M-Instruct")))
+        .arg(format!("--model-id={}", served_name(&args)))
         .arg(format!("--shutdown-timeout={}", args.shutdown_timeout))
         .args(args.limits.to_args());
     let (service_args, service_env) = args.service.to_args();
@@ -208,10 +255,34 @@ async fn run(args: Args) -> Result<i32, String> {
     children.supervise(router, drain, watchdog(paths, Duration::from_secs(args.shard_watchdog_timeout))).await
 }
 
+/// The model's name to clients: --served-model-name, else --model-id, else the default's hub id.
+fn served_name(args: &Args) -> &str {
+    args.served_model_name.as_deref().or(args.model_id.as_deref()).unwrap_or("HuggingFaceTB/SmolLM2-135M-Instruct")
+}
+
 /// 128 random bits, hex.
 fn launch_token() -> Result<String, String> {
     use std::io::Read;
     let mut b = [0u8; 16];
     std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).map_err(|e| format!("reading /dev/urandom: {e}"))?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tgi_flags_for_missing_features_are_refused_by_name() {
+        let a = Args::parse_from(["x", "--quantize", "awq", "--trust-remote-code"]);
+        let e = a.unsupported.check().unwrap_err();
+        assert!(e.contains("--quantize awq") && e.contains("--trust-remote-code") && !e.contains("--speculate"), "{e}");
+        assert!(Args::parse_from(["x"]).unsupported.check().is_ok());
+    }
+
+    #[test]
+    fn the_served_name_replaces_the_model_id() {
+        assert_eq!(served_name(&Args::parse_from(["x", "--model-id", "/m", "--served-model-name", "mine"])), "mine");
+        assert_eq!(served_name(&Args::parse_from(["x", "--model-id", "/m"])), "/m");
+    }
 }
