@@ -4,23 +4,52 @@ features Tessera does not have are refused at start with a message naming them (
 
 from __future__ import annotations
 
+import pytest
 import requests
 
 from conftest import Server
 
 
-def test_served_model_name_is_the_name_clients_see():
-    s = Server("--served-model-name", "museum-guide").wait_ready()
-    try:
-        assert requests.get(s.url("/info"), timeout=10).json()["model_id"] == "museum-guide"
-        models = requests.get(s.url("/v1/models"), timeout=10).json()["data"]
-        assert models[0]["id"] == "museum-guide"
-        r = requests.post(s.url("/v1/chat/completions"), timeout=120,
-                          json={"model": "museum-guide", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
-        assert r.status_code == 200, r.text
-        assert r.json()["model"] == "museum-guide"
-    finally:
-        s.stop()
+KEY = {"Authorization": "Bearer sesame"}
+ORIGIN = "https://museum.example"
+
+
+@pytest.fixture(scope="module")
+def tgi_style():
+    """Started as a TGI user would, with TGI's flag names."""
+    s = Server("--served-model-name", "museum-guide", "--cors-allow-origin", f"{ORIGIN},https://other.example",
+               "--api-key", "sesame", "--max-batch-prefill-tokens", "2048").wait_ready()
+    yield s
+    s.stop()
+
+
+def test_served_model_name_is_the_name_clients_see(tgi_style):
+    s = tgi_style
+    assert requests.get(s.url("/info"), headers=KEY, timeout=10).json()["model_id"] == "museum-guide"
+    models = requests.get(s.url("/v1/models"), headers=KEY, timeout=10).json()["data"]
+    assert models[0]["id"] == "museum-guide"
+    r = requests.post(s.url("/v1/chat/completions"), headers=KEY, timeout=120,
+                      json={"model": "museum-guide", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == "museum-guide"
+
+
+def test_cors_lets_the_listed_origins_call_from_a_browser(tgi_style, server):
+    s = tgi_style
+    pre = requests.options(s.url("/generate"), timeout=10, headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type,authorization"})
+    assert pre.status_code == 200, pre.text  # answered before the API key guard
+    assert pre.headers["access-control-allow-origin"] == ORIGIN
+    assert "POST" in pre.headers["access-control-allow-methods"]
+    assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+    body = {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
+    r = requests.post(s.url("/generate"), json=body, headers={**KEY, "Origin": ORIGIN}, timeout=60)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == ORIGIN
+    other = requests.post(s.url("/generate"), json=body, headers={**KEY, "Origin": "https://evil.example"}, timeout=60)
+    assert "access-control-allow-origin" not in other.headers
+    # without --cors-allow-origin, no CORS headers at all
+    plain = requests.post(server.url("/generate"), json=body, headers={"Origin": ORIGIN}, timeout=60)
+    assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
 
 
 def test_flags_for_missing_features_are_refused_by_name():

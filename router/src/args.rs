@@ -81,6 +81,10 @@ pub struct ServiceArgs {
     /// Do not log one line per finished request.
     #[arg(long, env = "DISABLE_REQUEST_LOGGING")]
     pub disable_request_logging: bool,
+    /// Origins whose browser pages may call the API (CORS), comma-separated; `*` allows any.
+    /// Unset: no CORS headers (browsers refuse cross-origin calls).
+    #[arg(long, env = "CORS_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub cors_allow_origin: Vec<String>,
 }
 
 impl ServiceArgs {
@@ -101,6 +105,9 @@ impl ServiceArgs {
         }
         if let Some(k) = &self.api_key {
             env.push(("API_KEY".to_string(), k.clone()));
+        }
+        if !self.cors_allow_origin.is_empty() {
+            args.push(format!("--cors-allow-origin={}", self.cors_allow_origin.join(",")));
         }
         (args, env)
     }
@@ -215,7 +222,8 @@ mod tests {
     #[test]
     fn service_args_round_trip() {
         use clap::Parser;
-        let argv = ["x", "--api-key", "k", "--http-header-timeout", "7", "--http-body-timeout", "9", "--disable-request-logging"];
+        let argv = ["x", "--api-key", "k", "--http-header-timeout", "7", "--http-body-timeout", "9", "--disable-request-logging",
+                    "--cors-allow-origin", "https://a.example,https://b.example"];
         let a = WrapService::parse_from(argv).service;
         let (args, env) = a.to_args();
         let mut argv = vec!["x".to_string()];
@@ -223,6 +231,7 @@ mod tests {
         let b = WrapService::parse_from(argv).service;
         assert_eq!(env, vec![("API_KEY".to_string(), "k".to_string())]);
         assert_eq!((b.http_header_timeout, b.http_body_timeout, b.disable_request_logging), (7, 9, true));
+        assert_eq!(b.cors_allow_origin, vec!["https://a.example", "https://b.example"]);
     }
 
     #[test]

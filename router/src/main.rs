@@ -211,6 +211,7 @@ async fn run(args: Args) -> Result<(), String> {
         payload_limit: args.limits.payload_limit,
         body_timeout: Duration::from_secs(args.service.http_body_timeout),
         draining: draining.clone(),
+        cors_allow_origin: Arc::new(args.service.cors_allow_origin.clone()),
     };
 
     let addr = format!("{}:{}", args.hostname, args.port);

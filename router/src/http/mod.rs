@@ -38,6 +38,8 @@ pub struct AppState {
     pub body_timeout: Duration,
     /// Set on SIGTERM: new work gets 503 while in-flight requests finish.
     pub draining: Arc<AtomicBool>,
+    /// Origins allowed to call from a browser (`--cors-allow-origin`); empty: no CORS headers.
+    pub cors_allow_origin: Arc<Vec<String>>,
 }
 
 /// A JSON request body, or our error for it (400 syntax, 415 content type, 422 shape, 413 size):

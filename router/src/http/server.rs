@@ -39,7 +39,8 @@ pub struct ApiDoc;
 
 pub fn app(state: AppState) -> Router {
     let limit = state.payload_limit;
-    Router::new()
+    let cors = cors_layer(&state.cors_allow_origin);
+    let router = Router::new()
         .route("/", post(compat_generate))
         .route("/generate", post(generate))
         .route("/generate_stream", post(generate_stream))
@@ -59,7 +60,30 @@ pub fn app(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn(openai_errors))
-        .with_state(state)
+        .with_state(state);
+    // Outermost: a browser's preflight (OPTIONS, no API key) is answered before the guard.
+    match cors {
+        Some(c) => router.layer(c),
+        None => router,
+    }
+}
+
+/// CORS for `--cors-allow-origin` (TGI's flag): GET and POST from the listed origins (`*`: any),
+/// with the headers our clients send; None when no origin is listed.
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o.trim()).ok()))
+    };
+    Some(CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([axum::http::header::CONTENT_TYPE, axum::http::header::AUTHORIZATION, axum::http::header::ACCEPT]))
 }
 
 /// The OpenAI routes answer errors in OpenAI's shape (`openai::is_route`), whichever layer made
