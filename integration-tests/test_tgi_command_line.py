@@ -12,13 +12,14 @@ from conftest import Server
 
 KEY = {"Authorization": "Bearer sesame"}
 ORIGIN = "https://museum.example"
+TEMPLATE = "Q: {{ messages[-1]['content'] }}\nA:"
 
 
 @pytest.fixture(scope="module")
 def tgi_style():
     """Started as a TGI user would, with TGI's flag names."""
     s = Server("--served-model-name", "museum-guide", "--cors-allow-origin", f"{ORIGIN},https://other.example",
-               "--api-key", "sesame", "--max-batch-prefill-tokens", "2048").wait_ready()
+               "--api-key", "sesame", "--max-batch-prefill-tokens", "2048", "--chat-template", TEMPLATE).wait_ready()
     yield s
     s.stop()
 
@@ -50,6 +51,15 @@ def test_cors_lets_the_listed_origins_call_from_a_browser(tgi_style, server):
     # without --cors-allow-origin, no CORS headers at all
     plain = requests.post(server.url("/generate"), json=body, headers={"Origin": ORIGIN}, timeout=60)
     assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
+
+
+def test_chat_template_replaces_the_models_own(tgi_style):
+    s = tgi_style
+    r = requests.post(s.url("/v1/chat/completions"), headers=KEY, timeout=120,
+                      json={"messages": [{"role": "user", "content": "Where are the owls?"}], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    ids = requests.post(s.url("/tokenize"), headers=KEY, timeout=10, json={"inputs": "Q: Where are the owls?\nA:"}).json()
+    assert r.json()["usage"]["prompt_tokens"] == len(ids)
 
 
 def test_flags_for_missing_features_are_refused_by_name():

@@ -85,6 +85,10 @@ pub struct ServiceArgs {
     /// Unset: no CORS headers (browsers refuse cross-origin calls).
     #[arg(long, env = "CORS_ALLOW_ORIGIN", value_delimiter = ',')]
     pub cors_allow_origin: Vec<String>,
+    /// Chat template for /v1/chat/completions instead of the model's own: a Jinja file, or the
+    /// template text itself.
+    #[arg(long, env = "CHAT_TEMPLATE")]
+    pub chat_template: Option<String>,
 }
 
 impl ServiceArgs {
@@ -108,6 +112,9 @@ impl ServiceArgs {
         }
         if !self.cors_allow_origin.is_empty() {
             args.push(format!("--cors-allow-origin={}", self.cors_allow_origin.join(",")));
+        }
+        if let Some(t) = &self.chat_template {
+            env.push(("CHAT_TEMPLATE".to_string(), t.clone())); // a template's text may be long and multi-line
         }
         (args, env)
     }

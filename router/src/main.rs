@@ -181,7 +181,7 @@ async fn run(args: Args) -> Result<(), String> {
         router: env!("CARGO_PKG_NAME").into(),
         version: env!("CARGO_PKG_VERSION").into(),
     };
-    let chat_template = ChatTemplate::load(&args.tokenizer_dir)?.map(Arc::new);
+    let chat_template = ChatTemplate::load(&args.tokenizer_dir, args.service.chat_template.as_deref())?.map(Arc::new);
     if chat_template.is_none() {
         tracing::warn!("the model has no chat template: /v1/chat/completions will answer 422");
     }

@@ -29,11 +29,24 @@ fn token_string(v: Option<&serde_json::Value>) -> String {
 
 impl ChatTemplate {
     /// The model's chat template, if it has one.
-    pub fn load(model_dir: &Path) -> Result<Option<Self>, String> {
+    /// The model's template, or `given` (`--chat-template`: a file, or the template's text)
+    /// instead; its bos/eos tokens come from the model either way.
+    pub fn load(model_dir: &Path, given: Option<&str>) -> Result<Option<Self>, String> {
         let cfg: serde_json::Value = match std::fs::read_to_string(model_dir.join("tokenizer_config.json")) {
             Ok(s) => serde_json::from_str(&s).map_err(|e| format!("tokenizer_config.json: {e}"))?,
             Err(_) => serde_json::Value::Null,
         };
+        if let Some(t) = given {
+            let p = Path::new(t);
+            let source = if !t.contains('{') && p.is_file() {
+                std::fs::read_to_string(p).map_err(|e| format!("--chat-template {t}: {e}"))?
+            } else if !t.contains('{') {
+                return Err(format!("--chat-template {t:?} is neither a file nor a Jinja template"));
+            } else {
+                t.to_string()
+            };
+            return Self::new(source, token_string(cfg.get("bos_token")), token_string(cfg.get("eos_token"))).map(Some);
+        }
         let source = match cfg.get("chat_template") {
             Some(serde_json::Value::String(s)) => Some(s.clone()),
             // A list of named templates: take "default".
@@ -122,10 +135,20 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tessera-chat-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("tokenizer_config.json"), r#"{"bos_token": {"content": "<s>"}, "eos_token": "</s>"}"#).unwrap();
-        assert!(ChatTemplate::load(&dir).unwrap().is_none());
+        assert!(ChatTemplate::load(&dir, None).unwrap().is_none());
         std::fs::write(dir.join("chat_template.jinja"), "{{ bos_token }}{{ messages[0].content }}{{ eos_token }}").unwrap();
-        let t = ChatTemplate::load(&dir).unwrap().unwrap();
+        let t = ChatTemplate::load(&dir, None).unwrap().unwrap();
         assert_eq!(t.apply(&[msg("user", "x")], false).unwrap(), "<s>x</s>");
+        // --chat-template: the text itself, or a file; the model's bos/eos tokens still apply
+        let given = ChatTemplate::load(&dir, Some("[{{ messages[0].content }}]{{ eos_token }}")).unwrap().unwrap();
+        assert_eq!(given.apply(&[msg("user", "x")], false).unwrap(), "[x]</s>");
+        std::fs::write(dir.join("other.jinja"), "<{{ messages[0].content }}>").unwrap();
+        let file = dir.join("other.jinja");
+        let from_file = ChatTemplate::load(&dir, Some(file.to_str().unwrap())).unwrap().unwrap();
+        assert_eq!(from_file.apply(&[msg("user", "x")], false).unwrap(), "<x>");
+        let missing = ChatTemplate::load(&dir, Some("/no/such/template.jinja")).err().unwrap();
+        assert!(missing.contains("neither a file nor a Jinja template"), "{missing}");
+        assert!(ChatTemplate::load(&dir, Some("{{ unclosed")).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
