@@ -19,7 +19,8 @@ TEMPLATE = "Q: {{ messages[-1]['content'] }}\nA:"
 def tgi_style():
     """Started as a TGI user would, with TGI's flag names."""
     s = Server("--served-model-name", "museum-guide", "--cors-allow-origin", f"{ORIGIN},https://other.example",
-               "--api-key", "sesame", "--max-batch-prefill-tokens", "2048", "--chat-template", TEMPLATE).wait_ready()
+               "--api-key", "sesame", "--max-batch-prefill-tokens", "2048", "--chat-template", TEMPLATE,
+               "--sharded", "false").wait_ready()
     yield s
     s.stop()
 
@@ -77,3 +78,10 @@ def test_a_flag_set_through_its_environment_variable_is_refused_too():
     rc = s.proc.wait(60)
     s.stop()
     assert rc != 0 and "--speculate 2" in s.tail()
+
+
+def test_sharded_without_gpus_is_refused_with_the_reason():
+    s = Server("--sharded", "true", env={"CUDA_VISIBLE_DEVICES": ""})
+    rc = s.proc.wait(60)
+    s.stop()
+    assert rc != 0 and "--sharded true without --num-shard needs at least 2 visible GPUs; 0 found" in s.tail()

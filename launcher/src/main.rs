@@ -29,9 +29,13 @@ struct Args {
     /// HTTP address to listen on.
     #[arg(long, env = "TESSERA_HOSTNAME", default_value = "0.0.0.0")]
     hostname: String,
-    /// Number of shards (one per GPU; 1 on CPU).
-    #[arg(long, env = "NUM_SHARD", default_value_t = 1)]
-    num_shard: usize,
+    /// Number of shards (one per GPU; 1 on CPU). Default: 1, or every visible GPU with `--sharded true`.
+    #[arg(long, env = "NUM_SHARD")]
+    num_shard: Option<usize>,
+    /// TGI's switch: `true` shards the model over --num-shard GPUs (default: every visible GPU),
+    /// `false` runs one shard.
+    #[arg(long, env = "SHARDED")]
+    sharded: Option<bool>,
     /// Weights and activations dtype: float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA).
     #[arg(long, env = "DTYPE")]
     dtype: Option<String>,
@@ -183,27 +187,25 @@ fn router_bin(args: &Args) -> PathBuf {
 async fn run(args: Args) -> Result<i32, String> {
     args.unsupported.check()?;
     args.limits.check()?;
-    if args.num_shard == 0 {
-        return Err("--num-shard must be at least 1".into());
-    }
-    let paths: Vec<String> = (0..args.num_shard).map(|rank| format!("{}-{rank}", args.shard_uds_path)).collect();
+    let num_shard = shard_count(args.sharded, args.num_shard, visible_gpus())?;
+    let paths: Vec<String> = (0..num_shard).map(|rank| format!("{}-{rank}", args.shard_uds_path)).collect();
     for p in &paths {
         check_socket_free(p).await?;
     }
     let model_dir = resolve_model(&args).await?;
-    tracing::info!(model = %model_dir.display(), shards = args.num_shard, "starting");
+    tracing::info!(model = %model_dir.display(), shards = num_shard, "starting");
     let mut children = Children::new();
     // Shards report it in Info; we and the router refuse a shard that does not (one of another
     // instance that took the socket path).
     let token = launch_token()?;
 
-    for rank in 0..args.num_shard {
+    for rank in 0..num_shard {
         let mut cmd = Command::new(&args.server_bin);
         cmd.arg("serve")
             .arg(&model_dir)
             .arg(format!("--uds-path={}", args.shard_uds_path))
             .arg(format!("--rank={rank}"))
-            .arg(format!("--world-size={}", args.num_shard))
+            .arg(format!("--world-size={num_shard}"))
             .arg(format!("--cuda-memory-fraction={}", args.cuda_memory_fraction))
             .arg(format!("--cuda-graphs={}", args.cuda_graphs))
             .arg(format!("--lora-adapters={}", args.lora_adapters))
@@ -255,6 +257,32 @@ async fn run(args: Args) -> Result<i32, String> {
     children.supervise(router, drain, watchdog(paths, Duration::from_secs(args.shard_watchdog_timeout))).await
 }
 
+/// Shards to start from --sharded and --num-shard (TGI's rules), given the visible GPUs.
+fn shard_count(sharded: Option<bool>, num_shard: Option<usize>, gpus: usize) -> Result<usize, String> {
+    match (sharded, num_shard) {
+        (_, Some(0)) => Err("--num-shard must be at least 1".into()),
+        (None, n) => Ok(n.unwrap_or(1)),
+        (Some(false), None | Some(1)) => Ok(1),
+        (Some(false), Some(n)) => Err(format!("--sharded false runs one shard, but --num-shard is {n}")),
+        (Some(true), Some(1)) => Err("--sharded true needs --num-shard of at least 2".into()),
+        (Some(true), Some(n)) => Ok(n),
+        (Some(true), None) if gpus >= 2 => Ok(gpus),
+        (Some(true), None) => Err(format!("--sharded true without --num-shard needs at least 2 visible GPUs; {gpus} found")),
+    }
+}
+
+/// GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else the NVIDIA device files.
+fn visible_gpus() -> usize {
+    if let Ok(v) = std::env::var("CUDA_VISIBLE_DEVICES") {
+        return v.split(',').filter(|d| !d.trim().is_empty()).count();
+    }
+    std::fs::read_dir("/dev")
+        .map(|d| d.filter_map(Result::ok)
+            .filter(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("nvidia")).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())))
+            .count())
+        .unwrap_or(0)
+}
+
 /// The model's name to clients: --served-model-name, else --model-id, else the default's hub id.
 fn served_name(args: &Args) -> &str {
     args.served_model_name.as_deref().or(args.model_id.as_deref()).unwrap_or("HuggingFaceTB/SmolLM2-135M-Instruct")
@@ -278,6 +306,19 @@ mod tests {
         let e = a.unsupported.check().unwrap_err();
         assert!(e.contains("--quantize awq") && e.contains("--trust-remote-code") && !e.contains("--speculate"), "{e}");
         assert!(Args::parse_from(["x"]).unsupported.check().is_ok());
+    }
+
+    #[test]
+    fn sharded_and_num_shard_follow_tgi() {
+        assert_eq!(shard_count(None, None, 0), Ok(1));
+        assert_eq!(shard_count(None, Some(3), 0), Ok(3));
+        assert_eq!(shard_count(Some(false), None, 8), Ok(1));
+        assert!(shard_count(Some(false), Some(2), 8).unwrap_err().contains("--num-shard is 2"));
+        assert_eq!(shard_count(Some(true), None, 4), Ok(4));
+        assert_eq!(shard_count(Some(true), Some(2), 0), Ok(2));
+        assert!(shard_count(Some(true), None, 1).unwrap_err().contains("1 found"));
+        assert!(shard_count(Some(true), Some(1), 8).is_err());
+        assert!(shard_count(None, Some(0), 8).is_err());
     }
 
     #[test]
