@@ -83,26 +83,14 @@ impl ChatTemplate {
     }
 }
 
-/// `strftime_now(fmt)` as Llama 3.x templates call it; supports %d %b %B %Y %m.
-fn strftime_now(fmt: String) -> String {
-    let days = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() / 86400).unwrap_or(0) as i64;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    const NAMES: [&str; 12] = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December"];
-    let name = NAMES[(month - 1) as usize];
-    fmt.replace("%d", &format!("{day:02}"))
-        .replace("%m", &format!("{month:02}"))
-        .replace("%Y", &year.to_string())
-        .replace("%B", name)
-        .replace("%b", &name[..3])
+/// Templates' `strftime_now(format)` (transformers provides it): today's date, UTC, formatted
+/// by chrono's strftime; a format chrono cannot render is a template error.
+fn strftime_now(fmt: String) -> Result<String, Error> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    write!(out, "{}", chrono::Utc::now().format(&fmt))
+        .map_err(|_| Error::new(ErrorKind::InvalidOperation, format!("strftime_now: cannot render the format {fmt:?}")))?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -153,8 +141,12 @@ mod tests {
     }
 
     #[test]
-    fn strftime_formats_a_date() {
-        let s = strftime_now("%d %b %Y".into());
+    fn strftime_formats_a_date_and_refuses_what_it_cannot() {
+        let s = strftime_now("%d %b %Y".into()).unwrap();
         assert_eq!(s.len(), 11, "{s}");
+        assert_eq!(strftime_now("%Y-%m-%d".into()).unwrap(), chrono::Utc::now().format("%Y-%m-%d").to_string());
+        assert!(strftime_now("%Q".into()).is_err());
+        let t = ChatTemplate::new("{{ strftime_now('%Q') }}".into(), "".into(), "".into()).unwrap();
+        assert!(t.apply(&[msg("user", "x")], false).is_err(), "a template error, not a panic");
     }
 }
