@@ -180,10 +180,7 @@ class Batch:
         dev = self.block_tables.device
         bs = self.block_size
         starts, ends = self.cache_lens, self.prompt_ends  # keys/values after the step: `ends`
-        over = ends > self.num_blocks * bs
-        if over.any():
-            ids = [self.request_ids[i] for i in np.flatnonzero(over)]
-            raise ShardError(ErrorCode.INVALID_REQUEST, f"requests {ids} have no KV slot left for another token", ids)
+        self._check_room(ends)
         new = ends - starts
         cu = np.zeros(len(ends) + 1, dtype=np.int64)
         np.cumsum(new, out=cu[1:])
@@ -222,13 +219,18 @@ class Batch:
         if (kv <= self.num_blocks * self.block_size).all():
             self.next_host = (self.cache_lens, paged_kv_metadata(kv, self.block_tables_host, self.block_size))
 
-    def decode_inputs(self) -> StepInputs:
-        dev = self.block_tables.device
-        bs = self.block_size
-        over = self.cache_lens >= self.num_blocks * bs
+    def _check_room(self, ends: np.ndarray) -> None:
+        """Refuses a step that would write keys/values past a row's blocks (`ends`: [B] KV
+        positions after it)."""
+        over = ends > self.num_blocks * self.block_size
         if over.any():
             ids = [self.request_ids[i] for i in np.flatnonzero(over)]
             raise ShardError(ErrorCode.INVALID_REQUEST, f"requests {ids} have no KV slot left for another token", ids)
+
+    def decode_inputs(self) -> StepInputs:
+        dev = self.block_tables.device
+        bs = self.block_size
+        self._check_room(self.cache_lens + 1)
         pos = self.cache_lens
         n = len(self)
         positions = to_device(pos, dev)

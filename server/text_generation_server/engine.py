@@ -208,7 +208,7 @@ class Engine:
             current = Batch.concatenate(now)
             partial = current.partial_ids()
             launched.append((self._launch(current), set(current.request_ids) - partial))
-            current = self._drop(current, partial)
+            current = self._without(current, partial)
             if current is not None:
                 inflight.append(current)
         batch = Batch.concatenate(inflight) if inflight else None
@@ -231,9 +231,8 @@ class Engine:
             assert new is None, "prompts ride ahead only with overlap"
             return batch
         if batch is not None:
-            going = batch.generated < batch.max_new_tokens
-            if not going.all():
-                batch = batch.filter([r for r, g in zip(batch.request_ids, going.tolist()) if g]) if going.any() else None
+            ending = batch.generated >= batch.max_new_tokens
+            batch = self._without(batch, [r for r, e in zip(batch.request_ids, ending.tolist()) if e])
         if new is not None:
             batch = Batch.concatenate([b for b in (batch, new) if b is not None])
             batch.id = batch_id
@@ -247,22 +246,16 @@ class Engine:
                 raise
             log.warning("launching the next step of batch %d failed: %s", batch.id, e)
             batch.ahead_error = e
-        return self._drop(batch, partial)
+        return self._without(batch, partial)
 
     @staticmethod
-    def _drop(batch: Batch, gone: set[int]) -> Batch | None:
-        """`batch` without the rows `gone` (kept as is when there are none)."""
-        if not gone:
+    def _without(batch: Batch | None, gone) -> Batch | None:
+        """`batch` without the rows `gone` (as is when none of them is in it): rows the shard ended
+        itself (length, EOS: the router need not filter them), rows known to end, or rows whose
+        prompt chunk was not their last."""
+        if batch is None or not gone:
             return batch
-        keep = [r for r in batch.request_ids if r not in gone]
-        return batch.filter(keep) if keep else None
-
-    @staticmethod
-    def _without(batch: Batch | None, finished: list[int]) -> Batch | None:
-        """The shard drops the rows it ended itself (length, EOS): the router need not filter them."""
-        if batch is None or not finished:
-            return batch
-        gone = set(finished)
+        gone = set(gone)
         keep = [r for r in batch.request_ids if r not in gone]
         if len(keep) == len(batch):
             return batch
