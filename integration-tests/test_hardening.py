@@ -205,7 +205,7 @@ def test_operator_messages(tmp_path):
                               capture_output=True, text=True, timeout=300, env=env)
 
     r = launch("--model-id", str(tmp_path / "no-model-here"))
-    assert r.returncode == 1 and "is not a local directory" in r.stderr, r.stderr
+    assert r.returncode == 1 and "is neither a local directory nor a hub repository id" in r.stderr, r.stderr
     r = launch("--server-bin", "no-such-tessera-server")
     assert r.returncode == 1 and "`no-such-tessera-server` was not found" in r.stderr, r.stderr
     r = launch("--dtype", "float8")  # the shard refuses it: at ERROR, and in the launcher's last word

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use text_generation_router::args::{LimitArgs, ServiceArgs};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 
 use crate::supervise::{check_socket_free, spawn_error, wait_for_shard, watchdog, Children, Output};
@@ -19,15 +20,23 @@ use crate::supervise::{check_socket_free, spawn_error, wait_for_shard, watchdog,
 #[derive(Parser, Debug)]
 #[command(name = "text-generation-launcher", version, about = "Tessera: serve a language model over HTTP")]
 struct Args {
-    /// Model to serve: a local model directory (config.json + *.safetensors + tokenizer.json).
-    /// Unset: the embedded default, SmolLM2-135M-Instruct.
+    /// Model to serve: a local model directory (config.json + *.safetensors + tokenizer.json), or
+    /// a hub repository id (org/name), downloaded once into the hub cache (HF_HOME, HF_TOKEN,
+    /// HF_HUB_OFFLINE and HF_ENDPOINT apply). Unset: the embedded default, SmolLM2-135M-Instruct.
     #[arg(long, env = "MODEL_ID")]
     model_id: Option<String>,
+    /// Hub revision of --model-id: a branch, tag or commit (default: main).
+    #[arg(long, env = "REVISION")]
+    revision: Option<String>,
+    /// The hub cache folder (default: $HF_HOME/hub).
+    #[arg(long, env = "HUGGINGFACE_HUB_CACHE")]
+    huggingface_hub_cache: Option<PathBuf>,
     /// HTTP port.
     #[arg(long, short, env = "PORT", default_value_t = 3000)]
     port: u16,
-    /// HTTP address to listen on.
-    #[arg(long, env = "TESSERA_HOSTNAME", default_value = "0.0.0.0")]
+    /// HTTP address to listen on. Its variable is TGI's HOSTNAME, which Docker and Kubernetes set
+    /// to the container's name: the server then listens on the container's address.
+    #[arg(long, env = "HOSTNAME", default_value = "0.0.0.0")]
     hostname: String,
     /// Number of shards (one per GPU; 1 on CPU). Default: 1, or every visible GPU with `--sharded true`.
     #[arg(long, env = "NUM_SHARD")]
@@ -146,31 +155,60 @@ async fn main() {
     std::process::exit(code);
 }
 
-/// The model directory: a local path as given, else the shard's `prepare-model` (which converts
-/// the embedded default once and caches it).
+/// The model directory: a local path as given, else the shard's `prepare-model`, which converts
+/// the embedded default once or downloads a hub repository into the hub cache. Its log lines
+/// (download progress, conversion) are re-emitted as they come.
 async fn resolve_model(args: &Args) -> Result<PathBuf, String> {
     if let Some(id) = &args.model_id {
         let p = PathBuf::from(id);
-        if p.is_dir() {
+        if p.is_dir() && args.revision.is_none() {
             return p.canonicalize().map_err(|e| format!("{id}: {e}"));
         }
     }
     tracing::info!("resolving model {}", args.model_id.as_deref().unwrap_or("(default)"));
     let mut cmd = Command::new(&args.server_bin);
-    cmd.arg("prepare-model").args(args.model_id.iter()).stdin(Stdio::null()).env("TESSERA_LOG_FORMAT", "json");
-    let out = cmd.output().await.map_err(|e| spawn_error(&args.server_bin, "--server-bin", &e))?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    for line in stderr.lines() {
-        shard_log::emit("prepare-model", line, true);
+    cmd.arg("prepare-model").args(args.model_id.iter());
+    if let Some(r) = &args.revision {
+        cmd.arg(format!("--revision={r}"));
     }
-    if !out.status.success() {
-        let why = shard_log::texts(&stderr);
-        let last: Vec<&str> = why.iter().rev().take(5).rev().map(String::as_str).collect();
-        return Err(format!("resolving the model failed ({}): {}", out.status, last.join(" | ")));
+    cmd.envs(hub_env(args)).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| spawn_error(&args.server_bin, "--server-bin", &e))?;
+    let mut stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let relay = async {
+        let mut lines = BufReader::new(stderr).lines();
+        let mut last = std::collections::VecDeque::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let text = shard_log::emit("prepare-model", &line, true);
+            if !text.trim().is_empty() {
+                last.push_back(text);
+                if last.len() > 5 {
+                    last.pop_front();
+                }
+            }
+        }
+        last
+    };
+    let mut out = String::new();
+    let (last, read, status) = tokio::join!(relay, stdout.read_to_string(&mut out), child.wait());
+    read.map_err(|e| format!("reading prepare-model's output: {e}"))?;
+    let status = status.map_err(|e| format!("waiting for prepare-model: {e}"))?;
+    if !status.success() {
+        let last: Vec<String> = last.into();
+        return Err(format!("resolving the model failed ({status}): {}", last.join(" | ")));
     }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let dir = stdout.lines().last().unwrap_or("").trim();
-    Ok(PathBuf::from(dir))
+    Ok(PathBuf::from(out.lines().last().unwrap_or("").trim()))
+}
+
+/// The environment of everything that reads the hub cache: JSON logs, and --huggingface-hub-cache
+/// as the variables huggingface_hub reads.
+fn hub_env(args: &Args) -> Vec<(&'static str, String)> {
+    let mut env = vec![("TESSERA_LOG_FORMAT", "json".to_string())];
+    if let Some(c) = &args.huggingface_hub_cache {
+        env.push(("HF_HUB_CACHE", c.display().to_string()));
+        env.push(("HUGGINGFACE_HUB_CACHE", c.display().to_string()));
+    }
+    env
 }
 
 fn router_bin(args: &Args) -> PathBuf {
@@ -220,7 +258,7 @@ async fn run(args: Args) -> Result<i32, String> {
         if let Some(ep) = &args.service.otlp_endpoint {
             cmd.arg(format!("--otlp-endpoint={ep}")).arg(format!("--otlp-service-name={}", args.service.otlp_service_name));
         }
-        cmd.env("TESSERA_LAUNCH_TOKEN", &token).env("TESSERA_LOG_FORMAT", "json");
+        cmd.env("TESSERA_LAUNCH_TOKEN", &token).envs(hub_env(&args));
         children.spawn(&format!("shard-{rank}"), cmd, Output::Shard, "--server-bin")?;
     }
     let deadline = Duration::from_secs(args.shard_startup_timeout);

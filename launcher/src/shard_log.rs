@@ -50,11 +50,6 @@ pub fn emit(child: &str, line: &str, stderr: bool) -> String {
     text
 }
 
-/// The text of a shard's output lines (a failed `prepare-model`'s stderr, say), for an error message.
-pub fn texts(output: &str) -> Vec<String> {
-    output.lines().filter(|l| !l.trim().is_empty()).map(|l| parse(l, true).1).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,6 +68,5 @@ mod tests {
     fn other_lines_are_warnings_on_stderr() {
         assert_eq!(parse("UserWarning: something", true), (Level::WARN, "UserWarning: something".to_string()));
         assert_eq!(parse("plain", false).0, Level::INFO);
-        assert_eq!(texts("a\n\n{\"level\": \"ERROR\", \"message\": \"m\"}\n"), vec!["a", "m"]);
     }
 }

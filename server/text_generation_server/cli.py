@@ -1,4 +1,5 @@
-"""`text-generation-server`: `serve` one shard, or `prepare-model` to resolve a model id to a directory."""
+"""`text-generation-server`: `serve` one shard, or `prepare-model` to resolve a model id (the
+default, a local directory, a hub repository) to a model directory, downloading or converting it."""
 
 from __future__ import annotations
 
@@ -26,16 +27,27 @@ class UsageError(Exception):
     """A problem the operator must fix (bad flag, missing model, busy socket): logged without a traceback."""
 
 
-def resolve_model(model_id: str | None) -> Path:
-    from text_generation_server.weights import default_model
+def resolve_model(model_id: str | None, revision: str | None = None) -> Path:
+    """A model directory: the embedded default (converted once), a local directory, or a hub
+    repository id downloaded into the hub cache."""
+    from text_generation_server.weights import default_model, hub
 
     if default_model.is_default(model_id):
-        return default_model.prepare_default_model()
+        if not revision:
+            return default_model.prepare_default_model()
+        if model_id != default_model.DEFAULT_MODEL_ID:
+            raise UsageError(f"--revision {revision} applies to hub model ids; the embedded default model has none")
     path = Path(model_id).expanduser()
     if path.is_dir():
+        if revision:
+            raise UsageError(f"--revision {revision} applies to hub model ids, but {model_id} is a local directory")
         return path.resolve()
-    raise UsageError(f"model {model_id!r} is not a local directory (this build serves local model directories "
-                     f"and the embedded default; no hub access)")
+    if not hub.is_repo_id(model_id):
+        raise UsageError(f"model {model_id!r} is neither a local directory nor a hub repository id (org/name)")
+    try:
+        return hub.download(model_id, revision)
+    except hub.HubError as e:
+        raise UsageError(str(e)) from e
 
 
 def claim_socket(path: str) -> None:
@@ -76,6 +88,8 @@ def setup_logging() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=env.log_level(), handlers=[handler], force=True)
     logging.captureWarnings(True)  # warnings.warn(...) as WARNING records
+    for noisy in ("httpx", "httpx2", "httpcore", "filelock"):  # one line per hub request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     def excepthook(kind, value, tb):
         log.critical("uncaught exception", exc_info=(kind, value, tb))
@@ -158,12 +172,13 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--otlp-service-name", default="tessera")
     m = sub.add_parser("prepare-model", help="print the model directory for an id, converting the default once")
     m.add_argument("model_id", nargs="?", default=None)
+    m.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of a hub model id")
     args = p.parse_args(argv)
     try:
         if args.cmd == "serve":
             _serve(args)
         else:
-            print(resolve_model(args.model_id))
+            print(resolve_model(args.model_id, args.revision))
     except UsageError as e:
         log.error("%s", e)
         sys.exit(1)

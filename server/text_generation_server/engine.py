@@ -60,8 +60,8 @@ class Engine:
         t0 = time.perf_counter()
         self.model = load_model(cfg.model_dir, cfg.dtype, cfg.device)
         mc = self.model.config
-        log.info("loaded %s (%d layers) in %.1fs on %s/%s", mc.architecture, mc.num_layers,
-                 time.perf_counter() - t0, cfg.device, cfg.dtype)
+        log.info("loaded %s (%d layers, %.1fM parameters) in %.1fs on %s/%s", mc.architecture, mc.num_layers,
+                 self.model.num_parameters / 1e6, time.perf_counter() - t0, cfg.device, cfg.dtype)
         self.attention = make_backend(
             cfg.device, cfg.dtype, cfg.attention, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
             head_dim=mc.head_dim, block_size=cfg.block_size, sliding_window=mc.sliding_window,
@@ -103,6 +103,8 @@ class Engine:
     def warmup(self, pb_batch, num_blocks: int, max_total_tokens: int = 0) -> int:
         """Run the largest planned prefill on a scratch cache, then size the real cache."""
         self.batches.clear()
+        log.info("warmup: the largest step, %d prompt tokens in %d requests",
+                 sum(len(r.input_ids) for r in pb_batch.requests), len(pb_batch.requests))
         scratch = max((max(r.blocks) for r in pb_batch.requests if r.blocks), default=0) + 1
         self._alloc_cache(scratch)
         try:

@@ -27,4 +27,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device):
         raise ConfigError(f"architecture {cfg.architecture!r} is not supported (supported: {sorted(REGISTRY)})")
     module, name = entry
     cls = getattr(importlib.import_module(f"text_generation_server.models.{module}"), name)
-    return cls(cfg, Weights(model_dir, dtype, device))
+    weights = Weights(model_dir, dtype, device)
+    model = cls(cfg, weights)
+    model.num_parameters = weights.numel
+    return model

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+log = logging.getLogger(__name__)
 
 
 class WeightError(ValueError):
@@ -24,6 +27,9 @@ class Weights:
         if index.is_file():
             names = set(json.loads(index.read_text())["weight_map"].values())
             files = [self.dir / n for n in sorted(names)]
+        log.info("loading weights: %d safetensors files, %.1f MB, from %s", len(files),
+                 sum(f.stat().st_size for f in files) / 1e6, self.dir)
+        self.numel = 0  # elements read so far: the model's parameter count once it is built
         self._where: dict[str, Path] = {}
         for f in files:
             with safe_open(str(f), framework="pt") as sf:
@@ -40,4 +46,5 @@ class Weights:
             t = sf.get_tensor(name)
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise WeightError(f"weight {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        self.numel += t.numel()
         return t.to(device=self.device, dtype=self.dtype).contiguous()

@@ -1,4 +1,6 @@
-//! `text-generation-router`: connects to the shards, warms them up, serves HTTP.
+//! The `text-generation-router` program: connects to the shards, warms them up, serves HTTP.
+//! Its binary is declared in the launcher's package (`launcher/src/bin/`), so that one crate
+//! ships both programs (the pip wheel is built from it).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,25 +9,25 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use text_generation_router::http::accept::{self, AcceptConfig};
-use text_generation_router::engine::adapters::Adapters;
-use text_generation_router::api::Info;
-use text_generation_router::args::{LimitArgs, ServiceArgs};
-use text_generation_router::infer::chat::ChatTemplate;
-use text_generation_router::engine::kv::BlockAllocator;
-use text_generation_router::shard::client::ShardedClient;
-use text_generation_router::http::health::ShardHealth;
-use text_generation_router::infer::Infer;
-use text_generation_router::shard::pb;
-use text_generation_router::engine::queue::Queue;
-use text_generation_router::engine::scheduler::{batching_loop, SchedulerConfig};
-use text_generation_router::http::server::app;
-use text_generation_router::http::AppState;
-use text_generation_router::infer::validation::Validation;
+use crate::http::accept::{self, AcceptConfig};
+use crate::engine::adapters::Adapters;
+use crate::api::Info;
+use crate::args::{LimitArgs, ServiceArgs};
+use crate::infer::chat::ChatTemplate;
+use crate::engine::kv::BlockAllocator;
+use crate::shard::client::ShardedClient;
+use crate::http::health::ShardHealth;
+use crate::infer::Infer;
+use crate::shard::pb;
+use crate::engine::queue::Queue;
+use crate::engine::scheduler::{batching_loop, SchedulerConfig};
+use crate::http::server::app;
+use crate::http::AppState;
+use crate::infer::validation::Validation;
 
 #[derive(Parser, Debug)]
 #[command(name = "text-generation-router", version, about = "Tessera HTTP router")]
-struct Args {
+pub struct Args {
     #[command(flatten)]
     limits: LimitArgs,
     #[command(flatten)]
@@ -34,7 +36,7 @@ struct Args {
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value_t = 60)]
     shutdown_timeout: u64,
     /// Address to listen on.
-    #[arg(long, env = "TESSERA_HOSTNAME", default_value = "0.0.0.0")]
+    #[arg(long, env = "HOSTNAME", default_value = "0.0.0.0")]
     hostname: String,
     /// Port to listen on.
     #[arg(long, short, env = "PORT", default_value_t = 3000)]
@@ -93,10 +95,10 @@ async fn connect(path: &str) -> Result<ShardedClient, String> {
     Err(format!("could not connect to shard at {path}: {last}"))
 }
 
-#[tokio::main]
-async fn main() {
+/// The program: parses the command line, serves until SIGTERM/SIGINT, exits 1 on an error.
+pub async fn main() {
     let args = Args::parse();
-    text_generation_router::logging::init(args.json_output);
+    crate::logging::init(args.json_output);
     if let Err(e) = run(args).await {
         tracing::error!("{e}");
         std::process::exit(1);
@@ -106,7 +108,7 @@ async fn main() {
 async fn run(args: Args) -> Result<(), String> {
     args.limits.check()?;
     let tracing_provider = match &args.service.otlp_endpoint {
-        Some(ep) => Some(text_generation_router::telemetry::init(ep, &args.service.otlp_service_name)?),
+        Some(ep) => Some(crate::telemetry::init(ep, &args.service.otlp_service_name)?),
         None => None,
     };
     let tokenizer_path = args.tokenizer_dir.join("tokenizer.json");
@@ -185,7 +187,7 @@ async fn run(args: Args) -> Result<(), String> {
     if chat_template.is_none() {
         tracing::warn!("the model has no chat template: /v1/chat/completions will answer 422");
     }
-    let metrics = match text_generation_router::metrics::install() {
+    let metrics = match crate::metrics::install() {
         Ok(h) => Some(h),
         Err(e) => {
             tracing::warn!("metrics disabled: {e}");
