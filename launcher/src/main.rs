@@ -98,6 +98,35 @@ struct Args {
     served_model_name: Option<String>,
     #[command(flatten)]
     unsupported: Unsupported,
+    #[command(flatten)]
+    inert: Inert,
+}
+
+/// TGI's scheduler knobs with no counterpart here, which TGI deployments carry: accepted, with a
+/// warning at start that says why they change nothing.
+#[derive(clap::Args, Debug, Default)]
+struct Inert {
+    /// No effect: each step admits waiting prompts (chunked) within --max-batch-tokens, so no
+    /// request waits for a number of decode steps.
+    #[arg(long, env = "MAX_WAITING_TOKENS", hide_short_help = true)]
+    max_waiting_tokens: Option<usize>,
+    /// No effect, for the same reason as --max-waiting-tokens.
+    #[arg(long, env = "WAITING_SERVED_RATIO", hide_short_help = true)]
+    waiting_served_ratio: Option<f32>,
+}
+
+impl Inert {
+    fn warnings(&self) -> Vec<String> {
+        let why = "Tessera's scheduler admits waiting prompts at every step, within --max-batch-tokens";
+        let mut out = vec![];
+        if let Some(n) = self.max_waiting_tokens {
+            out.push(format!("--max-waiting-tokens {n} has no effect: {why}"));
+        }
+        if let Some(r) = self.waiting_served_ratio {
+            out.push(format!("--waiting-served-ratio {r} has no effect: {why}"));
+        }
+        out
+    }
 }
 
 /// TGI's flags for features Tessera does not have yet: accepted by the parser so that a TGI
@@ -224,6 +253,9 @@ fn router_bin(args: &Args) -> PathBuf {
 
 async fn run(args: Args) -> Result<i32, String> {
     args.unsupported.check()?;
+    for w in args.inert.warnings() {
+        tracing::warn!("{w}");
+    }
     args.limits.check()?;
     let num_shard = shard_count(args.sharded, args.num_shard, visible_gpus())?;
     let paths: Vec<String> = (0..num_shard).map(|rank| format!("{}-{rank}", args.shard_uds_path)).collect();
@@ -357,6 +389,26 @@ mod tests {
         assert!(shard_count(Some(true), None, 1).unwrap_err().contains("1 found"));
         assert!(shard_count(Some(true), Some(1), 8).is_err());
         assert!(shard_count(None, Some(0), 8).is_err());
+    }
+
+    #[test]
+    fn every_flag_has_an_environment_variable() {
+        // The container image and the Helm chart set flags through the environment.
+        use clap::CommandFactory;
+        for a in Args::command().get_arguments() {
+            let id = a.get_id().as_str();
+            if id != "help" && id != "version" {
+                assert!(a.get_env().is_some(), "--{id} has no environment variable");
+            }
+        }
+    }
+
+    #[test]
+    fn tgi_scheduler_knobs_are_accepted_with_a_warning() {
+        let a = Args::parse_from(["x", "--max-waiting-tokens", "20", "--waiting-served-ratio", "1.2"]);
+        let w = a.inert.warnings();
+        assert!(w.len() == 2 && w[0].starts_with("--max-waiting-tokens 20 has no effect"), "{w:?}");
+        assert!(Args::parse_from(["x"]).inert.warnings().is_empty());
     }
 
     #[test]

@@ -25,7 +25,7 @@ use crate::http::{openai, AppState, JsonBody};
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Tessera", description = "TGI- and OpenAI-compatible text generation server"),
-    paths(compat_generate, generate, generate_stream, tokenize, health, info, metrics,
+    paths(compat_generate, generate, generate_stream, tokenize, health, live, info, metrics,
           openai::completions, openai::chat_completions, openai::models, load_lora_adapter, unload_lora_adapter),
     components(schemas(GenerateRequest, GenerateParameters, GenerateResponse, Details, BestOfSequence, PrefillToken,
                         Token, FinishReason, StreamResponse, StreamDetails, SimpleToken, Info, ErrorBody,
@@ -51,6 +51,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/load_lora_adapter", post(load_lora_adapter))
         .route("/v1/unload_lora_adapter", post(unload_lora_adapter))
         .route("/health", get(health))
+        .route("/live", get(live))
         .route("/info", get(info))
         .route("/metrics", get(metrics))
         .route("/api-doc/openapi.json", get(openapi))
@@ -134,11 +135,11 @@ fn is_length_limit(e: &axum::Error) -> bool {
     false
 }
 
-/// API key on every route but /health; while draining, or while a shard does not answer, new
+/// API key on every route but the probes (/health, /live); while draining, or while a shard does not answer, new
 /// POSTs get 503.
 async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    if path != "/health" {
+    if path != "/health" && path != "/live" {
         if let Some(key) = &s.api_key {
             let ok = req
                 .headers()
@@ -345,6 +346,14 @@ async fn health(State(s): State<AppState>) -> Response {
         Ok(()) => StatusCode::OK.into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+/// `GET /live`: 200 while the router runs, draining included. Kubernetes' liveness probe: a drain
+/// is not a failure, and a shard that dies or hangs stops the launcher, which ends the container.
+/// Readiness is /health.
+#[utoipa::path(get, path = "/live", tag = "Text Generation Inference", responses((status = 200, description = "Alive")))]
+async fn live() -> StatusCode {
+    StatusCode::OK
 }
 
 /// `GET /info`
