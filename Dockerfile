@@ -3,14 +3,17 @@
 #   chef, planner, builder   Rust: dependencies cooked in their own layer (cargo-chef), then the
 #                            tessera wheel (both binaries + the shard package; pyproject.toml)
 #   python-cuda, python-cpu  the venv, made by scripts/install-python.sh (the recipe make uses)
-#   cpu                      runtime on python:3.12-slim       docker build --target cpu .
-#   cuda (last: default)     runtime on the CUDA runtime image  docker build .
+#   base-cpu, base-cuda      the venv on python:3.12-slim, or on the CUDA runtime image
+#   runtime                  user, /data, ports, health check, entrypoint, over base-$VARIANT:
+#                              docker build .                         (CUDA)
+#                              docker build --build-arg VARIANT=cpu .  (CPU)
 # docs/deploy.md says how to run it. CI lints this file (hadolint) and starts the launcher the
 # way the runtime stages do (integration-tests/test_deploy.py); no image is built there.
 
 ARG RUST_VERSION=1.95
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
+ARG VARIANT=cuda
 
 FROM rust:${RUST_VERSION}-bookworm AS chef
 RUN cargo install cargo-chef --locked --version 0.1.73
@@ -50,10 +53,28 @@ COPY scripts/install-python.sh /tmp/install-python.sh
 COPY --from=builder /dist /dist
 RUN /tmp/install-python.sh /opt/tessera cpu "$(ls /dist/tessera-*.whl)"
 
-FROM ${PYTHON_IMAGE} AS cpu
+# The runtime's base, by variant: the venv on slim Python, or on the CUDA runtime image with what
+# FlashInfer's kernel compiler needs (nvcc and the CUDA headers, not the whole toolkit).
+FROM ${PYTHON_IMAGE} AS base-cpu
+COPY --from=python-cpu /opt/tessera /opt/tessera
+
+FROM ${CUDA_IMAGE} AS base-cuda
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 cuda-nvcc-13-0 cuda-cudart-dev-13-0 cuda-cccl-13-0 \
+       cuda-nvrtc-dev-13-0 libcublas-dev-13-0 libcurand-dev-13-0 ninja-build g++ \
+    && rm -rf /var/lib/apt/lists/* \
+    && (userdel --remove ubuntu 2>/dev/null || true)
+COPY --from=python-cuda /opt/tessera /opt/tessera
+ENV PATH=/usr/local/cuda/bin:$PATH \
+    CUDA_HOME=/usr/local/cuda \
+    FLASHINFER_WORKSPACE_BASE=/data \
+    TRITON_CACHE_DIR=/data/triton
+
+# base-${VARIANT} names one of the two stages above, not an image to tag.
+# hadolint ignore=DL3006
+FROM base-${VARIANT} AS runtime
 RUN useradd --create-home --uid 1000 tessera \
     && mkdir -p /data && chown tessera /data
-COPY --from=python-cpu /opt/tessera /opt/tessera
 # Every launcher flag has an environment variable (--help lists them); these are the image's own.
 ENV PATH=/opt/tessera/bin:$PATH \
     HF_HOME=/data \
@@ -64,30 +85,6 @@ EXPOSE 8080
 USER 1000
 WORKDIR /data
 # The launcher listens on $HOSTNAME (Docker sets it to the container's name, as TGI expects).
-HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://%s:%s/health' % (os.environ.get('HOSTNAME') or '127.0.0.1', os.environ['PORT']), timeout=4)"]
-ENTRYPOINT ["text-generation-launcher"]
-
-FROM ${CUDA_IMAGE} AS cuda
-# FlashInfer compiles its kernels on first use: nvcc and the CUDA headers, not the whole toolkit.
-RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 cuda-nvcc-13-0 cuda-cudart-dev-13-0 cuda-cccl-13-0 \
-       cuda-nvrtc-dev-13-0 libcublas-dev-13-0 libcurand-dev-13-0 ninja-build g++ \
-    && rm -rf /var/lib/apt/lists/* \
-    && (userdel --remove ubuntu 2>/dev/null || true) \
-    && useradd --create-home --uid 1000 tessera \
-    && mkdir -p /data && chown tessera /data
-COPY --from=python-cuda /opt/tessera /opt/tessera
-ENV PATH=/opt/tessera/bin:/usr/local/cuda/bin:$PATH \
-    CUDA_HOME=/usr/local/cuda \
-    HF_HOME=/data \
-    TESSERA_CACHE=/data/tessera \
-    FLASHINFER_WORKSPACE_BASE=/data \
-    PORT=8080
-VOLUME /data
-EXPOSE 8080
-USER 1000
-WORKDIR /data
 HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://%s:%s/health' % (os.environ.get('HOSTNAME') or '127.0.0.1', os.environ['PORT']), timeout=4)"]
 ENTRYPOINT ["text-generation-launcher"]

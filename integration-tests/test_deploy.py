@@ -63,26 +63,28 @@ def test_the_dockerfile_passes_hadolint():
 
 def test_the_image_installs_with_the_recipe_make_uses():
     stages = _stages((ROOT / "Dockerfile").read_text())
-    assert list(stages)[-1] == "cuda", "the CUDA runtime must be the default (last) stage"
+    assert list(stages)[-1] == "runtime" and "base-${VARIANT}" in (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG VARIANT=cuda$", (ROOT / "Dockerfile").read_text(), re.M), "CUDA by default"
     for name, profile in (("python-cuda", "cuda"), ("python-cpu", "cpu")):
         runs = " ".join(rest for word, rest in stages[name] if word == "RUN")
         assert f"install-python.sh /opt/tessera {profile}" in runs, runs
     assert "scripts/install-python.sh $(VENV) dev" in (ROOT / "Makefile").read_text()
     builder = " ".join(rest for word, rest in stages["builder"] if word == "RUN")
     assert "cargo chef cook --release" in builder and "maturin build --release" in builder
-    for name in ("cpu", "cuda"):
-        ins = stages[name]
-        assert ("ENTRYPOINT", '["text-generation-launcher"]') in ins, name
-        assert ("VOLUME", "/data") in ins and _env_of(ins)["HF_HOME"] == "/data", name
-        user = [rest for word, rest in ins if word == "USER"]
-        assert user and user[-1].isdigit() and user[-1] != "0", f"{name} must run as a numeric non-root user"
-        assert any(word == "HEALTHCHECK" for word, _ in ins), name
+    for name, python in (("base-cpu", "python-cpu"), ("base-cuda", "python-cuda")):
+        assert ("COPY", f"--from={python} /opt/tessera /opt/tessera") in stages[name], name
+    ins = stages["runtime"]
+    assert ("ENTRYPOINT", '["text-generation-launcher"]') in ins
+    assert ("VOLUME", "/data") in ins and _env_of(ins)["HF_HOME"] == "/data"
+    user = [rest for word, rest in ins if word == "USER"]
+    assert user and user[-1].isdigit() and user[-1] != "0", "the image must run as a numeric non-root user"
+    assert any(word == "HEALTHCHECK" for word, _ in ins)
 
 
 def test_the_image_entrypoint_serves_and_its_healthcheck_passes(tmp_path):
-    """The cpu stage's entrypoint with the stage's environment, /data a folder here (the converted
+    """The runtime stage's entrypoint with the stage's environment, /data a folder here (the converted
     default model linked in, as a warm /data volume would hold it) and HOSTNAME as Docker sets it."""
-    ins = _stages((ROOT / "Dockerfile").read_text())["cpu"]
+    ins = _stages((ROOT / "Dockerfile").read_text())["runtime"]
     env_img = _env_of(ins)
     data = tmp_path / "data"
     data.mkdir()
