@@ -163,13 +163,13 @@ class _Progress:
             return 0
 
     def _run(self) -> None:
-        start = self._size()
         while not self.done.wait(self.every):
-            got = max(self._size() - start, 0)
+            got = max(self._size() - self.start, 0)
             pct = 100 * got / self.total if self.total else 0
             log.info("downloading %s: %.1f of %.1f MB (%.0f%%)", self.where, got / 1e6, self.total / 1e6, pct)
 
     def __enter__(self):
+        self.start = self._size()  # before any file comes, not when the thread first runs
         self.thread = threading.Thread(target=self._run, name="download-progress", daemon=True)
         self.thread.start()
         return self
