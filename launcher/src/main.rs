@@ -38,7 +38,8 @@ struct Args {
     /// to the container's name: the server then listens on the container's address.
     #[arg(long, env = "HOSTNAME", default_value = "0.0.0.0")]
     hostname: String,
-    /// Number of shards (one per GPU; 1 on CPU). Default: 1, or every visible GPU with `--sharded true`.
+    /// Number of shards: the model is split over them (tensor parallelism; one per GPU, or CPU
+    /// processes). Default: 1, or every visible GPU with `--sharded true`.
     #[arg(long, env = "NUM_SHARD")]
     num_shard: Option<usize>,
     /// TGI's switch: `true` shards the model over --num-shard GPUs (default: every visible GPU),
@@ -268,6 +269,8 @@ async fn run(args: Args) -> Result<i32, String> {
     // Shards report it in Info; we and the router refuse a shard that does not (one of another
     // instance that took the socket path).
     let token = launch_token()?;
+    // The tensor-parallel group's rendezvous: rank 0 listens on a free local port.
+    let master_port = free_port()?;
 
     for rank in 0..num_shard {
         let mut cmd = Command::new(&args.server_bin);
@@ -276,6 +279,8 @@ async fn run(args: Args) -> Result<i32, String> {
             .arg(format!("--uds-path={}", args.shard_uds_path))
             .arg(format!("--rank={rank}"))
             .arg(format!("--world-size={num_shard}"))
+            .arg("--master-addr=127.0.0.1")
+            .arg(format!("--master-port={master_port}"))
             .arg(format!("--cuda-memory-fraction={}", args.cuda_memory_fraction))
             .arg(format!("--cuda-graphs={}", args.cuda_graphs))
             .arg(format!("--lora-adapters={}", args.lora_adapters))
@@ -356,6 +361,14 @@ fn visible_gpus() -> usize {
 /// The model's name to clients: --served-model-name, else --model-id, else the default's hub id.
 fn served_name(args: &Args) -> &str {
     args.served_model_name.as_deref().or(args.model_id.as_deref()).unwrap_or("HuggingFaceTB/SmolLM2-135M-Instruct")
+}
+
+/// A local TCP port free now (the OS's pick).
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("finding a free port for the shards' rendezvous: {e}"))
 }
 
 /// 128 random bits, hex.

@@ -237,6 +237,10 @@ pub struct Info {
     pub max_active_adapters: u32,
     /// LoRA adapters usable by name (registered, resident, or in the adapter source).
     pub adapters: Vec<String>,
+    /// Shards the model is split over (tensor parallelism; 1: not split).
+    pub world_size: u32,
+    /// Parameters each shard holds, in rank order (about 1/world_size of the model each).
+    pub shard_parameters: Vec<u64>,
     pub router: String,
     pub version: String,
 }

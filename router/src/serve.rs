@@ -116,14 +116,23 @@ async fn run(args: Args) -> Result<(), String> {
         tokenizers::Tokenizer::from_file(&tokenizer_path).map_err(|e| format!("loading {}: {e}", tokenizer_path.display()))?,
     );
     let mut client = connect(&args.master_shard_uds_path).await?;
+    let infos = client.infos().await.map_err(|e| e.to_string())?;
     if let Some(token) = &args.launch_token {
-        for (path, info) in client.infos().await.map_err(|e| e.to_string())? {
+        for (path, info) in &infos {
             if &info.launch_token != token {
                 return Err(format!(
                     "the shard at {path} was not started by this launch (another Tessera instance on the same \
                      --shard-uds-path?); refusing to use it"
                 ));
             }
+        }
+    }
+    for (rank, (path, info)) in infos.iter().enumerate() {
+        if info.rank as usize != rank || info.world_size as usize != infos.len() {
+            return Err(format!(
+                "the shard at {path} is rank {} of {}, but it is shard {rank} of {} here",
+                info.rank, info.world_size, infos.len()
+            ));
         }
     }
     let mut shard_info = client.info().await.map_err(|e| e.to_string())?;
@@ -180,6 +189,8 @@ async fn run(args: Args) -> Result<(), String> {
         queue_size: 0,
         max_active_adapters: shard_info.max_active_adapters,
         adapters: vec![],
+        world_size: infos.len() as u32,
+        shard_parameters: infos.iter().map(|(_, i)| i.num_parameters).collect(),
         router: env!("CARGO_PKG_NAME").into(),
         version: env!("CARGO_PKG_VERSION").into(),
     };

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from text_generation_server import env
+from text_generation_server.models.config import ConfigError
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -105,12 +106,16 @@ def _serve(args: argparse.Namespace) -> None:
 
     from text_generation_server import tracing
 
+    from text_generation_server.parallel import init_group
+
     tracing.setup(args.otlp_endpoint, args.otlp_service_name, args.rank)
     torch.set_grad_enabled(False)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         device = torch.device("cuda", args.rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(device)
+    if not 0 <= args.rank < args.world_size:
+        raise UsageError(f"--rank {args.rank} is not within --world-size {args.world_size}")
     dtype_name = DTYPES.get(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if dtype_name is None:
         raise UsageError(f"--dtype must be one of {sorted(DTYPES)}, got {args.dtype!r}")
@@ -123,7 +128,12 @@ def _serve(args: argparse.Namespace) -> None:
         if not sep or not name or not path:
             raise UsageError(f"--lora-adapters entries are name=path, got {item!r}")
         adapters.append((name, Path(path)))
-    engine = Engine(EngineConfig(model_dir=resolve_model(args.model_id), dtype=getattr(torch, dtype_name),
+    if device.type == "cpu" and args.world_size > 1:  # the ranks share the cores instead of each taking all
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))
+    model_dir = resolve_model(args.model_id)
+    group = init_group(args.rank, args.world_size, args.master_addr, args.master_port, device,
+                       env.collective_timeout())
+    engine = Engine(EngineConfig(model_dir=model_dir, dtype=getattr(torch, dtype_name), group=group,
                                  device=device, block_size=args.block_size,
                                  cuda_memory_fraction=args.cuda_memory_fraction, attention=args.attention,
                                  cuda_graphs=graphs, lora_adapters=tuple(adapters),
@@ -155,7 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("model_id", nargs="?", default=None, help="model directory (default: the embedded default model)")
     s.add_argument("--uds-path", default="/tmp/tessera-server", help="socket path prefix; the shard appends -RANK")
     s.add_argument("--rank", type=int, default=0)
-    s.add_argument("--world-size", type=int, default=1)
+    s.add_argument("--world-size", type=int, default=1, help="tensor-parallel ranks (shards of one model)")
+    s.add_argument("--master-addr", default="127.0.0.1", help="rendezvous address of the tensor-parallel group")
+    s.add_argument("--master-port", type=int, default=29500, help="rendezvous port (rank 0 listens on it)")
     s.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
     s.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
     s.add_argument("--block-size", type=int, default=16)
@@ -179,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
             _serve(args)
         else:
             print(resolve_model(args.model_id, args.revision))
-    except UsageError as e:
+    except (UsageError, ConfigError) as e:
         log.error("%s", e)
         sys.exit(1)
 

@@ -23,6 +23,7 @@ from text_generation_server.errors import ErrorCode, ShardError
 from text_generation_server import step
 from text_generation_server.lora.pool import AdapterPool
 from text_generation_server.models import load_model
+from text_generation_server.parallel import SINGLE, Group
 from text_generation_server.step import StepResult
 
 log = logging.getLogger(__name__)
@@ -52,13 +53,15 @@ class EngineConfig:
     """Adapters kept resident at once (LRU)."""
     max_lora_rank: int = 64
     """Largest adapter rank on CUDA (the slot table is padded to it); the CPU path has no limit."""
+    group: Group = SINGLE
+    """This shard's tensor-parallel group (`parallel.py`); SINGLE at world size 1."""
 
 
 class Engine:
     def __init__(self, cfg: EngineConfig):
         self.cfg = cfg
         t0 = time.perf_counter()
-        self.model = load_model(cfg.model_dir, cfg.dtype, cfg.device)
+        self.model = load_model(cfg.model_dir, cfg.dtype, cfg.device, cfg.group)
         mc = self.model.config
         log.info("loaded %s (%d layers, %.1fM parameters) in %.1fs on %s/%s", mc.architecture, mc.num_layers,
                  self.model.num_parameters / 1e6, time.perf_counter() - t0, cfg.device, cfg.dtype)
@@ -67,8 +70,8 @@ class Engine:
             head_dim=mc.head_dim, block_size=cfg.block_size, sliding_window=mc.sliding_window,
         )
         self.graphs = None  # DecodeGraphs, captured at warmup
-        self.adapters = AdapterPool(mc, cfg.dtype, cfg.device, dict(cfg.lora_adapters), cfg.adapter_source,
-                                    cfg.max_active_adapters)
+        self.adapters = AdapterPool(self.model.full_config, cfg.dtype, cfg.device, dict(cfg.lora_adapters),
+                                    cfg.adapter_source, cfg.max_active_adapters, split=self.model.split)
         self.lora_kernels = None  # SlotKernels over the CUDA slot table (lora/kernels.py); None: the torch path
         if self.adapters.enabled and cfg.device.type == "cuda" and self.attention.name == "flashinfer":
             from text_generation_server.lora.kernels import make_slot_kernels
@@ -121,6 +124,7 @@ class Engine:
                 num_blocks = int(free * self.cfg.cuda_memory_fraction) // self.bytes_per_block() - 1
             else:
                 num_blocks = env.cpu_kv_cache_bytes() // self.bytes_per_block() - 1
+        num_blocks = self.cfg.group.min(num_blocks, self.cfg.device)  # every rank holds the same cache
         if num_blocks < scratch:
             raise ShardError(ErrorCode.OUT_OF_MEMORY, f"only {num_blocks} KV blocks fit, the warmup batch needs {scratch}")
         self._alloc_cache(num_blocks)

@@ -78,3 +78,10 @@ def overlap(device_type: str) -> bool:
     if v not in ("", "0", "1"):
         raise ValueError(f"TESSERA_OVERLAP must be 0 or 1, got {v!r}")
     return device_type == "cuda" if v == "" else v == "1"
+
+
+def collective_timeout() -> float:
+    """Seconds a tensor-parallel collective may wait for the other ranks before it fails
+    (TESSERA_COLLECTIVE_TIMEOUT, default 120): a rank that failed or hangs alone then fails the
+    step on every rank instead of hanging them."""
+    return float(os.environ.get("TESSERA_COLLECTIVE_TIMEOUT", "120"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +71,13 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             err = ShardError_to_pb(e)
         except Exception as e:  # noqa: BLE001 - every failure must reach the router typed
             log.exception("shard call %s failed", getattr(fn, "__name__", fn))
+            if self.engine.cfg.group.world > 1:
+                # Failed here alone (out of memory, a collective that timed out): the ranks may no
+                # longer meet at the same collectives. Answer, then exit, so that the launcher stops
+                # every rank (exit 1) instead of the next step hanging or mixing two steps' data.
+                log.critical("rank %d of %d: exiting: a step failed on this rank, the tensor-parallel group "
+                             "cannot continue", self.engine.cfg.group.rank, self.engine.cfg.group.world)
+                asyncio.get_running_loop().call_later(0.5, os._exit, 1)
             code = ErrorCode.OUT_OF_MEMORY if isinstance(e, (torch.OutOfMemoryError, MemoryError)) else ErrorCode.INTERNAL
             err = pb.ShardError(code=int(code), message=f"{type(e).__name__}: {e}")
         status = grpc.StatusCode.RESOURCE_EXHAUSTED if err.code == ErrorCode.OUT_OF_MEMORY else (
@@ -91,6 +99,9 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
             attention_backend=self.engine.attention.name,
             max_active_adapters=self.engine.adapters.max_active,
             launch_token=env.launch_token(),
+            rank=self.engine.cfg.group.rank,
+            world_size=self.engine.cfg.group.world,
+            num_parameters=self.engine.model.num_parameters,
         )
 
     async def Health(self, request, context):

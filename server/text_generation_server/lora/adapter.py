@@ -130,9 +130,11 @@ def probe_adapter(name: str, path: Path, cfg: ModelConfig, root: Path | None) ->
     return conf.rank
 
 
-def read_adapter(name: str, path: Path, cfg: ModelConfig, dtype: torch.dtype, root: Path | None = None) -> Adapter:
+def read_adapter(name: str, path: Path, cfg: ModelConfig, dtype: torch.dtype, root: Path | None = None,
+                 split=None) -> Adapter:
     """Reads a PEFT directory into host memory in `dtype` (files only inside `root` when given); a config,
-    name, shape, dtype or value the base model cannot use is a BAD_ADAPTER error."""
+    name, shape, dtype or value the base model cannot use is a BAD_ADAPTER error. With `split` (a
+    tensor-parallel rank's `parallel.Split`), each pair is cut to match its base projection there."""
     conf_path, weights_path = adapter_files(name, path, root)
     conf = read_config(name, conf_path)
     try:
@@ -151,5 +153,5 @@ def read_adapter(name: str, path: Path, cfg: ModelConfig, dtype: torch.dtype, ro
             if not torch.isfinite(t).all():  # NaN/Inf in the file, or too large for `dtype`
                 raise bad(name, f"layer {layer} {proj}: {which} holds NaN or infinite values (in {dtype})")
             ab.append(t)
-        weights[(layer, proj)] = (ab[0], ab[1])
+        weights[(layer, proj)] = (ab[0], ab[1]) if split is None else split.lora(proj, ab[0], ab[1])
     return Adapter(name, conf.rank, conf.scaling, weights)

@@ -52,9 +52,11 @@ class Resident:
 
 class AdapterPool:
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, static: dict[str, Path],
-                 source: Path | None, max_active: int, slots=None):
-        """`slots`: a SlotTable (CUDA kernels) or None (grouped torch path)."""
-        self.cfg, self.dtype, self.device = cfg, dtype, device
+                 source: Path | None, max_active: int, slots=None, split=None):
+        """`cfg`: the checkpoint's config (adapters are checked against it); `slots`: a SlotTable
+        (CUDA kernels) or None (grouped torch path); `split`: this rank's `parallel.Split` (each
+        adapter is cut to match it), None at world size 1."""
+        self.cfg, self.dtype, self.device, self.split = cfg, dtype, device, split
         self.static = dict(static)
         self.source = source.resolve() if source else None
         self.max_active = max(1, max_active)
@@ -168,7 +170,7 @@ class AdapterPool:
     def _read(self, name: str, path: Path) -> Adapter:
         stamp = self._stamp(path)
         try:
-            host = read_adapter(name, path, self.cfg, self.dtype, self._root(path))
+            host = read_adapter(name, path, self.cfg, self.dtype, self._root(path), self.split)
             if self.slots is not None:
                 self.slots.check(host)
         except ShardError as e:

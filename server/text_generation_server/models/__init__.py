@@ -20,14 +20,20 @@ REGISTRY = {  # architecture -> (module under models/, class)
 }
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device):
+def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device, group=None):
+    """This rank's share of the model (all of it at world size 1, `group` None): only its slices
+    are read. `group`: the shard's `parallel.Group`."""
+    from text_generation_server.parallel import SINGLE, Split  # parallel imports models.config
+
+    group = group or SINGLE
     cfg = ModelConfig.from_dir(model_dir)
     entry = REGISTRY.get(cfg.architecture)
     if entry is None:
         raise ConfigError(f"architecture {cfg.architecture!r} is not supported (supported: {sorted(REGISTRY)})")
     module, name = entry
     cls = getattr(importlib.import_module(f"text_generation_server.models.{module}"), name)
+    split = Split.of(cfg, group.rank, group.world)
     weights = Weights(model_dir, dtype, device)
-    model = cls(cfg, weights)
+    model = cls(cfg, weights, split, group)
     model.num_parameters = weights.numel
     return model

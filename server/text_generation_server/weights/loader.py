@@ -39,12 +39,24 @@ class Weights:
     def has(self, name: str) -> bool:
         return name in self._where
 
-    def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...] | None = None, rows: tuple[int, int] | None = None,
+            cols: tuple[int, int] | None = None, pad_rows: int | None = None) -> torch.Tensor:
+        """The tensor `name` (its full `shape` checked), or only rows [lo, hi) or columns [lo, hi) of
+        it (a tensor-parallel rank's share: only those bytes are read), zero-padded to `pad_rows`."""
         if name not in self._where:
             raise WeightError(f"weight {name!r} not found in {self.dir}")
         with safe_open(str(self._where[name]), framework="pt") as sf:
-            t = sf.get_tensor(name)
-        if shape is not None and tuple(t.shape) != tuple(shape):
-            raise WeightError(f"weight {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+            part = sf.get_slice(name)
+            full = tuple(part.get_shape())
+            if shape is not None and full != tuple(shape):
+                raise WeightError(f"weight {name!r} has shape {full}, expected {tuple(shape)}")
+            if rows is not None:
+                t = part[rows[0]:rows[1]]
+            elif cols is not None:
+                t = part[:, cols[0]:cols[1]]
+            else:
+                t = sf.get_tensor(name)
         self.numel += t.numel()
+        if pad_rows is not None and t.shape[0] < pad_rows:
+            t = torch.cat([t, t.new_zeros(pad_rows - t.shape[0], *t.shape[1:])])
         return t.to(device=self.device, dtype=self.dtype).contiguous()
