@@ -20,11 +20,12 @@ from shard_calls import name_adapters
 LAYOUTS = [(9, 3, 2), (6, 2, 2), (12, 2, 4), (4, 4, 4), (4, 1, 2)]
 
 
-def _tiny(path, heads: int, kv_heads: int, seed: int = 0):
+def _tiny(path, heads: int, kv_heads: int, seed: int = 0, head_dim: int = 8):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=8 * heads, intermediate_size=66, num_hidden_layers=2, head_dim=8,
+    cfg = LlamaConfig(vocab_size=97, hidden_size=head_dim * heads, intermediate_size=66, num_hidden_layers=2,
+                      head_dim=head_dim,
                       num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
                       rms_norm_eps=1e-5, eos_token_id=1, bos_token_id=0, tie_word_embeddings=(heads == 12))
     LlamaForCausalLM(cfg).save_pretrained(path)

@@ -52,7 +52,7 @@ def _run(rank: int, world: int, port: int, model_dir: str, adapter: str, out: st
 
 @pytest.mark.parametrize("heads, kv_heads", [(8, 8), (8, 2)])
 def test_two_gpus_give_the_tokens_of_one(tmp_path, heads, kv_heads):
-    model_dir = _tiny(tmp_path / "m", heads, kv_heads)
+    model_dir = _tiny(tmp_path / "m", heads, kv_heads, head_dim=64)  # a head size FlashInfer has kernels for
     adapter = str(_adapter(tmp_path / "lora", model_dir))
     mp.spawn(_run, args=(1, _port(), str(model_dir), adapter, str(tmp_path / "one")), nprocs=1, join=True)
     mp.spawn(_run, args=(2, _port(), str(model_dir), adapter, str(tmp_path / "two")), nprocs=2, join=True)
