@@ -85,3 +85,23 @@ def test_sharded_without_gpus_is_refused_with_the_reason():
     rc = s.proc.wait(60)
     s.stop()
     assert rc != 0 and "--sharded true without --num-shard needs at least 2 visible GPUs; 0 found" in s.tail()
+
+
+def test_the_launcher_and_the_shard_default_the_flags_they_share_alike():
+    """The launcher passes these to every shard explicitly; a shard started by hand (benchmarks,
+    debugging) must behave the same, so the two defaults must not drift apart."""
+    import re
+    import subprocess
+
+    from conftest import LAUNCHER
+    from text_generation_server.cli import parser
+
+    help_text = subprocess.run([str(LAUNCHER), "--help"], capture_output=True, text=True, check=True).stdout
+    shard = parser().parse_args(["serve"])
+    shared = {"--cuda-graphs": shard.cuda_graphs, "--cuda-memory-fraction": shard.cuda_memory_fraction,
+              "--max-active-adapters": shard.max_active_adapters, "--max-lora-rank": shard.max_lora_rank,
+              "--shard-uds-path": shard.uds_path, "--otlp-service-name": shard.otlp_service_name}
+    for flag, want in shared.items():
+        m = re.search(rf"{flag} <\w+>.*?\[default: ([^\]]+)\]", help_text, re.S)
+        assert m, flag
+        assert type(want)(m.group(1)) == want, (flag, m.group(1), want)

@@ -15,7 +15,7 @@ use text_generation_router::args::{LimitArgs, ServiceArgs};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::Command;
 
-use crate::supervise::{check_socket_free, spawn_error, wait_for_shard, watchdog, Children, Output};
+use crate::supervise::{check_socket_free, die_with_us, spawn_error, wait_for_shard, watchdog, Children, Output};
 
 #[derive(Parser, Debug)]
 #[command(name = "text-generation-launcher", version, about = "Tessera: serve a language model over HTTP")]
@@ -202,6 +202,7 @@ async fn resolve_model(args: &Args) -> Result<PathBuf, String> {
         cmd.arg(format!("--revision={r}"));
     }
     cmd.envs(hub_env(args)).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    die_with_us(&mut cmd); // a download must not outlive a launcher that was stopped
     let mut child = cmd.spawn().map_err(|e| spawn_error(&args.server_bin, "--server-bin", &e))?;
     let mut stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");

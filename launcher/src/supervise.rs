@@ -47,6 +47,14 @@ pub fn spawn_error(bin: &str, flag: &str, e: &std::io::Error) -> String {
     }
 }
 
+/// Marks a child to get SIGTERM when the launcher exits, however it exits.
+pub fn die_with_us(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe; it only marks this child to be signalled when we exit.
+    unsafe {
+        cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from));
+    }
+}
+
 impl Children {
     pub fn new() -> Self {
         let (exits_tx, exits) = mpsc::unbounded_channel();
@@ -58,10 +66,7 @@ impl Children {
     /// SIGTERM if we die.
     pub fn spawn(&mut self, name: &str, mut cmd: Command, output: Output, flag: &str) -> Result<String, String> {
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true).process_group(0);
-        // SAFETY: prctl is async-signal-safe; it only marks this child to be signalled when we exit.
-        unsafe {
-            cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(std::io::Error::from));
-        }
+        die_with_us(&mut cmd);
         let bin = cmd.as_std().get_program().to_string_lossy().to_string();
         let mut child = cmd.spawn().map_err(|e| spawn_error(&bin, flag, &e))?;
         let pid = child.id().ok_or_else(|| format!("{name} exited at once"))?;

@@ -157,8 +157,9 @@ def _serve(args: argparse.Namespace) -> None:
     asyncio.run(main())
 
 
-def main(argv: list[str] | None = None) -> None:
-    setup_logging()
+def parser() -> argparse.ArgumentParser:
+    """The command line. The launcher passes every `serve` flag it shares with it explicitly;
+    integration-tests/test_tgi_command_line.py checks that their defaults agree."""
     p = argparse.ArgumentParser(prog="text-generation-server")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="serve one shard over gRPC on a unix socket")
@@ -185,7 +186,12 @@ def main(argv: list[str] | None = None) -> None:
     m = sub.add_parser("prepare-model", help="print the model directory for an id, converting the default once")
     m.add_argument("model_id", nargs="?", default=None)
     m.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of a hub model id")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    args = parser().parse_args(argv)
     try:
         if args.cmd == "serve":
             _serve(args)
