@@ -77,6 +77,10 @@ pub enum ValidationError {
     Param { message: String, param: String },
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
+    /// A grammar (JSON schema, regex, tools) that cannot be used: malformed, or a feature the
+    /// grammar engine does not support.
+    #[error("invalid `{0}`: {1}")]
+    Grammar(&'static str, String),
 }
 
 /// Why an inference request failed.
@@ -214,6 +218,7 @@ impl ErrorKind for InferError {
     fn param(&self) -> Option<String> {
         match self {
             InferError::Validation(ValidationError::Param { param, .. }) => Some(param.clone()),
+            InferError::Validation(ValidationError::Grammar(field, _)) => Some(field.to_string()),
             _ => None,
         }
     }

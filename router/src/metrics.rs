@@ -56,6 +56,9 @@ fn describe() {
     describe_histogram!("tessera_batch_decode_duration_seconds", Unit::Seconds, "One step of decoding rows only");
     describe_histogram!("tessera_batch_router_duration_seconds", Unit::Seconds,
                         "Router time between a step's answer and the next step call (steps without prompts)");
+    describe_histogram!("tessera_grammar_compile_seconds", Unit::Seconds, "Compiling a request's grammar (cache misses only)");
+    describe_counter!("tessera_grammar_cache_total", "Grammar lookups, by result (hit: compiled before, miss: compiled now)");
+    describe_histogram!("tessera_grammar_mask_seconds", Unit::Seconds, "Computing the token masks of one step's constrained rows");
     describe_histogram!("tessera_request_input_tokens", "Prompt tokens per request");
     describe_histogram!("tessera_request_generated_tokens", "Generated tokens per request");
     describe_counter!("tessera_input_tokens_total", "Prompt tokens of all requests");
@@ -126,6 +129,17 @@ pub fn step(decoding: usize, prompt_tokens: u32, prompts: usize, partial: usize,
     }
     counter!("tessera_prefill_chunks_total").increment(partial as u64);
     counter!("tessera_chunked_prefills_total").increment(completed as u64);
+}
+
+pub fn grammar_lookup(hit: bool, compile: Option<Duration>) {
+    counter!("tessera_grammar_cache_total", "result" => if hit { "hit" } else { "miss" }).increment(1);
+    if let Some(d) = compile {
+        histogram!("tessera_grammar_compile_seconds").record(d.as_secs_f64());
+    }
+}
+
+pub fn grammar_masks(d: Duration) {
+    histogram!("tessera_grammar_mask_seconds").record(d.as_secs_f64());
 }
 
 pub fn preemption() {

@@ -23,6 +23,7 @@ use crate::engine::queue::Queue;
 use crate::engine::scheduler::{batching_loop, SchedulerConfig};
 use crate::http::server::app;
 use crate::http::AppState;
+use crate::engine::grammar::Grammars;
 use crate::infer::validation::Validation;
 
 #[derive(Parser, Debug)]
@@ -205,7 +206,13 @@ async fn run(args: Args) -> Result<(), String> {
             None
         }
     };
-    let validation = Validation::new(tokenizer.clone(), args.limits.clone());
+    let mut validation = Validation::new(tokenizer.clone(), args.limits.clone());
+    let (vocab, eos) = (shard_info.vocab_size as usize, shard_info.eos_token_ids.clone());
+    match tokio::task::spawn_blocking(move || Grammars::new(&tokenizer_path, vocab, &eos)).await {
+        Ok(Ok(g)) => validation = validation.with_grammars(Arc::new(g)),
+        Ok(Err(e)) => tracing::warn!("structured output is off (grammar, response_format answer 422): {e}"),
+        Err(e) => tracing::warn!("structured output is off: {e}"),
+    }
     let adapters = Adapters::new(Arc::new(client.clone()), shard_info.max_active_adapters as usize);
     let infer = Infer::new(validation, queue_handle, tokenizer, args.limits.max_concurrent_requests, adapters)
         .with_request_log(!args.service.disable_request_logging)

@@ -37,7 +37,7 @@ class StepInputs:
 
 
 # Per-row host arrays ([B], numpy): `filter` indexes them and `concatenate` stacks them, by name.
-HOST_ROWS = ("num_blocks", "cache_lens", "generated", "max_new_tokens", "ignore_eos", "top_n", "adapters")
+HOST_ROWS = ("num_blocks", "cache_lens", "generated", "max_new_tokens", "ignore_eos", "top_n", "adapters", "constrained")
 # Per-row device counts ([B, vocab] or None): indexed / stacked (zeros for batches without them).
 COUNT_ROWS = ("counts", "out_counts")
 
@@ -55,6 +55,7 @@ class Batch:
     ignore_eos: np.ndarray  # [B] bool, host
     top_n: np.ndarray  # [B] int64, host: alternatives to return per token
     adapters: np.ndarray  # [B] object (str), host: LoRA adapter per row, '' = base model
+    constrained: np.ndarray  # [B] bool, host: structured output (a token mask comes with each step)
     last_tokens: torch.Tensor  # [B] int64, device: the token each row feeds next
     sampling: SamplingParams
     counts: torch.Tensor | None  # [B, vocab] int32, device: prompt + output occurrences; None unless a row has a repetition penalty
@@ -109,6 +110,7 @@ class Batch:
             ignore_eos=np.array([r.stopping_parameters.ignore_eos_token for r in reqs], dtype=bool),
             top_n=np.array([r.top_n_tokens for r in reqs], dtype=np.int64),
             adapters=np.array([r.adapter_id if r.HasField("adapter_id") else "" for r in reqs], dtype=object),
+            constrained=np.array([r.constrained for r in reqs], dtype=bool),
             last_tokens=torch.zeros(len(reqs), dtype=torch.int64, device=device),
             sampling=sp,
             counts=None,

@@ -85,6 +85,7 @@ class Engine:
         self.cache: KVCache | None = None
         self.batches: dict[int, Batch] = {}
         self._stepping: frozenset[str] = frozenset()  # adapters of the step being launched
+        self.masks: dict[int, bytes] = {}  # the current step's token masks (structured output), by request id
         # Launch each batch's next decode step before returning the current one (TESSERA_OVERLAP).
         self.overlap = env.overlap(cfg.device.type)
 
@@ -147,9 +148,10 @@ class Engine:
         result, batch, _ = self.step([], None, pb_batch)
         return result, batch
 
-    def decode(self, batch_ids: list[int], grants: dict[int, list[int]] | None = None) -> tuple[StepResult, Batch | None, int]:
+    def decode(self, batch_ids: list[int], grants: dict[int, list[int]] | None = None,
+               masks: dict[int, bytes] | None = None) -> tuple[StepResult, Batch | None, int]:
         """A step of cached batches only."""
-        return self.step(batch_ids, grants, None)
+        return self.step(batch_ids, grants, None, masks)
 
     def _admit(self, pb_batch) -> tuple[Batch | None, list[tuple[int, str, int]]]:
         """The new requests of a step as a batch; the ones that cannot run fail alone."""
@@ -174,9 +176,11 @@ class Engine:
             return None, failed
         return Batch.from_pb(pb_batch.id, good, self.cfg.block_size, vocab, self.cfg.device), failed
 
-    def step(self, batch_ids: list[int], grants: dict[int, list[int]] | None, pb_prefill) -> tuple[StepResult, Batch | None, int]:
+    def step(self, batch_ids: list[int], grants: dict[int, list[int]] | None, pb_prefill,
+             masks: dict[int, bytes] | None = None) -> tuple[StepResult, Batch | None, int]:
         """One step: a token for every row of the given cached batches (concatenated into the
-        first) and the prompt chunks of new requests (`pb_prefill`), in one forward.
+        first) and the prompt chunks of new requests (`pb_prefill`), in one forward. `masks`: the
+        allowed tokens of constrained rows (structured output), by request id.
 
         With overlap, a batch's next step is usually in flight already (launched by the previous
         call): this call launches the one after it, from its sampled ids on the device, with the
@@ -185,6 +189,7 @@ class Engine:
         is not their prompt's last write keys/values only and leave the batch after the step."""
         self._require_cache()
         t0 = time.perf_counter_ns()
+        self.masks = masks or {}
         missing = [b for b in batch_ids if b not in self.batches]
         if missing:
             raise ShardError(ErrorCode.BATCH_NOT_FOUND, f"batches {missing} not found")
@@ -207,8 +212,9 @@ class Engine:
         launched = [(p.ahead, set(p.request_ids)) for p in inflight]
         for p in inflight:
             p.ahead = None
-        # New prompts ride on the step launched ahead when one is; otherwise they run now.
-        rides = new is not None and bool(inflight) and self.overlap
+        # New prompts ride on the step launched ahead when one is; otherwise they run now. Batches
+        # with constrained rows are never launched ahead (their masks come with each call).
+        rides = new is not None and bool(inflight) and self.overlap and not any(p.constrained.any() for p in fresh)
         now = fresh + ([new] if new is not None and not rides else [])
         if now:
             current = Batch.concatenate(now)
@@ -235,6 +241,11 @@ class Engine:
         half-advanced), unless the step carried prompt chunks (raised now: nothing else would)."""
         if not self.overlap:
             assert new is None, "prompts ride ahead only with overlap"
+            return batch
+        if batch is not None and batch.constrained.any():
+            # A constrained row's next mask depends on the token this step returns: no step of its
+            # batch goes ahead (and no prompt rides on one: `step` runs those now).
+            assert new is None, "prompts do not ride with constrained rows"
             return batch
         if batch is not None:
             ending = batch.generated >= batch.max_new_tokens

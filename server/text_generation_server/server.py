@@ -128,7 +128,9 @@ class TextGenerationService(pb_grpc.TextGenerationServiceServicer):
         with tracing.span("shard.step", context, batches=len(request.batch_ids),
                           new_requests=len(prefill.requests) if prefill is not None else 0):
             grants = {g.request_id: list(g.blocks) for g in request.grants}
-            result, batch, concat_ns = await self._run(context, self.engine.step, list(request.batch_ids), grants, prefill)
+            masks = {m.request_id: m.allowed for m in request.masks}
+            result, batch, concat_ns = await self._run(context, self.engine.step, list(request.batch_ids), grants, prefill,
+                                                       masks)
         return pb.StepResponse(
             generations=_generations(result), batch=_cached(batch), concat_ns=concat_ns,
             forward_ns=result.forward_ns, sample_ns=result.sample_ns, total_ns=time.perf_counter_ns() - t0,

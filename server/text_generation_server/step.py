@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from text_generation_server.batch import Batch, StepInputs
+from text_generation_server.errors import ErrorCode, ShardError
 from text_generation_server.lora.step import LoraStep
 from text_generation_server.models.forward_context import ForwardContext, forward_context
 from text_generation_server.pb import generate_pb2 as pb
@@ -151,6 +152,9 @@ def sample_and_launch(engine: Engine, batch: Batch, inputs: StepInputs, logits: 
     response needs to the host (pinned buffers, an event after them): no host sync here, so the
     next step can be launched before this one's results are read."""
     dev = logits.device
+    if batch.constrained.any():
+        with torch.inference_mode():
+            logits = apply_masks(logits, batch, engine.masks)
     steps = torch.from_numpy(batch.generated).to(dev, non_blocking=True)
     prev = inputs.input_ids[inputs.last_token_index]
     max_n = int(batch.top_n.max(initial=0))
@@ -172,6 +176,29 @@ def sample_and_launch(engine: Engine, batch: Batch, inputs: StepInputs, logits: 
     return Launched(list(batch.request_ids), ids, lps, top, event, batch.generated.copy(), batch.max_new_tokens.copy(),
                     batch.ignore_eos.copy(), batch.seeds.copy(), batch.top_n.copy(), prefill_lp,
                     time.perf_counter_ns() - t0)
+
+
+def apply_masks(logits: torch.Tensor, batch: Batch, masks: dict[int, bytes]) -> torch.Tensor:
+    """Structured output: the constrained rows' disallowed tokens get -inf, so that sampling (and
+    the reported logprobs) see only what the router's grammar allows next. Other rows untouched."""
+    rows = np.flatnonzero(batch.constrained)
+    ids = [batch.request_ids[r] for r in rows.tolist()]
+    missing = [i for i in ids if i not in masks]
+    if missing:
+        raise ShardError(ErrorCode.INVALID_REQUEST, f"no token mask for constrained requests {missing}", missing)
+    vocab = logits.shape[1]
+    bits = np.zeros((len(rows), vocab), dtype=bool)
+    for j, rid in enumerate(ids):
+        row = np.unpackbits(np.frombuffer(masks[rid], dtype=np.uint8), bitorder="little")[:vocab]
+        bits[j, : len(row)] = row
+    empty = [rid for rid, row in zip(ids, bits) if not row.any()]
+    if empty:
+        raise ShardError(ErrorCode.INVALID_REQUEST, f"token masks allowing no token for requests {empty}", empty)
+    dev = logits.device
+    index = torch.from_numpy(rows).to(dev, non_blocking=True)
+    allowed = torch.from_numpy(bits).to(dev, non_blocking=True)
+    logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+    return logits
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:

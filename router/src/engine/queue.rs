@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc;
 
+use crate::engine::grammar::Constraint;
 use crate::engine::kv::{BlockAllocation, BlockAllocator, Prefix};
 use crate::error::InferError;
 use crate::shard::pb;
@@ -57,12 +58,15 @@ pub struct Entry {
     pub fresh: bool,
     /// Prompt tokens the first admission found in the prefix cache (what the response reports).
     pub first_cached: Option<u32>,
+    /// Structured output: the grammar after the tokens generated so far.
+    pub grammar: Option<Constraint>,
 }
 
 impl Entry {
     pub fn new(request: ValidGenerateRequest, events: EventSender) -> Self {
+        let grammar = request.grammar.clone();
         Self { request: Arc::new(request), events, queued: Instant::now(), started: None, allocation: None, span: None,
-               prefix: None, generated: Vec::new(), kv_valid: 0, fresh: false, first_cached: None }
+               prefix: None, generated: Vec::new(), kv_valid: 0, fresh: false, first_cached: None, grammar }
     }
 
     /// Leading prompt tokens served from the prefix cache (at its first admission).
@@ -324,6 +328,7 @@ fn request_pb(id: u64, e: &Entry) -> pb::Request {
         cached_tokens: a.cached_tokens,
         generated_tokens: e.generated.len() as u32,
         compute_tokens: 0,
+        constrained: e.grammar.is_some(),
     }
 }
 
@@ -356,6 +361,7 @@ pub(crate) mod tests {
             best_of: 1,
             adapter_id: None,
             report_seed: false,
+            grammar: None,
         }
     }
 

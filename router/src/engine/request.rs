@@ -1,6 +1,7 @@
 //! A request as the engine takes it: validated, tokenized, its parameters checked
 //! (`infer::validation` makes these; only these enter the queue).
 
+use crate::engine::grammar::Constraint;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +44,9 @@ pub struct ValidGenerateRequest {
     pub adapter_id: Option<String>,
     /// Whether `details.seed` is reported (sampling is on).
     pub report_seed: bool,
+    /// Structured output: the grammar's state before the first token (each sequence follows a
+    /// copy of it); None: unconstrained.
+    pub grammar: Option<Constraint>,
 }
 
 impl ValidGenerateRequest {

@@ -20,17 +20,18 @@ use crate::engine::queue::{to_pb, BatchLimits, Entry, Queue, ShardEvent};
 pub trait Shards: Send + 'static {
     /// One step: a token for each row of `batch_ids` (concatenated on the shards), the prompt
     /// chunks of `prefill`; `grants`: blocks appended to requests' tables before it is launched;
-    /// `trace`: a W3C traceparent for the shard's spans.
-    fn step(&mut self, batch_ids: Vec<u64>, grants: Vec<pb::BlockGrant>, prefill: Option<pb::Batch>, trace: Option<String>)
-            -> impl Future<Output = client::Result<pb::StepResponse>> + Send;
+    /// `masks`: constrained requests' allowed next tokens; `trace`: a W3C traceparent for the
+    /// shard's spans.
+    fn step(&mut self, batch_ids: Vec<u64>, grants: Vec<pb::BlockGrant>, prefill: Option<pb::Batch>,
+            masks: Vec<pb::TokenMask>, trace: Option<String>) -> impl Future<Output = client::Result<pb::StepResponse>> + Send;
     fn filter_batch(&mut self, id: u64, keep: Vec<u64>) -> impl Future<Output = client::Result<Option<pb::CachedBatch>>> + Send;
     fn clear_cache(&mut self, id: Option<u64>) -> impl Future<Output = client::Result<()>> + Send;
 }
 
 impl Shards for ShardedClient {
-    fn step(&mut self, batch_ids: Vec<u64>, grants: Vec<pb::BlockGrant>, prefill: Option<pb::Batch>, trace: Option<String>)
-            -> impl Future<Output = client::Result<pb::StepResponse>> + Send {
-        ShardedClient::step(self, batch_ids, grants, prefill, trace)
+    fn step(&mut self, batch_ids: Vec<u64>, grants: Vec<pb::BlockGrant>, prefill: Option<pb::Batch>,
+            masks: Vec<pb::TokenMask>, trace: Option<String>) -> impl Future<Output = client::Result<pb::StepResponse>> + Send {
+        ShardedClient::step(self, batch_ids, grants, prefill, masks, trace)
     }
     fn filter_batch(&mut self, id: u64, keep: Vec<u64>) -> impl Future<Output = client::Result<Option<pb::CachedBatch>>> + Send {
         ShardedClient::filter_batch(self, id, keep)
@@ -264,7 +265,8 @@ async fn step<S: Shards>(shards: &mut S, st: &mut Batching, grants: Vec<pb::Bloc
     // "prefill": a step with prompt chunks (and decoding rows); "decode": decoding rows only
     let span = crate::telemetry::batch_span(if with_prompts { "prefill" } else { "decode" },
                                             st.running.values().chain(st.prompts.iter().map(|p| &p.entry)).filter_map(|e| e.span.as_ref()));
-    let result = shards.step(batch_ids.clone(), grants, prompts.batch, span.as_ref().map(|s| s.1.clone())).await;
+    let masks = masks(&mut st.running);
+    let result = shards.step(batch_ids.clone(), grants, prompts.batch, masks, span.as_ref().map(|s| s.1.clone())).await;
     drop(span);
     if with_prompts {
         crate::metrics::prefill_duration(t0.elapsed());
@@ -287,6 +289,30 @@ async fn step<S: Shards>(shards: &mut S, st: &mut Batching, grants: Vec<pb::Bloc
             fail_all(&mut prompts, &e);
         }
     }
+}
+
+/// The next-token masks of the constrained requests (running, or joining with their last
+/// prompt chunk). A grammar that fails fails its request alone.
+fn masks(entries: &mut Entries) -> Vec<pb::TokenMask> {
+    let t0 = Instant::now();
+    let mut out = Vec::new();
+    let mut broken = Entries::new();
+    let ids: Vec<u64> = entries.iter().filter(|(_, e)| e.grammar.is_some()).map(|(id, _)| *id).collect();
+    for id in ids {
+        let entry = entries.get_mut(&id).expect("listed above");
+        match entry.grammar.as_mut().expect("constrained").mask() {
+            Ok(allowed) => out.push(pb::TokenMask { request_id: id, allowed }),
+            Err(e) => {
+                let e = ClientError::Shard { code: pb::ErrorCode::InvalidRequest, message: format!("grammar: {e}"), request_ids: vec![id] };
+                broken.insert(id, entries.remove(&id).expect("listed above"));
+                fail_all(&mut broken, &e);
+            }
+        }
+    }
+    if !out.is_empty() {
+        crate::metrics::grammar_masks(t0.elapsed());
+    }
+    out
 }
 
 /// Keeps only the requests that still have an entry; drops the batch when none do.
@@ -338,10 +364,21 @@ fn send_generations(generations: Vec<pb::Generation>, entries: &mut Entries, pro
             fail_all(&mut failed, &e);
             continue;
         };
-        let finish = match pb::FinishReason::try_from(g.finish_reason) {
+        let mut finish = match pb::FinishReason::try_from(g.finish_reason) {
             Ok(pb::FinishReason::Unspecified) | Err(_) => None,
             Ok(f) => Some(f),
         };
+        if let Some(grammar) = entry.grammar.as_mut() {
+            if let Err(e) = grammar.consume(id) {
+                let e = ClientError::Shard { code: pb::ErrorCode::Internal, message: format!("grammar: token {id}: {e}"), request_ids: vec![] };
+                let mut failed: Entries = entries.remove_entry(&g.request_id).into_iter().collect();
+                fail_all(&mut failed, &e);
+                continue;
+            }
+            if grammar.is_done() && finish.is_none() {
+                finish = Some(pb::FinishReason::EosToken); // the grammar is complete: nothing more may follow
+            }
+        }
         entry.record_token(id);
         let event = ShardEvent::Token {
             cached: entry.cached_tokens(),
@@ -417,7 +454,8 @@ mod tests {
     }
 
     impl Shards for Fake {
-        async fn step(&mut self, batch_ids: Vec<u64>, grants: Vec<pb::BlockGrant>, prefill: Option<pb::Batch>, _trace: Option<String>)
+        async fn step(&mut self, batch_ids: Vec<u64>, grants: Vec<pb::BlockGrant>, prefill: Option<pb::Batch>, _masks: Vec<pb::TokenMask>,
+                      _trace: Option<String>)
                       -> client::Result<pb::StepResponse> {
             tokio::time::sleep(Duration::from_micros(500)).await; // a step takes time, as on a real shard
             let mut s = self.0.lock().unwrap();

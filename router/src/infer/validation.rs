@@ -7,6 +7,7 @@ use tokenizers::Tokenizer;
 
 use crate::api::{first_meaningful, GenerateRequest};
 use crate::args::LimitArgs;
+use crate::engine::grammar::{Constraint, GrammarSpec, Grammars};
 use crate::error::ValidationError;
 
 pub use crate::engine::request::{ValidGenerateRequest, ValidParameters, ValidStopping};
@@ -19,12 +20,19 @@ pub struct Validation {
     /// `max_token_bytes`): prompts longer than `max_input_tokens` times this are refused
     /// without tokenizing them.
     max_token_bytes: Option<usize>,
+    /// Structured output's grammar compiler over the model's vocabulary; None: refused.
+    grammars: Option<Arc<Grammars>>,
 }
 
 impl Validation {
     pub fn new(tokenizer: Arc<Tokenizer>, limits: LimitArgs) -> Self {
         let max_token_bytes = max_token_bytes(&tokenizer);
-        Self { tokenizer, limits: Arc::new(limits), max_token_bytes }
+        Self { tokenizer, limits: Arc::new(limits), max_token_bytes, grammars: None }
+    }
+
+    pub fn with_grammars(mut self, grammars: Arc<Grammars>) -> Self {
+        self.grammars = Some(grammars);
+        self
     }
 
     pub fn limits(&self) -> &LimitArgs {
@@ -40,8 +48,22 @@ impl Validation {
                 return Err(ValidationError::InputBytes(req.inputs.len(), self.limits.max_input_tokens));
             }
         }
+        let grammar = self.grammar(req.parameters.grammar.as_ref()).await?;
         let (inputs, ids) = self.tokenize(req.inputs.clone(), checked.truncate).await?;
-        finish(req, checked, inputs, ids, &self.limits)
+        let mut valid = finish(req, checked, inputs, ids, &self.limits)?;
+        valid.grammar = grammar;
+        Ok(valid)
+    }
+
+    /// TGI's `grammar` parameter, compiled (once per content; on the blocking pool).
+    async fn grammar(&self, g: Option<&serde_json::Value>) -> Result<Option<Constraint>, ValidationError> {
+        let Some(spec) = parse_grammar(g)? else { return Ok(None) };
+        let Some(grammars) = self.grammars.clone() else { return Err(ValidationError::Unsupported("grammar".into())) };
+        tokio::task::spawn_blocking(move || grammars.matcher(&spec))
+            .await
+            .map_err(|e| ValidationError::Grammar("grammar", e.to_string()))?
+            .map(Some)
+            .map_err(|e| ValidationError::Grammar("grammar", e))
     }
 
     /// Tokenizes on the blocking pool; with `truncate`, keeps the last tokens (and their text).
@@ -108,9 +130,6 @@ fn check_parameters(req: &GenerateRequest, limits: &LimitArgs) -> Result<Checked
     let p = &req.parameters;
     if let Some(field) = first_meaningful(&req.unknown).or_else(|| first_meaningful(&p.unknown)) {
         return Err(ValidationError::UnknownField(field.to_string()));
-    }
-    if p.grammar.as_ref().is_some_and(|g| !g.is_null()) {
-        return Err(ValidationError::Unsupported("grammar".into()));
     }
     if req.inputs.is_empty() {
         return Err(ValidationError::EmptyInput);
@@ -199,6 +218,37 @@ fn tokenize(tokenizer: &Tokenizer, inputs: String, truncate: Option<usize>) -> R
     }
 }
 
+/// TGI's grammar shapes: `{"type": "json" | "json_object", "value": schema}` (no value: any JSON
+/// object), `{"type": "json_schema", "value": {"name", "schema"} | schema}`, `{"type": "regex",
+/// "value": "..."}`; null or absent: none.
+pub fn parse_grammar(g: Option<&serde_json::Value>) -> Result<Option<GrammarSpec>, ValidationError> {
+    let Some(g) = g.filter(|g| !g.is_null()) else { return Ok(None) };
+    let bad = |why: &str| ValidationError::Grammar("grammar", why.to_string());
+    let kind = g.get("type").and_then(|t| t.as_str()).ok_or_else(|| bad("`type` must be json, json_object, json_schema or regex"))?;
+    let value = g.get("value").filter(|v| !v.is_null());
+    match kind {
+        "json" | "json_object" | "json_schema" => {
+            let schema = match value {
+                None => return Ok(Some(GrammarSpec::json_object())),
+                // {"name": ..., "schema": {...}} (OpenAI's json_schema object), or the schema itself
+                Some(v) if v.get("schema").is_some_and(|s| s.is_object()) && !v.get("type").is_some_and(|t| t.is_string()) => {
+                    v["schema"].clone()
+                }
+                Some(v) => v.clone(),
+            };
+            if !schema.is_object() && !schema.is_boolean() {
+                return Err(bad("`value` must be a JSON schema (an object)"));
+            }
+            Ok(Some(GrammarSpec::JsonSchema(schema)))
+        }
+        "regex" => match value.and_then(|v| v.as_str()) {
+            Some(r) if !r.is_empty() => Ok(Some(GrammarSpec::Regex(r.to_string()))),
+            _ => Err(bad("`value` must be a non-empty regular expression string")),
+        },
+        other => Err(bad(&format!("unknown type {other:?}: json, json_object, json_schema or regex"))),
+    }
+}
+
 fn finish(
     req: GenerateRequest,
     checked: Checked,
@@ -231,6 +281,7 @@ fn finish(
         best_of: checked.best_of,
         adapter_id: checked.adapter_id,
         report_seed,
+        grammar: None,
     })
 }
 

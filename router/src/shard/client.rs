@@ -90,10 +90,11 @@ impl ShardClient {
         Ok(self.stub.warmup(req).await?.into_inner().num_blocks)
     }
     pub async fn step(&mut self, batch_ids: Vec<u64>, grants: Vec<pb::BlockGrant>, prefill: Option<pb::Batch>,
-                      trace: Option<String>) -> Result<pb::StepResponse> {
+                      masks: Vec<pb::TokenMask>, trace: Option<String>) -> Result<pb::StepResponse> {
         // The shard keeps each batch's rows: a step names the batches only (requests leave by
-        // FilterBatch or end on the shard), so the per-step message grows with new prompts only.
-        let req = traced(pb::StepRequest { batch_ids, grants, prefill }, trace);
+        // FilterBatch or end on the shard), so the per-step message grows with new prompts (and
+        // constrained rows' masks) only.
+        let req = traced(pb::StepRequest { batch_ids, grants, prefill, masks }, trace);
         Ok(self.stub.step(req).await?.into_inner())
     }
     pub async fn load_adapter(&mut self, req: pb::LoadAdapterRequest) -> Result<pb::LoadAdapterResponse> {
@@ -184,8 +185,8 @@ impl ShardedClient {
         Ok(n)
     }
     pub async fn step(&mut self, batch_ids: Vec<u64>, grants: Vec<pb::BlockGrant>, prefill: Option<pb::Batch>,
-                      trace: Option<String>) -> Result<pb::StepResponse> {
-        fan_out!(self, |c| c.step(batch_ids.clone(), grants.clone(), prefill.clone(), trace.clone()))
+                      masks: Vec<pb::TokenMask>, trace: Option<String>) -> Result<pb::StepResponse> {
+        fan_out!(self, |c| c.step(batch_ids.clone(), grants.clone(), prefill.clone(), masks.clone(), trace.clone()))
     }
     pub async fn load_adapter(&mut self, req: pb::LoadAdapterRequest) -> Result<pb::LoadAdapterResponse> {
         fan_out!(self, |c| c.load_adapter(req.clone()))

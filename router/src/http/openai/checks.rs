@@ -35,13 +35,44 @@ fn param(message: String, param: &str) -> ValidationError {
     ValidationError::Param { message, param: param.to_string() }
 }
 
+/// OpenAI's `response_format` (taken out of the unknown fields) as TGI's `grammar`:
+/// `{"type": "text"}` none, `{"type": "json_object"}` any JSON object (with huggingface_hub's
+/// `"value": schema`, that schema), `{"type": "json_schema", "json_schema": {"name", "schema",
+/// "strict"}}` that schema. Anything else is refused, naming the field.
+pub fn response_format(unknown: &mut UnknownFields) -> Result<Option<serde_json::Value>, ValidationError> {
+    use serde_json::{json, Value};
+    let Some(v) = unknown.remove("response_format").filter(|v| !v.is_null()) else { return Ok(None) };
+    let bad = |why: &str| param(format!("`response_format` {why}"), "response_format");
+    let kind = v.get("type").and_then(Value::as_str).ok_or_else(|| bad("needs a `type`: text, json_object or json_schema"))?;
+    match kind {
+        "text" => Ok(None),
+        "json_object" | "json" => Ok(Some(json!({"type": "json", "value": v.get("value").or_else(|| v.get("schema"))}))),
+        "json_schema" => {
+            let schema = v
+                .get("json_schema")
+                .and_then(|j| j.get("schema"))
+                .or_else(|| v.get("value"))
+                .ok_or_else(|| bad("of type json_schema needs `json_schema.schema`"))?;
+            Ok(Some(json!({"type": "json", "value": schema})))
+        }
+        other => Err(bad(&format!("type {other:?} is not one of text, json_object, json_schema"))),
+    }
+}
+
+/// A grammar error in OpenAI's field name.
+pub fn as_response_format(e: InferError) -> InferError {
+    match e {
+        InferError::Validation(ValidationError::Grammar(_, m)) => InferError::Validation(ValidationError::Grammar("response_format", m)),
+        e => e,
+    }
+}
+
 /// Fields this server does not implement are refused, naming the field; a field that says
 /// nothing (`null`, `[]`, `{}`) or asks for what happens anyway is accepted.
 pub fn refuse_unsupported(unknown: &UnknownFields) -> Result<(), ValidationError> {
     use serde_json::{json, Value};
     for (k, v) in unknown {
         let as_default = match k.as_str() {
-            "response_format" => v == &json!({"type": "text"}),
             "tool_choice" => v == "none",
             // Only meaningful with `tools`, which are refused.
             "parallel_tool_calls" => v.is_boolean(),
@@ -187,7 +218,7 @@ mod tests {
         let fields = |v: serde_json::Value| -> UnknownFields { serde_json::from_value(v).unwrap() };
         for ok in [
             serde_json::json!({"tools": null, "logit_bias": {}, "functions": []}),
-            serde_json::json!({"response_format": {"type": "text"}, "tool_choice": "none", "store": false}),
+            serde_json::json!({"tool_choice": "none", "store": false}),
         ] {
             assert!(refuse_unsupported(&fields(ok)).is_ok());
         }
@@ -200,6 +231,28 @@ mod tests {
         ] {
             let e = refuse_unsupported(&fields(body)).unwrap_err();
             assert!(matches!(&e, ValidationError::Param { param, .. } if param == name), "{e}");
+        }
+    }
+
+    #[test]
+    fn response_format_becomes_tgis_grammar() {
+        use serde_json::json;
+        let take = |v: serde_json::Value| {
+            let mut u: UnknownFields = serde_json::from_value(json!({"response_format": v})).unwrap();
+            let out = response_format(&mut u);
+            assert!(u.is_empty(), "response_format is taken out of the unknown fields");
+            out
+        };
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        assert_eq!(take(json!({"type": "text"})).unwrap(), None);
+        assert_eq!(take(json!({"type": "json_object"})).unwrap(), Some(json!({"type": "json", "value": null})));
+        assert_eq!(take(json!({"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": true}})).unwrap(),
+                   Some(json!({"type": "json", "value": schema})));
+        // huggingface_hub's InferenceClient sends a json_schema format this way
+        assert_eq!(take(json!({"type": "json_object", "value": schema})).unwrap(), Some(json!({"type": "json", "value": schema})));
+        for bad in [json!({"type": "xml"}), json!({"type": "json_schema"}), json!("json")] {
+            let e = take(bad).unwrap_err();
+            assert!(matches!(&e, ValidationError::Param { param, .. } if param == "response_format"), "{e}");
         }
     }
 }

@@ -121,13 +121,15 @@ pub async fn completions(State(s): State<AppState>, JsonBody(req): JsonBody<Comp
     answer(completions_inner(s, req).await, Route::Completions, model.as_deref())
 }
 
-async fn completions_inner(s: AppState, req: CompletionRequest) -> Result<Response, InferError> {
+async fn completions_inner(s: AppState, mut req: CompletionRequest) -> Result<Response, InferError> {
+    let grammar = checks::response_format(&mut req.unknown)?;
     checks::refuse_unsupported(&req.unknown)?;
     let limits = s.infer.validation().limits();
     let n = checks::choices(req.sampling.n, limits)?;
     let top_n = checks::top_n(req.logprobs, Route::Completions, limits)?;
     let mut params = to_parameters(&req.sampling, Some(req.max_tokens.unwrap_or(16)), top_n)?;
     params.adapter_id = adapter_for_model(&s, req.model.as_deref())?;
+    params.grammar = grammar;
     let prompts = req.prompt.clone().into_vec();
     if prompts.is_empty() {
         return Err(ValidationError::EmptyInput.into());
@@ -140,7 +142,7 @@ async fn completions_inner(s: AppState, req: CompletionRequest) -> Result<Respon
         let mut streams = vec![];
         for (pi, prompt) in prompts.iter().enumerate() {
             let gen = GenerateRequest { inputs: prompt.clone(), parameters: params.clone(), stream: true, ..Default::default() };
-            for (j, (valid, st)) in s.infer.generate_streams(gen, Some(n)).await?.into_iter().enumerate() {
+            for (j, (valid, st)) in s.infer.generate_streams(gen, Some(n)).await.map_err(checks::as_response_format)?.into_iter().enumerate() {
                 let index = (pi as u32) * n + j as u32;
                 let echo = req.echo.then(|| valid.inputs.clone());
                 streams.push(openai_choice_stream(st, index, valid.stopping.stop_sequences.clone(), echo, valid.input_length()));
@@ -183,7 +185,7 @@ async fn completions_inner(s: AppState, req: CompletionRequest) -> Result<Respon
     let (mut prompt_tokens, mut completion_tokens, mut cached_tokens) = (0, 0, 0);
     for (pi, prompt) in prompts.iter().enumerate() {
         let gen = GenerateRequest { inputs: prompt.clone(), parameters: params.clone(), ..Default::default() };
-        let all = s.infer.generate_n(gen, Some(n)).await?;
+        let all = s.infer.generate_n(gen, Some(n)).await.map_err(checks::as_response_format)?;
         // Each prompt counts once, however many choices it has.
         prompt_tokens += all.first().map_or(0, |r| r.details.input_length);
         cached_tokens += all.first().map_or(0, |r| r.details.cached_tokens);
@@ -235,7 +237,8 @@ fn render_chat(s: &AppState, messages: &[ChatMessage]) -> Result<String, InferEr
     template.apply(&msgs, true).map_err(|e| ValidationError::Template(e).into())
 }
 
-async fn chat_inner(s: AppState, req: ChatCompletionRequest) -> Result<Response, InferError> {
+async fn chat_inner(s: AppState, mut req: ChatCompletionRequest) -> Result<Response, InferError> {
+    let grammar = checks::response_format(&mut req.unknown)?;
     checks::refuse_unsupported(&req.unknown)?;
     let limits = s.infer.validation().limits();
     let n = checks::choices(req.sampling.n, limits)?;
@@ -244,6 +247,7 @@ async fn chat_inner(s: AppState, req: ChatCompletionRequest) -> Result<Response,
     let max = req.max_completion_tokens.or(req.max_tokens);
     let mut params = to_parameters(&req.sampling, max, top_n)?;
     params.adapter_id = adapter_for_model(&s, req.model.as_deref())?;
+    params.grammar = grammar;
     let prompt = render_chat(&s, &req.messages)?;
     let model = req.model.clone().unwrap_or_else(|| s.info.model_id.clone());
     let id = new_id("chatcmpl");
@@ -252,7 +256,7 @@ async fn chat_inner(s: AppState, req: ChatCompletionRequest) -> Result<Response,
     if req.sampling.stream {
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let mut streams = vec![];
-        for (j, (valid, st)) in s.infer.generate_streams(gen, Some(n)).await?.into_iter().enumerate() {
+        for (j, (valid, st)) in s.infer.generate_streams(gen, Some(n)).await.map_err(checks::as_response_format)?.into_iter().enumerate() {
             streams.push(openai_choice_stream(st, j as u32, valid.stopping.stop_sequences.clone(), None, valid.input_length()));
         }
         let chunk = {
@@ -290,7 +294,7 @@ async fn chat_inner(s: AppState, req: ChatCompletionRequest) -> Result<Response,
         let usage_chunk = move |u: Usage| chunk(vec![], Some(u));
         return Ok(sse_response(roles, select_all(streams), to_chunk, include_usage.then_some(usage_chunk), n));
     }
-    let all = s.infer.generate_n(gen, Some(n)).await?;
+    let all = s.infer.generate_n(gen, Some(n)).await.map_err(checks::as_response_format)?;
     let prompt_tokens = all.first().map_or(0, |r| r.details.input_length);
     let cached_tokens = all.first().map_or(0, |r| r.details.cached_tokens);
     let completion_tokens = all.iter().map(|r| r.details.generated_tokens).sum();
