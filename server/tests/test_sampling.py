@@ -136,6 +136,21 @@ def test_uniform_noise_in_range():
     assert abs(u.mean().item() - 0.5) < 0.01
 
 
+def test_noise_never_reaches_one_so_gumbel_noise_stays_finite():
+    """Every 24-bit pattern's largest value used to round to 1.0 in float32: +inf noise made a
+    random token win one draw in 2^24 per token (about one step in 340 at a 49k vocabulary), and a
+    masked one (structured output) win as NaN."""
+    from text_generation_server.sampling import noise
+
+    seeds = torch.arange(4096, dtype=torch.int64)
+    u = noise.uniform(seeds, torch.zeros_like(seeds), 4096)  # 16.7M draws
+    assert float(u.max()) < 1.0 and float(u.min()) > 0.0
+    assert torch.isfinite(noise.gumbel(seeds[:256], torch.zeros(256, dtype=torch.int64), 4096)).all()
+    top = torch.full((1,), (1 << noise.BITS) - 1, dtype=torch.int64)
+    assert float(noise.to_unit(top)) < 1.0  # the largest pattern itself
+    assert float(-torch.log(-torch.log(noise.to_unit(top)))) < 20
+
+
 def test_logprobs_and_top_n_match_the_full_log_softmax():
     """The step never materializes log-softmax; what it reports equals it (greedy and sampled rows,
     with top-k filtering: -inf scores stay out of the alternatives)."""

@@ -28,8 +28,18 @@ def uniform(seeds: torch.Tensor, steps: torch.Tensor, width: int) -> torch.Tenso
     row = _fmix64(seeds * _GOLDEN + steps)  # [B]
     cols = torch.arange(width, device=seeds.device, dtype=torch.int64)
     x = _fmix64(row[:, None] + cols[None, :] * _GOLDEN)
-    bits = (x >> 40) & ((1 << 24) - 1)  # top 24 bits
-    return (bits.float() + 0.5) / float(1 << 24)
+    # 23 bits: (bits + 0.5) / 2^23 is exact in float32 and at most 1 - 2^-24. (With 24 bits the
+    # largest value rounded to 1.0, whose Gumbel noise is +inf: one token in 2^24 would win the
+    # draw whatever its probability, or a masked one, -inf + inf = NaN, win argmax.)
+    return to_unit((x >> 41) & ((1 << BITS) - 1))
+
+
+BITS = 23
+
+
+def to_unit(bits: torch.Tensor) -> torch.Tensor:
+    """BITS-bit patterns -> float32 in (0, 1), the largest strictly below 1."""
+    return (bits.float() + 0.5) / float(1 << BITS)
 
 
 def gumbel(seeds: torch.Tensor, steps: torch.Tensor, width: int) -> torch.Tensor:
