@@ -81,6 +81,11 @@ impl Grammars {
         let env: TokEnv = Arc::new(ApproximateTokEnv::new(trie));
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| format!("grammar engine: {e}"))?;
         factory.quiet();
+        // More room than the defaults for schemas with free-form parts (any JSON value), whose
+        // masks otherwise run out of work budget mid-answer.
+        let limits = factory.limits_mut();
+        limits.step_lexer_fuel *= 5;
+        limits.step_max_items *= 5;
         Ok(Self { factory, vocab, eos: eos.to_vec(), cache: Mutex::default() })
     }
 

@@ -10,6 +10,8 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    /// The template renders a `tools` variable itself (else the router describes the tools).
+    pub renders_tools: bool,
 }
 
 /// A message as templates expect it.
@@ -67,17 +69,25 @@ impl ChatTemplate {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", strftime_now);
+        let renders_tools = source.contains("tools");
         env.add_template_owned("chat", source).map_err(|e| format!("chat template: {e}"))?;
-        Ok(Self { env, bos_token, eos_token })
+        Ok(Self { env, bos_token, eos_token, renders_tools })
     }
 
+    /// The prompt of a conversation; `tools`: OpenAI's tool list, for templates that render it.
     pub fn apply(&self, messages: &[TemplateMessage], add_generation_prompt: bool) -> Result<String, String> {
+        self.apply_with_tools(messages, add_generation_prompt, None)
+    }
+
+    pub fn apply_with_tools(&self, messages: &[TemplateMessage], add_generation_prompt: bool,
+                            tools: Option<&serde_json::Value>) -> Result<String, String> {
         let tmpl = self.env.get_template("chat").map_err(|e| e.to_string())?;
         tmpl.render(context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token,
             eos_token => self.eos_token,
+            tools => tools,
         })
         .map_err(|e| format!("chat template: {e}"))
     }

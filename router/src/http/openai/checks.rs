@@ -122,20 +122,44 @@ pub fn template_messages(messages: &[ChatMessage]) -> Result<Vec<TemplateMessage
     }
     let mut out = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
-        if let Some(f) = first_meaningful(&m.unknown) {
+        let mut unknown = m.unknown.clone();
+        // A tool's answer names its call; an assistant's earlier calls are shown to the model as
+        // the JSON it answered with.
+        let calls = unknown.remove("tool_calls").filter(|v| !v.is_null());
+        if m.role == "tool" {
+            unknown.remove("tool_call_id");
+            unknown.remove("name");
+        }
+        if let Some(f) = first_meaningful(&unknown) {
             return Err(param(format!("`messages[{i}].{f}` is not supported by this server yet"), "messages"));
         }
         let role = match m.role.as_str() {
             "system" | "developer" => "system",
             "user" => "user",
             "assistant" => "assistant",
-            "tool" | "function" => {
-                return Err(param(format!("`messages[{i}]`: role `{}` needs tool calling, which this server does not support yet", m.role), "messages"))
-            }
+            "tool" => "tool",
             other => {
-                return Err(param(format!("`messages[{i}].role` must be system, developer, user or assistant, got {other:?}"), "messages"))
+                return Err(param(format!("`messages[{i}].role` must be system, developer, user, assistant or tool, got {other:?}"), "messages"))
             }
         };
+        if let Some(calls) = calls {
+            if role != "assistant" {
+                return Err(param(format!("`messages[{i}].tool_calls` belongs to assistant messages"), "messages"));
+            }
+            let shown: Vec<serde_json::Value> = calls
+                .as_array()
+                .ok_or_else(|| param(format!("`messages[{i}].tool_calls` must be an array"), "messages"))?
+                .iter()
+                .map(|c| {
+                    let f = &c["function"];
+                    let args = f["arguments"].as_str().and_then(|a| serde_json::from_str(a).ok()).unwrap_or(f["arguments"].clone());
+                    serde_json::json!({"name": f["name"], "arguments": args})
+                })
+                .collect();
+            let text = shown.iter().map(|c| c.to_string()).collect::<Vec<_>>().join("\n");
+            out.push(TemplateMessage { role: role.to_string(), content: text });
+            continue;
+        }
         let content = match &m.content {
             None => return Err(param(format!("`messages[{i}].content` cannot be null for a `{}` message", m.role), "messages")),
             Some(MessageContent::Text(t)) => t.clone(),

@@ -3,6 +3,7 @@
 
 mod checks;
 mod stream;
+mod tools;
 mod types;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -17,6 +18,7 @@ use self::stream::{openai_choice_stream, sse_response, ChoicePiece};
 pub use self::types::*;
 use crate::api::{FinishReason, GenerateParameters, GenerateRequest, Token};
 use crate::error::{InferError, ValidationError};
+use crate::infer::chat::TemplateMessage;
 use crate::infer::InferResponse;
 use crate::http::{AppState, JsonBody};
 
@@ -165,7 +167,7 @@ async fn completions_inner(s: AppState, mut req: CompletionRequest) -> Result<Re
                 }],
                 usage: None,
             })
-            .unwrap_or_default()
+            .ok()
         };
         let usage_chunk = move |u: Usage| {
             serde_json::to_value(CompletionResponse {
@@ -228,17 +230,41 @@ pub async fn chat_completions(State(s): State<AppState>, JsonBody(req): JsonBody
     answer(chat_inner(s, req).await, Route::Chat, model.as_deref())
 }
 
-fn render_chat(s: &AppState, messages: &[ChatMessage]) -> Result<String, InferError> {
+/// The conversation's prompt. With tools, a template that renders them gets them; otherwise
+/// they are described in the system message.
+fn render_chat(s: &AppState, messages: &[ChatMessage], tools: Option<&tools::Tools>) -> Result<String, InferError> {
     let template = s
         .chat_template
         .as_ref()
         .ok_or_else(|| InferError::Validation(ValidationError::Template("this model has no chat template".into())))?;
-    let msgs = checks::template_messages(messages)?;
-    template.apply(&msgs, true).map_err(|e| ValidationError::Template(e).into())
+    let mut msgs = checks::template_messages(messages)?;
+    let listed = match tools {
+        Some(t) if template.renders_tools => Some(&t.list),
+        Some(t) => {
+            match msgs.first_mut().filter(|m| m.role == "system") {
+                Some(m) => m.content = format!("{}\n\n{}", m.content, t.prompt()),
+                None => msgs.insert(0, TemplateMessage { role: "system".into(), content: t.prompt() }),
+            }
+            None
+        }
+        None => None,
+    };
+    template.apply_with_tools(&msgs, true, listed).map_err(|e| ValidationError::Template(e).into())
 }
 
 async fn chat_inner(s: AppState, mut req: ChatCompletionRequest) -> Result<Response, InferError> {
-    let grammar = checks::response_format(&mut req.unknown)?;
+    let mut grammar = checks::response_format(&mut req.unknown)?;
+    let tools = tools::take(&mut req.unknown)?;
+    if let Some(t) = &tools {
+        if grammar.is_some() {
+            return Err(ValidationError::Param {
+                message: "`tools` and `response_format` cannot be used together".into(),
+                param: "response_format".into(),
+            }
+            .into());
+        }
+        grammar = Some(t.grammar());
+    }
     checks::refuse_unsupported(&req.unknown)?;
     let limits = s.infer.validation().limits();
     let n = checks::choices(req.sampling.n, limits)?;
@@ -248,7 +274,7 @@ async fn chat_inner(s: AppState, mut req: ChatCompletionRequest) -> Result<Respo
     let mut params = to_parameters(&req.sampling, max, top_n)?;
     params.adapter_id = adapter_for_model(&s, req.model.as_deref())?;
     params.grammar = grammar;
-    let prompt = render_chat(&s, &req.messages)?;
+    let prompt = render_chat(&s, &req.messages, tools.as_ref())?;
     let model = req.model.clone().unwrap_or_else(|| s.info.model_id.clone());
     let id = new_id("chatcmpl");
     let created = now();
@@ -276,20 +302,34 @@ async fn chat_inner(s: AppState, mut req: ChatCompletionRequest) -> Result<Respo
         };
         // The first chunk of each choice announces the role.
         let roles = (0..n)
-            .map(|i| chunk(vec![ChunkChoice { index: i, delta: Delta { role: Some("assistant".into()), content: Some(String::new()) }, logprobs: None, finish_reason: None }], None))
+            .map(|i| chunk(vec![ChunkChoice { index: i, delta: Delta { role: Some("assistant".into()), content: Some(String::new()), tool_calls: None }, logprobs: None, finish_reason: None }], None))
             .collect();
         let logprobs = req.logprobs;
         let chunk2 = chunk.clone();
+        // With tools the answer is read whole: its text is held back and sent as a tool call (or
+        // as `no_tool`'s text) with the choice's last chunk.
+        let mut held: std::collections::HashMap<u32, String> = Default::default();
         let to_chunk = move |p: ChoicePiece| {
-            chunk2(
-                vec![ChunkChoice {
-                    index: p.index,
-                    delta: Delta { role: None, content: (!p.text.is_empty() || p.finish.is_none()).then_some(p.text) },
-                    logprobs: logprobs.then(|| chat_logprobs(&p.tokens, &p.tops)),
-                    finish_reason: p.finish.map(finish_reason),
-                }],
+            let lp = logprobs.then(|| chat_logprobs(&p.tokens, &p.tops));
+            let delta = match &tools {
+                None => Delta { content: (!p.text.is_empty() || p.finish.is_none()).then_some(p.text), ..Default::default() },
+                Some(t) => {
+                    let text = held.entry(p.index).or_default();
+                    text.push_str(&p.text);
+                    let Some(finish) = p.finish else {
+                        return lp.map(|lp| chunk2(vec![ChunkChoice { index: p.index, delta: Delta::default(), logprobs: Some(lp), finish_reason: None }], None));
+                    };
+                    let text = held.remove(&p.index).unwrap_or_default();
+                    let (message, reason) = tool_answer(t, text, finish);
+                    let calls = message.tool_calls.map(|c| c.into_iter().map(|c| ToolCall { index: Some(0), ..c }).collect());
+                    return Some(chunk2(vec![ChunkChoice { index: p.index, delta: Delta { content: message.content, tool_calls: calls, role: None },
+                                                         logprobs: lp, finish_reason: Some(reason) }], None));
+                }
+            };
+            Some(chunk2(
+                vec![ChunkChoice { index: p.index, delta, logprobs: lp, finish_reason: p.finish.map(finish_reason) }],
                 None,
-            )
+            ))
         };
         let usage_chunk = move |u: Usage| chunk(vec![], Some(u));
         return Ok(sse_response(roles, select_all(streams), to_chunk, include_usage.then_some(usage_chunk), n));
@@ -301,11 +341,18 @@ async fn chat_inner(s: AppState, mut req: ChatCompletionRequest) -> Result<Respo
     let choices = all
         .iter()
         .enumerate()
-        .map(|(i, r)| ChatChoice {
-            index: i as u32,
-            message: AssistantMessage { role: "assistant".into(), content: text_before_stop(r) },
-            logprobs: req.logprobs.then(|| chat_logprobs(&r.details.tokens, &r.details.top_tokens)),
-            finish_reason: finish_reason(r.details.finish_reason),
+        .map(|(i, r)| {
+            let (message, finish_reason) = match &tools {
+                Some(t) => tool_answer(t, text_before_stop(r), r.details.finish_reason),
+                None => (AssistantMessage { role: "assistant".into(), content: Some(text_before_stop(r)), tool_calls: None },
+                         finish_reason(r.details.finish_reason)),
+            };
+            ChatChoice {
+                index: i as u32,
+                message,
+                logprobs: req.logprobs.then(|| chat_logprobs(&r.details.tokens, &r.details.top_tokens)),
+                finish_reason,
+            }
         })
         .collect();
     Ok(Json(ChatCompletionResponse {
@@ -318,6 +365,22 @@ async fn chat_inner(s: AppState, mut req: ChatCompletionRequest) -> Result<Respo
         usage: usage(prompt_tokens, completion_tokens, cached_tokens),
     })
     .into_response())
+}
+
+/// A tools request's answer: a call (finish reason `tool_calls`), or text (`no_tool`'s, or what
+/// was generated when `max_tokens` cut the call short).
+fn tool_answer(t: &tools::Tools, text: String, finish: FinishReason) -> (AssistantMessage, String) {
+    let answer = if finish == FinishReason::Length { tools::Answer::Text(text) } else { t.read(&text) };
+    match answer {
+        tools::Answer::Call { name, arguments } => {
+            let call = ToolCall { index: None, id: tools::call_id(), kind: "function".into(), function: FunctionCall { name, arguments } };
+            (AssistantMessage { role: "assistant".into(), content: None, tool_calls: Some(vec![call]) }, "tool_calls".into())
+        }
+        tools::Answer::Text(text) => {
+            let reason = if finish == FinishReason::Length { "length".into() } else { "stop".into() };
+            (AssistantMessage { role: "assistant".into(), content: Some(text), tool_calls: None }, reason)
+        }
+    }
 }
 
 /// The routes that answer errors in OpenAI's shape (`error::OpenAiErrorBody`).

@@ -63,12 +63,13 @@ pub(super) fn openai_choice_stream(
     })
 }
 
-/// The SSE body of an OpenAI stream: `first` chunks, one chunk per piece, the usage chunk if
+/// The SSE body of an OpenAI stream: `first` chunks, a chunk per piece (`to_chunk` may hold a
+/// piece back: None), the usage chunk if
 /// asked for (prompt tokens counted once per prompt, i.e. per `n` choices), then `[DONE]`.
 pub(super) fn sse_response<P, F, U>(first: Vec<serde_json::Value>, pieces: P, mut to_chunk: F, usage_chunk: Option<U>, n: u32) -> Response
 where
     P: futures::Stream<Item = Result<ChoicePiece, InferError>> + Send + 'static,
-    F: FnMut(ChoicePiece) -> serde_json::Value + Send + 'static,
+    F: FnMut(ChoicePiece) -> Option<serde_json::Value> + Send + 'static,
     U: Fn(Usage) -> serde_json::Value + Send + 'static,
 {
     let events = async_stream::stream! {
@@ -89,7 +90,9 @@ where
                         }
                     }
                     generated.insert(p.index, p.generated);
-                    yield Ok(Event::default().json_data(to_chunk(p)).unwrap_or_default());
+                    if let Some(chunk) = to_chunk(p) {
+                        yield Ok(Event::default().json_data(chunk).unwrap_or_default());
+                    }
                 }
                 Err(e) => yield Ok(Event::default().json_data(e.body().openai(e.status())).unwrap_or_default()),
             }

@@ -101,7 +101,8 @@ pub struct ChatMessage {
     /// `system` (or `developer`), `user` or `assistant`.
     pub role: String,
     pub content: Option<MessageContent>,
-    /// Other fields (`name`, `tool_calls`, `tool_call_id`, ...): refused unless null.
+    /// Other fields: `tool_calls` (an assistant's earlier calls) and `tool_call_id` / `name` (a
+    /// tool's answer) are read; anything else is refused unless null.
     #[serde(flatten)]
     #[schema(ignore)]
     pub unknown: UnknownFields,
@@ -195,7 +196,29 @@ pub struct ChatLogprobs {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct AssistantMessage {
     pub role: String,
-    pub content: String,
+    /// The answer's text; null when the answer is a tool call.
+    pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+}
+
+/// A function call the model made (`tools`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ToolCall {
+    /// Present in streamed deltas: the call's position in `tool_calls`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub function: FunctionCall,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FunctionCall {
+    pub name: String,
+    /// The arguments, as a JSON text.
+    pub arguments: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -217,12 +240,14 @@ pub struct ChatCompletionResponse {
     pub usage: Usage,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct Delta {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
