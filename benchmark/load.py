@@ -1,5 +1,6 @@
 """HTTP load generator: W2 (ShareGPT-like lengths), W3 (W2 over N LoRA adapters), TTFT for a long
-prompt, W4 inter-token latency.
+prompt, W4 inter-token latency, SO (structured output: the ITL of unconstrained streams beside
+constrained ones, mask and compile times from the server's metrics).
 
 Prompts are random words `t<i>` of the benchmark models' word-level tokenizer (make_model.py), so a
 request of n words is exactly n prompt tokens; every request generates exactly max_new_tokens
@@ -54,11 +55,13 @@ def power_law_adapters(n_requests: int, n_adapters: int, alpha: float = 1.0, see
 
 
 async def one(session: aiohttp.ClientSession, url: str, prompt: str, input_len: int, max_new: int,
-              adapter: str | None = None) -> Result:
+              adapter: str | None = None, grammar: dict | None = None) -> Result:
     r = Result(input_len=input_len)
     body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new}}
     if adapter:
         body["parameters"]["adapter_id"] = adapter
+    if grammar:
+        body["parameters"]["grammar"] = grammar
     t0 = time.perf_counter()
     last = t0
     try:
@@ -164,6 +167,48 @@ async def itl_at_batch(url: str, batch: int, tokens: int, vocab: int) -> dict:
     return {"batch": batch, "median_itl_ms": s["median_itl_ms"], "p99_itl_ms": s["p99_itl_ms"], "completed": s["completed"]}
 
 
+# SO's constrained requests: a JSON array of at least `n` short strings, so that they keep
+# generating (and computing masks) for the whole run, as the unconstrained streams do.
+SO_SCHEMA = {"type": "array", "items": {"type": "string", "maxLength": 12}, "minItems": 200}
+
+
+async def metric_sums(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    async with session.get(url + "/metrics") as resp:
+        text = await resp.text()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("tessera_grammar_") and ("_sum" in line or "_count" in line):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+async def so(url: str, batch: int, tokens: int, vocab: int, share: float) -> dict:
+    """`batch` streams of `tokens` tokens at once, `share` of them under SO_SCHEMA; the ITL of the
+    unconstrained ones, and the router's mask time per step and compile time."""
+    n_bound = round(batch * share)
+    rng = np.random.default_rng(0)
+    prompts = [" ".join(f"t{w}" for w in rng.integers(0, vocab, 16)) for _ in range(batch)]
+    timeout = aiohttp.ClientTimeout(total=3600)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        before = await metric_sums(session, url)
+        t0 = time.perf_counter()
+        tasks = [asyncio.create_task(one(session, url, p, 16, tokens, grammar={"type": "json", "value": SO_SCHEMA}
+                                         if i < n_bound else None)) for i, p in enumerate(prompts)]
+        results = await asyncio.gather(*tasks)
+        duration = time.perf_counter() - t0
+        after = await metric_sums(session, url)
+    free = summarize(results[n_bound:], duration)
+    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    mask_n = delta.get("tessera_grammar_mask_seconds_count", 0)
+    compile_n = delta.get("tessera_grammar_compile_seconds_count", 0)
+    return {"batch": batch, "constrained": n_bound, "unconstrained_median_itl_ms": free["median_itl_ms"],
+            "unconstrained_p99_itl_ms": free["p99_itl_ms"], "completed": free["completed"],
+            "constrained_completed": sum(r.ok for r in results[:n_bound]),
+            "mask_ms_per_step": 1e3 * delta.get("tessera_grammar_mask_seconds_sum", 0) / mask_n if mask_n else None,
+            "compile_ms": 1e3 * delta.get("tessera_grammar_compile_seconds_sum", 0) / compile_n if compile_n else None}
+
+
 async def w3(url: str, n: int, scale: float, vocab: int, counts: list[int], alpha: float) -> dict:
     """W3: the same W2 requests (all at once) base-only and over N adapters with power-law
     popularity. Every adapter is made resident first (one short request each), so the runs measure
@@ -227,7 +272,7 @@ async def w7(url: str, n_shared: int, n_chats: int, system_words: int, vocab: in
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("url")
-    ap.add_argument("--workload", choices=["w2", "w3", "ttft", "w4", "w7"], default="w2")
+    ap.add_argument("--workload", choices=["w2", "w3", "ttft", "w4", "w7", "so"], default="w2")
     ap.add_argument("--adapter-counts", default="1,8,32,100",
                     help="W3: numbers of adapters (named a0..a<N-1> on the server), each run against base-only")
     ap.add_argument("--adapter-alpha", type=float, default=1.0, help="W3: power-law exponent of adapter popularity")
@@ -237,7 +282,9 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="length scale (W6 uses 0.25)")
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--ttft-tokens", type=int, default=1024, help="prompt length of the TTFT workload")
-    ap.add_argument("--w4-tokens", type=int, default=64, help="tokens per stream in W4")
+    ap.add_argument("--w4-tokens", type=int, default=64, help="tokens per stream in W4 and SO")
+    ap.add_argument("--so-batch", type=int, default=64, help="SO: streams at once")
+    ap.add_argument("--so-shares", default="0,0.25,0,0.25,1", help="SO: shares of constrained streams, one run each")
     ap.add_argument("--w7-chats", type=int, default=50, help="W7: two-turn conversations after the shared requests")
     ap.add_argument("--w7-system-words", type=int, default=1000, help="W7: words of the shared system prompt")
     ap.add_argument("--concurrency", type=int, default=8, help="W7: requests in flight")
@@ -246,6 +293,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.workload == "ttft":
         res = asyncio.run(ttft_long(a.url, a.ttft_tokens, a.vocab))
+    elif a.workload == "so":
+        # Pairs in one server run: none constrained, a quarter, then all (mask time at full batch).
+        res = {"so": [asyncio.run(so(a.url, a.so_batch, a.w4_tokens, a.vocab, float(share))) for share in a.so_shares.split(",")]}
     elif a.workload == "w4":
         res = {"w4": [asyncio.run(itl_at_batch(a.url, b, a.w4_tokens, a.vocab)) for b in (1, 64)]}
     elif a.workload == "w7":

@@ -108,6 +108,18 @@ def test_openai_response_formats(server):
     jsonschema.validate(json.loads(r.choices[0].text), SCHEMAS["optional"])
 
 
+def test_tgi_client(server, tokenizer):
+    from text_generation import Client
+    from text_generation.types import Grammar, GrammarType
+
+    client = Client(server.base, timeout=60)
+    schema = SCHEMAS["numbers"]
+    r = client.generate(chat_prompt(tokenizer, ASK), max_new_tokens=60, grammar=Grammar(type=GrammarType.Json, value=schema))
+    jsonschema.validate(json.loads(r.generated_text), schema)
+    r = client.generate("The year is", max_new_tokens=10, grammar=Grammar(type=GrammarType.Regex, value="[0-9]{4}"))
+    assert re.fullmatch("[0-9]{4}", r.generated_text)
+
+
 def test_huggingface_hub_inference_client(server):
     from huggingface_hub import InferenceClient
 

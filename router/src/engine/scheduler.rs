@@ -292,26 +292,29 @@ async fn step<S: Shards>(shards: &mut S, st: &mut Batching, grants: Vec<pb::Bloc
 }
 
 /// The next-token masks of the constrained requests (running, or joining with their last
-/// prompt chunk). A grammar that fails fails its request alone.
+/// prompt chunk), computed in parallel across requests. A grammar that fails fails its request
+/// alone.
 fn masks(entries: &mut Entries) -> Vec<pb::TokenMask> {
+    use rayon::prelude::*;
     let t0 = Instant::now();
-    let mut out = Vec::new();
-    let mut broken = Entries::new();
-    let ids: Vec<u64> = entries.iter().filter(|(_, e)| e.grammar.is_some()).map(|(id, _)| *id).collect();
-    for id in ids {
-        let entry = entries.get_mut(&id).expect("listed above");
-        match entry.grammar.as_mut().expect("constrained").mask() {
+    let mut constrained: Vec<(u64, &mut crate::engine::grammar::Constraint)> =
+        entries.iter_mut().filter_map(|(id, e)| e.grammar.as_mut().map(|g| (*id, g))).collect();
+    if constrained.is_empty() {
+        return Vec::new();
+    }
+    let computed: Vec<(u64, Result<Vec<u8>, String>)> = constrained.par_iter_mut().map(|(id, g)| (*id, g.mask())).collect();
+    let mut out = Vec::with_capacity(computed.len());
+    for (id, mask) in computed {
+        match mask {
             Ok(allowed) => out.push(pb::TokenMask { request_id: id, allowed }),
             Err(e) => {
                 let e = ClientError::Shard { code: pb::ErrorCode::InvalidRequest, message: format!("grammar: {e}"), request_ids: vec![id] };
-                broken.insert(id, entries.remove(&id).expect("listed above"));
+                let mut broken: Entries = entries.remove_entry(&id).into_iter().collect();
                 fail_all(&mut broken, &e);
             }
         }
     }
-    if !out.is_empty() {
-        crate::metrics::grammar_masks(t0.elapsed());
-    }
+    crate::metrics::grammar_masks(t0.elapsed());
     out
 }
 
