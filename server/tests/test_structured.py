@@ -1,7 +1,7 @@
 """Structured output on the shard: constrained rows sample only what their step's token mask
-allows (the router's grammar), with overlapped steps too (a constrained row's step is never
-launched ahead, so each mask meets the token it was computed for); the other rows' tokens do
-not change."""
+allows (the router's grammar), with overlapped steps too (a constrained batch's next forward goes
+ahead but its sampling waits for the next call, which brings the masks, so each mask meets the
+token it was computed for); the other rows' tokens do not change."""
 
 from __future__ import annotations
 
@@ -46,12 +46,14 @@ def drive(eng, constrained: bool) -> dict[int, list[int]]:
     step with the running rows (request 11 constrained). Masks are made from the tokens received
     so far, as the router makes them."""
     got: dict[int, list[int]] = {}
+    eng.pending_seen = 0
 
     def masks():
         return {rid: mask_of(allowed(rid, len(got.get(rid, [])))) for rid in (1, 11)} if constrained else {}
 
     def record(res):
         assert not res.failed, res.failed
+        eng.pending_seen += sum(b.pending is not None for b in eng.batches.values())
         for r, t in zip(res.request_ids, res.token_ids.tolist()):
             got.setdefault(r, []).append(int(t))
 
@@ -85,6 +87,8 @@ def test_constrained_rows_follow_their_masks_and_the_others_do_not_change(make_e
     for rid in (0, 2, 10):
         assert bound[rid] == free[rid], rid
     assert drive(make_engine(not overlap), constrained=True) == bound  # overlap changes nothing either
+    # With overlap, the constrained batch's forwards went ahead, their sampling waiting for masks.
+    assert (eng.pending_seen > 0) == overlap
 
 
 def test_a_constrained_row_without_its_mask_is_refused(make_engine):

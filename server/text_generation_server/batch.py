@@ -73,6 +73,9 @@ class Batch:
     # what went wrong launching it (raised by the decode that asks for it).
     ahead: "Launched | None" = None
     ahead_error: Exception | None = None
+    # A constrained batch's next step with its forward launched ahead but its sampling deferred
+    # until the call that brings the masks (`step.Forwarded`); rows follow the batch's order.
+    pending: "Forwarded | None" = None
 
     @property
     def seeds(self) -> np.ndarray:
@@ -291,11 +294,12 @@ class Batch:
             block_size=self.block_size,
             ahead=self.ahead,  # collected for the rows still here
             ahead_error=self.ahead_error,
+            pending=self.pending.select(host, idx) if self.pending is not None else None,
         )
 
     @classmethod
     def concatenate(cls, batches: Sequence["Batch"]) -> "Batch":
-        assert all(b.ahead is None for b in batches), "collect launched steps before concatenating"
+        assert all(b.ahead is None and b.pending is None for b in batches), "collect launched steps before concatenating"
         if len(batches) == 1:
             return batches[0]
         dev = batches[0].block_tables.device

@@ -205,6 +205,8 @@ class Engine:
         for p in parts:
             if p.ahead_error is not None:
                 raise p.ahead_error
+            if p.pending is not None:
+                self._sample_pending(p)
             if grants:
                 p.grow(grants)
         inflight = [p for p in parts if p.ahead is not None]
@@ -212,9 +214,9 @@ class Engine:
         launched = [(p.ahead, set(p.request_ids)) for p in inflight]
         for p in inflight:
             p.ahead = None
-        # New prompts ride on the step launched ahead when one is; otherwise they run now. Batches
-        # with constrained rows are never launched ahead (their masks come with each call).
-        rides = new is not None and bool(inflight) and self.overlap and not any(p.constrained.any() for p in fresh)
+        # New prompts ride on the step launched ahead when one is; otherwise they run now. Not on a
+        # batch with constrained rows: its steps' sampling waits for each call's masks.
+        rides = new is not None and bool(inflight) and self.overlap and not any(p.constrained.any() for p in parts)
         now = fresh + ([new] if new is not None and not rides else [])
         if now:
             current = Batch.concatenate(now)
@@ -243,9 +245,18 @@ class Engine:
             assert new is None, "prompts ride ahead only with overlap"
             return batch
         if batch is not None and batch.constrained.any():
-            # A constrained row's next mask depends on the token this step returns: no step of its
-            # batch goes ahead (and no prompt rides on one: `step` runs those now).
+            # A constrained row's next mask depends on the token this step returns: the next
+            # step's forward goes ahead, its sampling waits for the next call's masks (and no
+            # prompt rides on it: `step` runs those now).
             assert new is None, "prompts do not ride with constrained rows"
+            ending = batch.generated >= batch.max_new_tokens
+            batch = self._without(batch, [r for r, e in zip(batch.request_ids, ending.tolist()) if e])
+            if batch is not None:
+                try:
+                    batch.pending = self._launch(batch, sample=False)
+                except Exception as e:  # noqa: BLE001 - reported by the call that asks for this step
+                    log.warning("launching the next step of batch %d failed: %s", batch.id, e)
+                    batch.ahead_error = e
             return batch
         if batch is not None:
             ending = batch.generated >= batch.max_new_tokens
@@ -310,8 +321,10 @@ class Engine:
         if self.cache is None:
             raise ShardError(ErrorCode.INVALID_REQUEST, "shard is not warmed up: call Warmup first")
 
-    def _launch(self, batch: Batch) -> step.Launched:
-        """Queues one step of `batch` on the device and advances the batch's state past it."""
+    def _launch(self, batch: Batch, sample: bool = True) -> step.Launched | step.Forwarded:
+        """Queues one step of `batch` on the device and advances the batch's state past it. With
+        `sample` False (a decode step of a constrained batch launched ahead), only the forward:
+        `_sample_pending` samples it when the masks come."""
         t0 = time.perf_counter_ns()
         prefill = batch.prompt_ids is not None  # prompt rows in the step: the eager, ragged path
         inputs: StepInputs = batch.prefill_inputs() if prefill else batch.decode_inputs()
@@ -322,7 +335,16 @@ class Engine:
             want_prefill = np.flatnonzero(batch.prefill_logprobs) if prefill else np.zeros(0, dtype=np.int64)
             lora, row_slots = step.adapters_of_rows(self, batch, prefill, tokens_in, names)
             logits, hidden = step.forward(self, batch, prefill, inputs, lora, row_slots)
+            if not sample:
+                assert not prefill, "only decode steps wait for their masks"
+                return step.Forwarded(inputs, logits.clone(), tokens_in, t0)
             prefill_lp = step.prompt_logprobs(self, hidden, inputs, batch.prompt_ids, want_prefill) if len(want_prefill) else {}
             return step.sample_and_launch(self, batch, inputs, logits, tokens_in, prefill_lp, t0)
         finally:
             self._stepping = frozenset()
+
+    def _sample_pending(self, batch: Batch) -> None:
+        """Samples a constrained batch's step whose forward went ahead, under this call's masks:
+        the step becomes an ordinary launched one."""
+        fwd, batch.pending = batch.pending, None
+        batch.ahead = step.sample_and_launch(self, batch, fwd.inputs, fwd.logits, fwd.tokens_in, {}, fwd.t0)

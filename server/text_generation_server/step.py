@@ -91,6 +91,21 @@ class Launched:
     forward_ns: int
 
 
+@dataclass
+class Forwarded:
+    """A decode step whose forward is queued on the device and whose sampling waits for the
+    masks of its constrained rows (`Engine._launch_ahead`); `sample_and_launch` finishes it."""
+
+    inputs: StepInputs
+    logits: torch.Tensor  # [B, vocab] float32, device: a copy (a graph's output buffer is reused)
+    tokens_in: np.ndarray
+    t0: int
+
+    def select(self, host: np.ndarray, idx: torch.Tensor) -> "Forwarded":
+        """The rows a filter keeps (host positions / the same on the device)."""
+        return Forwarded(self.inputs, self.logits[idx], self.tokens_in[host], self.t0)
+
+
 def empty_result(failed: list[tuple[int, str, int]]) -> StepResult:
     z = np.zeros(0, dtype=np.int64)
     return StepResult([], z, z.astype(np.float32), z, z, z, None, None, {}, 0, 0, failed)
