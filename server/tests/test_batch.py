@@ -180,6 +180,7 @@ def test_every_per_row_field_is_reshaped(engine_factory):
         "prompt_ids", "prompt_slots", "prompt_ends", "prefill_logprobs",  # pending prompts: stacked by concatenate, gone after the step
         "next_host",  # rebuilt each step
         "ahead", "ahead_error",  # a launched step: carried whole, its rows picked by request id when collected
+        "pending",  # a forward whose sampling waits for masks: its rows sliced by filter (Forwarded.select)
     }
     assert {f.name for f in dataclasses.fields(Batch)} == handled
 
