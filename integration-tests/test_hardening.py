@@ -94,12 +94,14 @@ CHAT = {"model": "tessera", "messages": [{"role": "user", "content": "hi"}], "ma
 
 
 @pytest.mark.parametrize("extra, named", [
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ({"tool_choice": "auto"}, "tool_choice"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    # tools and response_format are supported (test_structured_output.py); malformed ones are refused
+    ({"tools": [{"type": "function", "function": {"name": "f g", "parameters": {}}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
     ({"logit_bias": {"42": 100}}, "logit_bias"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/cat.png"}}]}]}, "image_url"),
-    ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "a"}]}, "tool"),
+    ({"messages": [{"role": "user", "content": "hi", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]}, "tool_calls"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "wizard"),
     ({"messages": [{"role": "user", "content": None}]}, "cannot be null"),
     ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "name"),
@@ -115,7 +117,7 @@ def test_unsupported_chat_inputs_are_refused(server, extra, named):
     ("/v1/completions", {"prompt": "hi", "suffix": "the end"}, "suffix"),
     ("/v1/completions", {"prompt": "hi", "best_of": 3}, "best_of"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"42": 1}}, "logit_bias"),
-    ("/generate", {"inputs": "hi", "parameters": {"grammar": {"type": "json", "value": {}}}}, "grammar"),
+    ("/generate", {"inputs": "hi", "parameters": {"grammar": {"type": "xml", "value": "<a/>"}}}, "grammar"),
     ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 2, "min_tokens": 5}}, "min_tokens"),
     ("/generate_stream", {"inputs": "hi", "extra": True}, "extra"),
 ])

@@ -179,8 +179,8 @@ def test_auto_tool_choice_answers_a_call_or_text(server):
     msg = r.json()["choices"][0]
     if msg["finish_reason"] == "tool_calls":
         assert msg["message"]["tool_calls"][0]["function"]["name"] in ("get_weather", "get_time")
-    else:
-        assert msg["finish_reason"] == "stop" and isinstance(msg["message"]["content"], str)
+    else:  # no_tool's text, whole or cut by max_tokens
+        assert msg["finish_reason"] in ("stop", "length") and isinstance(msg["message"]["content"], str)
 
 
 @pytest.mark.parametrize("route, body, param, message", [

@@ -195,23 +195,27 @@ def sample_and_launch(engine: Engine, batch: Batch, inputs: StepInputs, logits: 
 
 def apply_masks(logits: torch.Tensor, batch: Batch, masks: dict[int, bytes]) -> torch.Tensor:
     """Structured output: the constrained rows' disallowed tokens get -inf, so that sampling (and
-    the reported logprobs) see only what the router's grammar allows next. Other rows untouched."""
+    the reported logprobs) see only what the router's grammar allows next. Other rows untouched.
+    The packed bits go to the device as they came and are unpacked there."""
     rows = np.flatnonzero(batch.constrained)
     ids = [batch.request_ids[r] for r in rows.tolist()]
     missing = [i for i in ids if i not in masks]
     if missing:
         raise ShardError(ErrorCode.INVALID_REQUEST, f"no token mask for constrained requests {missing}", missing)
     vocab = logits.shape[1]
-    bits = np.zeros((len(rows), vocab), dtype=bool)
+    width = -(-vocab // 32) * 4  # bytes of a whole mask
+    packed = np.zeros((len(rows), width), dtype=np.uint8)
     for j, rid in enumerate(ids):
-        row = np.unpackbits(np.frombuffer(masks[rid], dtype=np.uint8), bitorder="little")[:vocab]
-        bits[j, : len(row)] = row
-    empty = [rid for rid, row in zip(ids, bits) if not row.any()]
+        row = np.frombuffer(masks[rid], dtype=np.uint8)[:width]
+        packed[j, : len(row)] = row
+    empty = [rid for rid, row in zip(ids, packed) if not row.any()]
     if empty:
         raise ShardError(ErrorCode.INVALID_REQUEST, f"token masks allowing no token for requests {empty}", empty)
     dev = logits.device
     index = torch.from_numpy(rows).to(dev, non_blocking=True)
-    allowed = torch.from_numpy(bits).to(dev, non_blocking=True)
+    bits = torch.from_numpy(packed).to(dev, non_blocking=True)
+    shifts = torch.arange(8, device=dev, dtype=torch.uint8)
+    allowed = ((bits[:, :, None] >> shifts) & 1).bool().reshape(len(rows), width * 8)[:, :vocab]
     logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
     return logits
 

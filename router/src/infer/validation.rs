@@ -400,10 +400,11 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
-    async fn unknown_fields_and_grammar_are_refused() {
+    async fn unknown_fields_are_refused_and_grammars_without_a_grammar_engine() {
         let v = validation(LimitArgs::default());
         let body: GenerateRequest = serde_json::from_str(r#"{"inputs": "hello", "parameters": {"foo": 1, "bar": null}}"#).unwrap();
         assert_eq!(v.validate(body).await.unwrap_err(), ValidationError::UnknownField("foo".into()));
+        // No grammar engine (the model names no end-of-sequence token, say): refused, not ignored.
         let body: GenerateRequest = serde_json::from_str(r#"{"inputs": "hello", "parameters": {"grammar": {"type": "json"}}}"#).unwrap();
         assert_eq!(v.validate(body).await.unwrap_err(), ValidationError::Unsupported("grammar".into()));
         let body: GenerateRequest = serde_json::from_str(
@@ -429,5 +430,22 @@ pub(crate) mod tests {
         assert!(v.validate(req("hello", p)).await.unwrap().parameters.do_sample);
         let p = GenerateParameters { seed: Some(7), max_new_tokens: Some(1), do_sample: Some(true), ..Default::default() };
         assert_eq!(v.validate(req("hello", p)).await.unwrap().parameters.seed, 7);
+    }
+
+    #[test]
+    fn tgi_grammar_shapes() {
+        use serde_json::json;
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        let parse = |v: serde_json::Value| parse_grammar(Some(&v));
+        assert_eq!(parse(json!({"type": "json", "value": schema})).unwrap(), Some(GrammarSpec::JsonSchema(schema.clone())));
+        assert_eq!(parse(json!({"type": "json_object"})).unwrap(), Some(GrammarSpec::json_object()));
+        assert_eq!(parse(json!({"type": "json_schema", "value": {"name": "x", "schema": schema}})).unwrap(),
+                   Some(GrammarSpec::JsonSchema(schema.clone())));
+        assert_eq!(parse(json!({"type": "regex", "value": "a+"})).unwrap(), Some(GrammarSpec::Regex("a+".into())));
+        assert_eq!(parse_grammar(Some(&serde_json::Value::Null)).unwrap(), None);
+        for bad in [json!({"value": "a"}), json!({"type": "regex"}), json!({"type": "regex", "value": ""}),
+                    json!({"type": "json", "value": "x"}), json!({"type": "yaml", "value": "a"})] {
+            assert!(matches!(parse(bad.clone()), Err(ValidationError::Grammar("grammar", _))), "{bad}");
+        }
     }
 }

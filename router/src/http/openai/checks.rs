@@ -125,7 +125,7 @@ pub fn template_messages(messages: &[ChatMessage]) -> Result<Vec<TemplateMessage
         let mut unknown = m.unknown.clone();
         // A tool's answer names its call; an assistant's earlier calls are shown to the model as
         // the JSON it answered with.
-        let calls = unknown.remove("tool_calls").filter(|v| !v.is_null());
+        let calls = unknown.remove("tool_calls").filter(|v| !is_empty_value(v));
         if m.role == "tool" {
             unknown.remove("tool_call_id");
             unknown.remove("name");
