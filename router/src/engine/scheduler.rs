@@ -291,6 +291,20 @@ async fn step<S: Shards>(shards: &mut S, st: &mut Batching, grants: Vec<pb::Bloc
     }
 }
 
+/// Threads for mask computation: half the cores, so that a shard on the same machine's CPU (the
+/// CPU path) keeps the rest; one on a 2-core machine.
+fn mask_pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        rayon::ThreadPoolBuilder::new()
+            .num_threads((cores / 2).max(1))
+            .thread_name(|i| format!("grammar-mask-{i}"))
+            .build()
+            .expect("a thread pool for grammar masks")
+    })
+}
+
 /// The next-token masks of the constrained requests (running, or joining with their last
 /// prompt chunk), computed in parallel across requests. A grammar that fails fails its request
 /// alone.
@@ -302,7 +316,8 @@ fn masks(entries: &mut Entries) -> Vec<pb::TokenMask> {
     if constrained.is_empty() {
         return Vec::new();
     }
-    let computed: Vec<(u64, Result<Vec<u8>, String>)> = constrained.par_iter_mut().map(|(id, g)| (*id, g.mask())).collect();
+    let computed: Vec<(u64, Result<Vec<u8>, String>)> =
+        mask_pool().install(|| constrained.par_iter_mut().map(|(id, g)| (*id, g.mask())).collect());
     let mut out = Vec::with_capacity(computed.len());
     for (id, mask) in computed {
         match mask {
