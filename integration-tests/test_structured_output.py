@@ -262,3 +262,35 @@ def test_constrained_rows_leave_the_others_unchanged(adapter, tokenizer):
         assert "tessera_grammar_mask_seconds_count" in metrics and "tessera_grammar_compile_seconds_count" in metrics
     finally:
         s.stop()
+
+
+def test_grammars_with_chunked_prompts_stop_sequences_and_preemption(tokenizer):
+    """Long prompts computed in 12-token chunks beside constrained rows, on a KV cache small
+    enough to preempt: every constrained answer still follows its grammar; a stop sequence ends a
+    constrained answer like any other."""
+    s = Server("--max-batch-tokens", "16", "--max-batch-prefill-tokens", "12", "--max-input-tokens", "256",
+               "--max-total-tokens", "384", "--max-batch-total-tokens", "1024").wait_ready()
+    try:
+        long_ask = "Please describe, in JSON, a person. " * 12 + ASK
+        bodies = [{"inputs": chat_prompt(tokenizer, long_ask), "parameters": {
+            "max_new_tokens": 120, "do_sample": True, "seed": i, "grammar": {"type": "json", "value": SCHEMAS["nested"]}}}
+            for i in range(6)]
+
+        def ask(body):
+            r = requests.post(s.url("/generate"), json=body, timeout=300)
+            assert r.status_code == 200, r.text
+            return r.json()["generated_text"]
+
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            for text in pool.map(ask, bodies):
+                jsonschema.validate(json.loads(text), SCHEMAS["nested"])
+        metrics = requests.get(s.url("/metrics"), timeout=10).text
+        assert re.search(r"tessera_chunked_prefills_total [1-9]", metrics), "the prompts were chunked"
+        r = requests.post(s.url("/generate"), json={"inputs": "Say hello", "parameters": {
+            "max_new_tokens": 30, "stop": ["l"], "details": True, "grammar": {"type": "regex", "value": "hel+o world"}}},
+                          timeout=60)
+        assert r.status_code == 200, r.text
+        # the text runs to the end of the token that completed the stop sequence, as in TGI
+        assert r.json()["details"]["finish_reason"] == "stop_sequence" and r.json()["generated_text"].startswith("hel")
+    finally:
+        s.stop()

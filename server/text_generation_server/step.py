@@ -197,7 +197,12 @@ def apply_masks(logits: torch.Tensor, batch: Batch, masks: dict[int, bytes]) -> 
     """Structured output: the constrained rows' disallowed tokens get -inf, so that sampling (and
     the reported logprobs) see only what the router's grammar allows next. Other rows untouched.
     The packed bits go to the device as they came and are unpacked there."""
-    rows = np.flatnonzero(batch.constrained)
+    # Rows computing a prompt chunk that is not their last sample nothing that is kept: no mask.
+    partial = batch.partial_ids()
+    rows = np.array([r for r in np.flatnonzero(batch.constrained).tolist() if batch.request_ids[r] not in partial],
+                    dtype=np.int64)
+    if not len(rows):
+        return logits
     ids = [batch.request_ids[r] for r in rows.tolist()]
     missing = [i for i in ids if i not in masks]
     if missing:
