@@ -57,13 +57,16 @@ def drive(eng, constrained: bool) -> dict[int, list[int]]:
         for r, t in zip(res.request_ids, res.token_ids.tolist()):
             got.setdefault(r, []).append(int(t))
 
-    a, nxt = batch(1, [[5, 6, 7, 8], [9, 10], [11, 12, 13]], 10)
+    a, nxt = batch(1, [[5, 6, 7, 8], [9, 10], [11, 12, 13], [14, 15]], 10)
     a.requests[1].constrained = constrained
+    a.requests[2].parameters.watermark = True  # seeded by the token each row fed
     res, cached, _ = eng.step([], None, a, masks())
     record(res)
     for _ in range(3):
         res, cached, _ = eng.step([cached.id], None, None, masks())
         record(res)
+    # request 3 hits a stop sequence: filtered while its batch's next forward may be pending
+    cached = eng.filter(cached.id, [r for r in cached.request_ids if r != 3])
     b, _ = batch(2, [[20, 21, 22], [30, 31]], 6, first_block=nxt, first_id=10)
     b.requests[1].constrained = constrained
     res, cached, _ = eng.step([cached.id], None, b, masks())
@@ -86,6 +89,7 @@ def test_constrained_rows_follow_their_masks_and_the_others_do_not_change(make_e
     assert bound[1] != free[1]  # the masks changed something
     for rid in (0, 2, 10):
         assert bound[rid] == free[rid], rid
+    assert len(bound[3]) == 4  # filtered after its fourth token
     assert drive(make_engine(not overlap), constrained=True) == bound  # overlap changes nothing either
     # With overlap, the constrained batch's forwards went ahead, their sampling waiting for masks.
     assert (eng.pending_seen > 0) == overlap

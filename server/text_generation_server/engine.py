@@ -335,11 +335,12 @@ class Engine:
             want_prefill = np.flatnonzero(batch.prefill_logprobs) if prefill else np.zeros(0, dtype=np.int64)
             lora, row_slots = step.adapters_of_rows(self, batch, prefill, tokens_in, names)
             logits, hidden = step.forward(self, batch, prefill, inputs, lora, row_slots)
+            prev = inputs.input_ids[inputs.last_token_index]  # the token each row fed (watermark seed)
             if not sample:
                 assert not prefill, "only decode steps wait for their masks"
-                return step.Forwarded(inputs, logits.clone(), tokens_in, t0)
+                return step.Forwarded(prev, logits.clone(), tokens_in, t0)
             prefill_lp = step.prompt_logprobs(self, hidden, inputs, batch.prompt_ids, want_prefill) if len(want_prefill) else {}
-            return step.sample_and_launch(self, batch, inputs, logits, tokens_in, prefill_lp, t0)
+            return step.sample_and_launch(self, batch, prev, logits, tokens_in, prefill_lp, t0)
         finally:
             self._stepping = frozenset()
 
@@ -347,4 +348,4 @@ class Engine:
         """Samples a constrained batch's step whose forward went ahead, under this call's masks:
         the step becomes an ordinary launched one."""
         fwd, batch.pending = batch.pending, None
-        batch.ahead = step.sample_and_launch(self, batch, fwd.inputs, fwd.logits, fwd.tokens_in, {}, fwd.t0)
+        batch.ahead = step.sample_and_launch(self, batch, fwd.prev, fwd.logits, fwd.tokens_in, {}, fwd.t0)

@@ -96,14 +96,14 @@ class Forwarded:
     """A decode step whose forward is queued on the device and whose sampling waits for the
     masks of its constrained rows (`Engine._launch_ahead`); `sample_and_launch` finishes it."""
 
-    inputs: StepInputs
+    prev: torch.Tensor  # [B] int64, device: the token each row fed this step (watermark seed)
     logits: torch.Tensor  # [B, vocab] float32, device: a copy (a graph's output buffer is reused)
     tokens_in: np.ndarray
     t0: int
 
     def select(self, host: np.ndarray, idx: torch.Tensor) -> "Forwarded":
         """The rows a filter keeps (host positions / the same on the device)."""
-        return Forwarded(self.inputs, self.logits[idx], self.tokens_in[host], self.t0)
+        return Forwarded(self.prev[idx], self.logits[idx], self.tokens_in[host], self.t0)
 
 
 def empty_result(failed: list[tuple[int, str, int]]) -> StepResult:
@@ -161,7 +161,7 @@ def prompt_logprobs(engine: Engine, hidden, inputs: StepInputs, prompts, rows) -
     return out
 
 
-def sample_and_launch(engine: Engine, batch: Batch, inputs: StepInputs, logits: torch.Tensor,
+def sample_and_launch(engine: Engine, batch: Batch, prev: torch.Tensor, logits: torch.Tensor,
                       tokens_in: np.ndarray, prefill_lp: dict, t0: int) -> Launched:
     """Samples every row on the device, advances the batch, and queues the copies of what the
     response needs to the host (pinned buffers, an event after them): no host sync here, so the
@@ -171,7 +171,6 @@ def sample_and_launch(engine: Engine, batch: Batch, inputs: StepInputs, logits: 
         with torch.inference_mode():
             logits = apply_masks(logits, batch, engine.masks)
     steps = torch.from_numpy(batch.generated).to(dev, non_blocking=True)
-    prev = inputs.input_ids[inputs.last_token_index]
     max_n = int(batch.top_n.max(initial=0))
     with torch.inference_mode():
         out = sample(logits, batch.sampling, steps, batch.counts, batch.out_counts, prev)
