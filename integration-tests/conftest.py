@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCHER = ROOT / "target" / "release" / "text-generation-launcher"
@@ -102,6 +103,26 @@ class BackgroundStream:
 
         self.thread = threading.Thread(target=read)
         self.thread.start()
+
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def random_lora(model_dir: Path, out: Path, *, r: int = 8, alpha: float = 16, targets=ALL_PROJECTIONS, std: float = 0.02,
+                seed: int = 0, rslora: bool = False) -> Path:
+    """A peft adapter on the model with random non-zero B (std `std`, from `seed`), saved by peft."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rslora))
+    g = torch.Generator().manual_seed(seed)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    model.save_pretrained(out)
+    return out
 
 
 @pytest.fixture(scope="session")

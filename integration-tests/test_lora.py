@@ -14,7 +14,7 @@ import requests
 import torch
 from openai import OpenAI
 
-from conftest import Server
+from conftest import Server, random_lora
 
 ADAPTERS = {  # name -> (rank, targets, alpha, rslora, std of the random lora_B)
     "upper4": (4, ["q_proj", "v_proj"], 8, False, 1.0),
@@ -30,19 +30,9 @@ LIMITS = ("--max-input-tokens", "256", "--max-total-tokens", "512", "--max-batch
 @pytest.fixture(scope="module")
 def adapters(model_dir, tmp_path_factory):
     """PEFT directories with random (non-zero) LoRA weights, saved by peft itself."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("adapters")
     for i, (name, (r, targets, alpha, rs, std)) in enumerate(ADAPTERS.items()):
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, use_rslora=rs))
-        g = torch.Generator().manual_seed(i)
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
-        model.save_pretrained(root / name)
+        random_lora(model_dir, root / name, r=r, alpha=alpha, targets=targets, std=std, seed=i, rslora=rs)
     return root
 
 

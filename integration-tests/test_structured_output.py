@@ -12,9 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import jsonschema
 import pytest
 import requests
-import torch
 
-from conftest import Server
+from conftest import Server, random_lora
 
 SCHEMAS = {
     "nested": {"type": "object", "properties": {
@@ -217,18 +216,7 @@ def test_a_grammar_that_cannot_finish_ends_by_length(server):
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, model_dir):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(3)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    m = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
-    for n, p in m.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.02)
-    out = tmp_path_factory.mktemp("so-adapter") / "a"
-    m.save_pretrained(out)
-    return out
+    return random_lora(model_dir, tmp_path_factory.mktemp("so-adapter") / "a", targets=["q_proj", "v_proj", "down_proj"], seed=3)
 
 
 def test_constrained_rows_leave_the_others_unchanged(adapter, tokenizer):

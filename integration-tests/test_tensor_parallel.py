@@ -12,9 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-import torch
 
-from conftest import Server
+from conftest import Server, random_lora
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,",
            "List three colours:", "2 + 2 =", "The quick brown fox"]
@@ -24,20 +23,8 @@ SMALL = ("--max-input-tokens", "128", "--max-total-tokens", "256", "--max-batch-
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory, model_dir):
     """A random-weight peft adapter on the default model (q/k/v/o/gate/up/down), strong enough to
-    change the answers."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(11)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    m = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    for n, p in m.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.02)
-    out = tmp_path_factory.mktemp("tp-adapter") / "a"
-    m.save_pretrained(out)
-    return out
+    change the answers (the test checks that it does)."""
+    return random_lora(model_dir, tmp_path_factory.mktemp("tp-adapter") / "a", seed=11)
 
 
 def _answers(s: Server, adapter_id: str | None, together: bool) -> list[list[int]]:

@@ -36,6 +36,17 @@ def name_adapters(b: pb.Batch, adapters: dict[int, str] | None) -> None:
             r.adapter_id = adapters[r.id]
 
 
+def generate(eng, pb_batch: pb.Batch, n: int) -> list[list[int]]:
+    """Each row's first n tokens: the batch's prefill, then n - 1 decode steps of it."""
+    res, cached = eng.prefill(pb_batch)
+    got = [[int(t)] for t in res.token_ids]
+    for _ in range(n - 1):
+        res, cached, _ = eng.decode([cached.id])
+        for row, t in enumerate(res.token_ids):
+            got[row].append(int(t))
+    return got
+
+
 def overlap_script(eng, eos_row_token: int | None = None, adapters: dict[int, str] | None = None):
     """Runs a router-like sequence of calls; returns what each call reported, in order:
     [(call, {request id: (token, finish)}), ...] and the logprobs per request."""

@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from conftest import BLOCK, batch
-from shard_calls import name_adapters
+from shard_calls import generate, name_adapters
 
 # (query heads, KV heads, world): 9 heads in 3 KV groups over 2 ranks (the default model's shape:
 # 3 + 6 heads); 3 heads per rank (odd); KV heads replicated (2 KV heads over 4 ranks); one head per
@@ -90,13 +90,7 @@ def _run(rank: int, world: int, port: int, model_dir: str, adapter: str | None, 
     pb_batch.requests[2].parameters.do_sample = True
     pb_batch.requests[2].parameters.seed = 7
     name_adapters(pb_batch, {1: "a"} if adapter else None)
-    res, _ = eng.prefill(pb_batch)
-    got = [[int(t)] for t in res.token_ids]
-    for _ in range(7):
-        res, _, _ = eng.decode([1])
-        for row, t in enumerate(res.token_ids):
-            got[row].append(int(t))
-    results["tokens"] = got
+    results["tokens"] = generate(eng, pb_batch, 8)
     torch.save(results, f"{out}.{rank}")
     if world > 1:
         torch.distributed.destroy_process_group()

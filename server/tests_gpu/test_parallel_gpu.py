@@ -16,7 +16,7 @@ if torch.cuda.device_count() < 2:
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from test_parallel import PROMPTS, _adapter, _tiny  # noqa: E402
-from shard_calls import BLOCK, batch, name_adapters  # noqa: E402
+from shard_calls import BLOCK, batch, generate, name_adapters  # noqa: E402
 
 
 def _port() -> int:
@@ -39,13 +39,7 @@ def _run(rank: int, world: int, port: int, model_dir: str, adapter: str, out: st
     eng.warmup(warm, 64, 256)
     pb_batch, _ = batch(1, PROMPTS, 12)
     name_adapters(pb_batch, {1: "a"})
-    res, _ = eng.prefill(pb_batch)
-    got = [[int(t)] for t in res.token_ids]
-    for _ in range(11):
-        res, _, _ = eng.decode([1])
-        for row, t in enumerate(res.token_ids):
-            got[row].append(int(t))
-    torch.save(got, f"{out}.{rank}")
+    torch.save(generate(eng, pb_batch, 12), f"{out}.{rank}")
     if world > 1:
         torch.distributed.destroy_process_group()
 

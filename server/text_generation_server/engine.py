@@ -244,23 +244,14 @@ class Engine:
         if not self.overlap:
             assert new is None, "prompts ride ahead only with overlap"
             return batch
-        if batch is not None and batch.constrained.any():
-            # A constrained row's next mask depends on the token this step returns: the next
-            # step's forward goes ahead, its sampling waits for the next call's masks (and no
-            # prompt rides on it: `step` runs those now).
-            assert new is None, "prompts do not ride with constrained rows"
-            ending = batch.generated >= batch.max_new_tokens
-            batch = self._without(batch, [r for r, e in zip(batch.request_ids, ending.tolist()) if e])
-            if batch is not None:
-                try:
-                    batch.pending = self._launch(batch, sample=False)
-                except Exception as e:  # noqa: BLE001 - reported by the call that asks for this step
-                    log.warning("launching the next step of batch %d failed: %s", batch.id, e)
-                    batch.ahead_error = e
-            return batch
         if batch is not None:
             ending = batch.generated >= batch.max_new_tokens
             batch = self._without(batch, [r for r, e in zip(batch.request_ids, ending.tolist()) if e])
+        # A constrained row's next mask depends on the token this step returns: its batch's next
+        # forward goes ahead, but the sampling waits for the next call's masks (`_sample_pending`),
+        # and no prompt rides on it (`step` runs those now).
+        sample = batch is None or not batch.constrained.any()
+        assert sample or new is None, "prompts do not ride with constrained rows"
         if new is not None:
             batch = Batch.concatenate([b for b in (batch, new) if b is not None])
             batch.id = batch_id
@@ -268,7 +259,11 @@ class Engine:
             return None
         partial = batch.partial_ids()
         try:
-            batch.ahead = self._launch(batch)
+            launched = self._launch(batch, sample=sample)
+            if sample:
+                batch.ahead = launched
+            else:
+                batch.pending = launched
         except Exception as e:  # noqa: BLE001 - reported by the call that asks for this step
             if new is not None:
                 raise
