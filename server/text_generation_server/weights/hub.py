@@ -17,13 +17,14 @@ import threading
 import time
 from pathlib import Path
 
+from text_generation_server.weights.loader import INDEX, indexed_files
+
 log = logging.getLogger(__name__)
 
 # A hub repository id: `name` or `org/name` (letters, digits, `-`, `_`, `.`).
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 _TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
               "chat_template.jinja", "chat_template.json")
-_INDEX = "model.safetensors.index.json"
 
 
 class HubError(Exception):
@@ -75,12 +76,12 @@ def download(repo_id: str, revision: str | None) -> Path:
     for name in _TOKENIZER:
         if name in sizes:
             fetch.one(name, sizes)
-    if _INDEX in sizes:
-        index = json.loads(fetch.one(_INDEX, sizes).read_text())
-        weights = sorted(set(index.get("weight_map", {}).values()))
+    if INDEX in sizes:
+        index = json.loads(fetch.one(INDEX, sizes).read_text())
+        weights = indexed_files(index)
         missing = [w for w in weights if w not in sizes]
         if missing:
-            raise HubError(f"{where}: {_INDEX} names files the repository lacks: {missing}")
+            raise HubError(f"{where}: {INDEX} names files the repository lacks: {missing}")
     total = sum(sizes[w] for w in weights)
     log.info("downloading %s: %d safetensors files, %.1f MB", where, len(weights), total / 1e6)
     t0 = time.perf_counter()
@@ -139,8 +140,8 @@ def _from_cache(repo_id: str, revision: str | None, where: str) -> Path:
                        f"(download it once with the hub reachable)") from e
     snap = config.parent
     _check_config(config, where)
-    index = snap / _INDEX
-    weights = (sorted(set(json.loads(index.read_text()).get("weight_map", {}).values())) if index.is_file()
+    index = snap / INDEX
+    weights = (indexed_files(json.loads(index.read_text())) if index.is_file()
                else [p.name for p in snap.glob("*.safetensors")])
     missing = [w for w in ["tokenizer.json", *weights] if not (snap / w).is_file()] or ([] if weights else ["*.safetensors"])
     if missing:

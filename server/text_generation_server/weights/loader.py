@@ -12,6 +12,14 @@ from safetensors import safe_open
 log = logging.getLogger(__name__)
 
 
+INDEX = "model.safetensors.index.json"
+
+
+def indexed_files(index: dict) -> list[str]:
+    """The safetensors files a `model.safetensors.index.json` names, sorted."""
+    return sorted(set(index.get("weight_map", {}).values()))
+
+
 class WeightError(ValueError):
     """A weight is missing or has the wrong shape."""
 
@@ -23,10 +31,9 @@ class Weights:
         files = sorted(self.dir.glob("*.safetensors"))
         if not files:
             raise WeightError(f"no *.safetensors in {self.dir}")
-        index = self.dir / "model.safetensors.index.json"
+        index = self.dir / INDEX
         if index.is_file():
-            names = set(json.loads(index.read_text())["weight_map"].values())
-            files = [self.dir / n for n in sorted(names)]
+            files = [self.dir / n for n in indexed_files(json.loads(index.read_text()))]
         log.info("loading weights: %d safetensors files, %.1f MB, from %s", len(files),
                  sum(f.stat().st_size for f in files) / 1e6, self.dir)
         self.numel = 0  # elements read so far: the model's parameter count once it is built
