@@ -47,6 +47,24 @@ def generate(eng, pb_batch: pb.Batch, n: int) -> list[list[int]]:
     return got
 
 
+def prompt_logits(eng, ids: list[int]):
+    """The logits [len(ids), vocab] of every position of one prompt: one forward on the engine's
+    model and cache (batch id 1, blocks from 0)."""
+    import torch
+
+    from text_generation_server.batch import Batch
+    from text_generation_server.models.forward_context import ForwardContext, forward_context
+
+    pb_batch, _ = batch(1, [ids], 1)
+    b = Batch.from_pb(pb_batch.id, list(pb_batch.requests), eng.cfg.block_size, eng.model.config.vocab_size,
+                      eng.cfg.device)
+    inputs = b.prefill_inputs()
+    eng.attention.plan(inputs.attention)
+    with forward_context(ForwardContext(eng.attention)):
+        hidden = eng.model.forward(inputs.input_ids, inputs.positions, eng.cache.k, eng.cache.v)
+    return eng.model.compute_logits(hidden)
+
+
 def overlap_script(eng, eos_row_token: int | None = None, adapters: dict[int, str] | None = None):
     """Runs a router-like sequence of calls; returns what each call reported, in order:
     [(call, {request id: (token, finish)}), ...] and the logprobs per request."""

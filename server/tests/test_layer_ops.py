@@ -36,7 +36,7 @@ def test_rope_store_kernel_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("checked") == 2
+    assert r.stdout.count("checked") == 3
 
 
 def _interpreted() -> None:
@@ -44,10 +44,10 @@ def _interpreted() -> None:
     from text_generation_server.layers.rotary import RotaryEmbedding
     from text_generation_server.models.config import RopeConfig
 
-    for h, kvh, d in ((9, 3, 64), (4, 4, 16)):
+    for h, kvh, d, rot in ((9, 3, 64, 64), (4, 4, 16, 16), (4, 2, 24, 16)):  # the last: partial rotary
         g = torch.Generator().manual_seed(d)
         t, blocks, bs = 7, 8, 4
-        rotary = RotaryEmbedding(RopeConfig(theta=10000.0), d, 256, torch.device("cpu"), torch.float32)
+        rotary = RotaryEmbedding(RopeConfig(theta=10000.0), rot, 256, torch.device("cpu"), torch.float32)
         qkv = torch.randn(t, (h + 2 * kvh) * d, generator=g)
         q, k, v = (x.view(t, -1, d) for x in qkv.split([h * d, kvh * d, kvh * d], dim=1))
         positions = torch.randint(0, 256, (t,), generator=g)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import batch
+from shard_calls import prompt_logits
 
 KINDS = ["llama", "llama3", "qwen2", "mistral"]
 
@@ -21,16 +22,7 @@ def test_prefill_logits_match_transformers(engine_factory, kind):
     eng, ref = engine_factory(kind)
     torch.manual_seed(1)
     ids = torch.randint(2, 97, (37,)).tolist()
-    pb_batch, _ = batch(1, [ids], 1)
-    from text_generation_server.batch import Batch
-    from text_generation_server.models.forward_context import ForwardContext, forward_context
-
-    b = Batch.from_pb(pb_batch.id, list(pb_batch.requests), eng.cfg.block_size, 97, torch.device("cpu"))
-    inputs = b.prefill_inputs()
-    eng.attention.plan(inputs.attention)
-    with forward_context(ForwardContext(eng.attention)):
-        hidden = eng.model.forward(inputs.input_ids, inputs.positions, eng.cache.k, eng.cache.v)
-    ours = eng.model.compute_logits(hidden)
+    ours = prompt_logits(eng, ids)
     with torch.no_grad():
         theirs = ref(torch.tensor([ids])).logits[0].float()
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)

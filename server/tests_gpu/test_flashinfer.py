@@ -53,20 +53,22 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("window", [None, 64])
+@pytest.mark.parametrize("window,scale,softcap", [(None, None, None), (64, None, None), (64, 0.1, 5.0)])
 @pytest.mark.parametrize("case", list(CASES))
-def test_flashinfer_matches_reference(case, window):
+def test_flashinfer_matches_reference(case, window, scale, softcap):
+    """Each window of a model with sliding and global layers (Gemma), and Gemma 2's scale and soft cap."""
     cached, new = CASES[case]
     inputs, q, k, v, kc, vc = make_step(cached, new)
-    fi = FlashInferAttention(H, KVH, D, BS, window, DEV, torch.bfloat16)
+    fi = FlashInferAttention(H, KVH, D, BS, (None, window), scale, softcap, device=DEV, dtype=torch.bfloat16)
     fi.plan(inputs)
     kc1, vc1 = kc.clone(), vc.clone()
     write_kv(k, v, kc1, vc1, fi.slots)  # the layer's job (ops.rope_store)
-    out = fi.forward(q, k, v, kc1, vc1)
-    ref = TorchAttention(H, KVH, D, BS, window)
+    ref = TorchAttention(H, KVH, D, BS, (None, window), scale, softcap)
     ref.plan(inputs)
     kc2, vc2 = kc.clone().float(), vc.clone().float()
     write_kv(k.float(), v.float(), kc2, vc2, ref.slots)
-    want = ref.forward(q.float(), k.float(), v.float(), kc2, vc2)
-    torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+    for w in (window, None):
+        out = fi.forward(q, k, v, kc1, vc1, window=w)
+        want = ref.forward(q.float(), k.float(), v.float(), kc2, vc2, window=w)
+        torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(kc1.float(), kc2)  # both planned the new keys at the same slots

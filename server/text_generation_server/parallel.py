@@ -6,7 +6,9 @@ CUDA, gloo on CPU), and how the model's weights split across them (Megatron-styl
   world / num_kv_heads ranks that split its query heads. q/k/v are column-parallel; o_proj is
   row-parallel: each rank's output is a partial sum, all-reduced.
 - MLP: gate/up column-parallel over the intermediate size (split as evenly as it goes), down
-  row-parallel, all-reduced.
+  row-parallel, all-reduced. A mixture of experts splits the same way inside every expert
+  (each rank holds a column share of all experts; the router is replicated), so every rank
+  runs the same experts on the same tokens and one all-reduce sums them.
 - Embedding and LM head: vocabulary-parallel (ceil(vocab / world) rows per rank, the last padded).
   A token's embedding comes from the rank owning it (all-reduce of the others' zeros); the
   logits are all-gathered, so every rank samples the same token from the same logits (sampling
@@ -124,6 +126,12 @@ class Split:
         vocabulary stays whole: logits are gathered)."""
         return dataclasses.replace(self.full, num_heads=self.heads, num_kv_heads=self.kv_heads,
                                    intermediate_size=self.inter[1] - self.inter[0])
+
+    def share(self, n: int) -> tuple[int, int]:
+        """This rank's rows [lo, hi) of a size split as evenly as it goes (an expert's intermediate size)."""
+        if n < self.world:
+            raise ConfigError(f"--num-shard {self.world} exceeds a dimension of {n} the model splits")
+        return _share(n, self.world, self.rank)
 
     def out_rows(self, proj: str) -> tuple[int, int]:
         """Rows [start, end) of a column-parallel projection's [out, in] weight this rank holds."""

@@ -2,7 +2,14 @@
 
 A backend is planned once per step (`plan`) from the step's ragged layout, which gives the new
 tokens' cache `slots` (the layer writes its keys/values there, fused with the rotary embedding),
-then called once per layer (`forward`) to attend over the paged cache. This is FlashInfer's plan-once / run-per-layer shape; the torch reference follows it too.
+then called once per layer (`forward`) to attend over the paged cache. This is FlashInfer's
+plan-once / run-per-layer shape; the torch reference follows it too.
+
+Layers may differ in their attention window (Mistral's sliding window on every layer; Gemma's
+sliding and global layers alternating): the backend plans each distinct window of the model
+(`windows`) and a layer names its own in `forward`. The cache keeps every token of every layer;
+a window only masks what a query reads. The softmax scale and Gemma 2's score soft-capping are
+the model's, the same for all layers.
 """
 
 from __future__ import annotations
@@ -38,13 +45,16 @@ class AttentionBackend(ABC):
     name: str = "abstract"
     plans_pages_on_host: bool = False  # plan() reads AttentionInputs.paged_host when given
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, sliding_window: int | None):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                 windows: tuple[int | None, ...] = (None,), scale: float | None = None, softcap: float | None = None):
         self.slots: torch.Tensor | None = None  # [T] int64: the planned step's cache slot per new token
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.block_size = block_size
-        self.sliding_window = sliding_window
+        self.windows = tuple(sorted(set(windows), key=lambda w: w or 0))  # distinct windows (None: whole context)
+        self.scale = scale if scale is not None else head_dim ** -0.5  # softmax scale of q.k
+        self.softcap = softcap  # scores become softcap * tanh(score / softcap); None: as they are
 
     @abstractmethod
     def plan(self, inputs: AttentionInputs) -> None:
@@ -52,11 +62,12 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+        window: int | None = None,
     ) -> torch.Tensor:
         """q: [T, heads, dim]; k, v: [T, kv_heads, dim]; caches: [num_blocks, block_size, kv_heads, dim].
-        The layer has already written k/v at the planned `slots` (`ops.rope_store`); returns
-        [T, heads, dim]."""
+        The layer has already written k/v at the planned `slots` (`ops.rope_store`); a query reads
+        the last `window` tokens up to itself (one of `windows`; None: all). Returns [T, heads, dim]."""
 
     # CUDA-graph hooks (decode). Backends that cannot be captured keep the defaults.
     def supports_cuda_graphs(self) -> bool:

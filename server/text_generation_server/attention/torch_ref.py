@@ -16,9 +16,9 @@ class _Group:
     """Rows attended together in one padded SDPA call: their tokens' indices in the step, each
     token's place in the padded [b * max_q] queries, the mask and the cache slots to gather."""
 
-    def __init__(self, tokens, pad_index, b, max_q, max_kv, mask, gather):
+    def __init__(self, tokens, pad_index, b, max_q, max_kv, masks, gather):
         self.tokens, self.pad_index, self.b, self.max_q, self.max_kv = tokens, pad_index, b, max_q, max_kv
-        self.mask, self.gather = mask, gather
+        self.masks, self.gather = masks, gather  # window -> [b, 1, max_q, max_kv] bool
 
 
 class TorchAttention(AttentionBackend):
@@ -57,26 +57,28 @@ class TorchAttention(AttentionBackend):
         qi = torch.arange(max_q, device=dev)[None, :] + (kv_lens - q_lens)[:, None]  # [b, max_q]
         kj = torch.arange(max_kv, device=dev)[None, :]  # [1, max_kv]
         mask = (kj[:, None, :] <= qi[:, :, None]) & (kj[:, None, :] < kv_lens[:, None, None])
-        if self.sliding_window is not None:
-            mask &= kj[:, None, :] > qi[:, :, None] - self.sliding_window
         # Padding query rows attend to key 0 so softmax stays finite; their output is dropped.
         pad_rows = torch.arange(max_q, device=dev)[None, :] >= q_lens[:, None]
-        mask[..., 0] |= pad_rows
+        masks = {}
+        for w in self.windows:
+            m = mask if w is None else mask & (kj[:, None, :] > qi[:, :, None] - w)
+            m[..., 0] |= pad_rows
+            masks[w] = m[:, None]
 
         bs = self.block_size
         blk = tables.long()[:, torch.clamp(kj[0] // bs, max=tables.shape[1] - 1)]
         gather = (blk * bs + kj % bs).reshape(-1)  # [b * max_kv] cache slots
-        return _Group(tokens, pad_index, b, max_q, max_kv, mask[:, None], gather)
+        return _Group(tokens, pad_index, b, max_q, max_kv, masks, gather)
 
-    def forward(self, q, k, v, k_cache, v_cache):
+    def forward(self, q, k, v, k_cache, v_cache, window=None):
         if len(self._groups) == 1:
-            return self._attend(self._groups[0], q, k_cache, v_cache)
+            return self._attend(self._groups[0], q, k_cache, v_cache, window)
         out = torch.empty_like(q)
         for g in self._groups:
-            out[g.tokens] = self._attend(g, q[g.tokens], k_cache, v_cache)
+            out[g.tokens] = self._attend(g, q[g.tokens], k_cache, v_cache, window)
         return out
 
-    def _attend(self, g: _Group, q, k_cache, v_cache):
+    def _attend(self, g: _Group, q, k_cache, v_cache, window):
         nb, bs, kvh, d = k_cache.shape
         # index_select, not advanced indexing: 3.5x faster gathers on the CPU (the step's largest
         # non-GEMM cost at batch 16).
@@ -86,7 +88,14 @@ class TorchAttention(AttentionBackend):
         qp = q.new_zeros(g.b * g.max_q, h, d)
         qp[g.pad_index] = q
         qp = qp.view(g.b, g.max_q, h, d).transpose(1, 2)
-        out = F.scaled_dot_product_attention(
-            qp, keys.to(q.dtype), vals.to(q.dtype), attn_mask=g.mask, enable_gqa=h != kvh
-        )
+        keys, vals, mask = keys.to(q.dtype), vals.to(q.dtype), g.masks[window]
+        if self.softcap is None:
+            out = F.scaled_dot_product_attention(qp, keys, vals, attn_mask=mask, enable_gqa=h != kvh, scale=self.scale)
+        else:  # soft-capped scores (Gemma 2): SDPA has no hook for them
+            if h != kvh:
+                keys, vals = keys.repeat_interleave(h // kvh, dim=1), vals.repeat_interleave(h // kvh, dim=1)
+            scores = torch.matmul(qp, keys.transpose(-1, -2)) * self.scale
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+            scores = scores.masked_fill(~mask, float("-inf"))
+            out = torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), vals)
         return out.transpose(1, 2).reshape(g.b * g.max_q, h, d)[g.pad_index]

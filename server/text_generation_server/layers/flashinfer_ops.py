@@ -23,11 +23,14 @@ class FlashInferOps(TorchOps):
 
     def add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        # In place: residual += x, then x = rmsnorm(residual). Both are this step's own buffers
-        # (sublayer outputs and the residual stream), so overwriting them is safe.
-        x = x.contiguous()
-        flashinfer.norm.fused_add_rmsnorm(x, residual, weight, eps)
-        return x, residual
+        return _in_place(flashinfer.norm.fused_add_rmsnorm, x, residual, weight, eps)
+
+    def gemma_rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return flashinfer.norm.gemma_rmsnorm(x.contiguous(), weight, eps)
+
+    def gemma_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return _in_place(flashinfer.norm.gemma_fused_add_rmsnorm, x, residual, weight, eps)
 
     def rope(self, rotary: RotaryEmbedding, q: torch.Tensor, k: torch.Tensor,
              positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,9 +45,24 @@ class FlashInferOps(TorchOps):
         return rope_store(q, k, v, rotary.cos_sin_cache(), positions, slots, k_cache, v_cache)
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        n = gate.shape[-1]
-        adjacent = (gate.stride() == up.stride() and gate.stride(-1) == 1 and up.shape == gate.shape
-                    and up.data_ptr() == gate.data_ptr() + n * gate.element_size())
-        # gate | up as one [T, 2n] tensor: the fused gate/up GEMM output, or a copy when LoRA made new ones.
-        both = gate.as_strided((gate.shape[0], 2 * n), gate.stride()) if adjacent else torch.cat([gate, up], dim=-1)
-        return flashinfer.activation.silu_and_mul(both)
+        return flashinfer.activation.silu_and_mul(_joined(gate, up))
+
+    def gelu_tanh_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return flashinfer.activation.gelu_tanh_and_mul(_joined(gate, up))
+
+
+def _in_place(kernel, x, residual, weight, eps):
+    """A fused add + norm in place: residual += x, then x = norm(residual). Both are this step's
+    own buffers (sublayer outputs and the residual stream), so overwriting them is safe."""
+    x = x.contiguous()
+    kernel(x, residual, weight, eps)
+    return x, residual
+
+
+def _joined(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate | up as one [T, 2n] tensor: a view of the fused gate/up GEMM output, or a copy when
+    LoRA made new ones."""
+    n = gate.shape[-1]
+    adjacent = (gate.stride() == up.stride() and gate.stride(-1) == 1 and up.shape == gate.shape
+                and up.data_ptr() == gate.data_ptr() + n * gate.element_size())
+    return gate.as_strided((gate.shape[0], 2 * n), gate.stride()) if adjacent else torch.cat([gate, up], dim=-1)

@@ -22,7 +22,7 @@ class Linear:
                  layer: int = -1):
         biases = biases or [None] * len(weights)
         self.names = names  # projection names (q_proj, ..., down_proj), used by LoRA
-        self.layer = layer  # decoder layer index, used by LoRA
+        self.layer = layer  # decoder layer index, used by LoRA; -1: not a LoRA target
         self.sizes = [w.shape[0] for w in weights]
         self.fused = len(weights) > 1 and weights[0].is_cuda
         if self.fused:
@@ -43,6 +43,6 @@ class Linear:
         else:
             ys = [gemm(x) for gemm in self.parts]
         ctx = current_context()
-        if ctx is not None and ctx.lora is not None:
+        if ctx is not None and ctx.lora is not None and self.layer >= 0:
             ys = ctx.lora.apply(self.layer, self.names, x, ys)
         return ys

@@ -12,13 +12,20 @@ if TYPE_CHECKING:
 
 
 class RMSNorm:
-    def __init__(self, weight: torch.Tensor, eps: float):
+    """`gemma`: Gemma's variant, scaled by (1 + weight) in float32."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, gemma: bool = False):
         self.weight = weight  # [hidden], device, fixed
         self.eps = eps
+        self.gemma = gemma
 
     def __call__(self, x: torch.Tensor, ops: TorchOps) -> torch.Tensor:
+        if self.gemma:
+            return ops.gemma_rmsnorm(x, self.weight, self.eps)
         return ops.rmsnorm(x, self.weight, self.eps)
 
     def add(self, x: torch.Tensor, residual: torch.Tensor, ops: TorchOps) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(residual + x), residual + x)."""
+        if self.gemma:
+            return ops.gemma_add_rmsnorm(x, residual, self.weight, self.eps)
         return ops.add_rmsnorm(x, residual, self.weight, self.eps)

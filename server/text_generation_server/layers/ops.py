@@ -42,6 +42,17 @@ class TorchOps:
         residual = residual + x
         return self.rmsnorm(residual, weight, eps), residual
 
+    def gemma_rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """Gemma's RMSNorm: scaled by (1 + weight), all in float32, then cast."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return (h * (1.0 + weight.float())).to(x.dtype)
+
+    def gemma_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = residual + x
+        return self.gemma_rmsnorm(residual, weight, eps), residual
+
     def rope(self, rotary: RotaryEmbedding, q: torch.Tensor, k: torch.Tensor,
              positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, heads, dim], k: [T, kv_heads, dim] (views of the fused q/k/v output allowed)."""
@@ -58,6 +69,13 @@ class TorchOps:
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return F.silu(gate) * up
+
+    def gelu_tanh_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return F.gelu(gate, approximate="tanh") * up
+
+    def act_mul(self, act: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """act(gate) * up for a config's `hidden_act`."""
+        return self.silu_mul(gate, up) if act == "silu" else self.gelu_tanh_mul(gate, up)
 
 
 def make_ops(device: torch.device) -> TorchOps:

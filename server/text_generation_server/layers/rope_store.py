@@ -19,14 +19,14 @@ import triton.language as tl
 def _rope_store_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, cos_sin_ptr, pos_ptr, slot_ptr, k_cache_ptr,
                        v_cache_ptr, q_st, q_sh, k_st, k_sh, v_st, v_sh,
                        HQ: tl.constexpr, HK: tl.constexpr, HALF: tl.constexpr, BHQ: tl.constexpr,
-                       BHK: tl.constexpr):
+                       BHK: tl.constexpr, D: tl.constexpr, TAIL: tl.constexpr, BT: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     i = tl.arange(0, HALF)
     cos = tl.load(cos_sin_ptr + pos * 2 * HALF + i)[None, :]
     sin = tl.load(cos_sin_ptr + pos * 2 * HALF + HALF + i)[None, :]
-    d = 2 * HALF
+    d = D  # head_dim: 2 * HALF rotated dimensions, then TAIL that pass unrotated (partial rotary)
 
     hq = tl.arange(0, BHQ)[:, None]
     mq = hq < HQ
@@ -56,22 +56,36 @@ def _rope_store_kernel(q_ptr, k_ptr, v_ptr, q_out_ptr, k_out_ptr, cos_sin_ptr, p
     tl.store(dst, tl.load(src, mask=mk).to(v_cache_ptr.dtype.element_ty), mask=mk)
     tl.store(dst + HALF, tl.load(src + HALF, mask=mk).to(v_cache_ptr.dtype.element_ty), mask=mk)
 
+    if TAIL > 0:  # the unrotated dimensions of q and k, and the rest of v
+        j = 2 * HALF + tl.arange(0, BT)[None, :]
+        mj = j < D
+        x = tl.load(q_ptr + t * q_st + hq * q_sh + j, mask=mq & mj)
+        tl.store(q_out_ptr + t * HQ * d + hq * d + j, x.to(q_out_ptr.dtype.element_ty), mask=mq & mj)
+        x = tl.load(k_ptr + t * k_st + hk * k_sh + j, mask=mk & mj)
+        tl.store(k_out_ptr + t * HK * d + hk * d + j, x.to(k_out_ptr.dtype.element_ty), mask=mk & mj)
+        tl.store(k_cache_ptr + slot * HK * d + hk * d + j, x.to(k_cache_ptr.dtype.element_ty), mask=mk & mj)
+        x = tl.load(v_ptr + t * v_st + hk * v_sh + j, mask=mk & mj)
+        tl.store(v_cache_ptr + slot * HK * d + hk * d + j, x.to(v_cache_ptr.dtype.element_ty), mask=mk & mj)
+
 
 def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor,
                slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [T, heads, dim], k / v: [T, kv_heads, dim] (each head's dim contiguous; token and head
-    strides free); cos_sin: [max_positions, dim] float32 (cos of each pair's angle, then sin);
+    strides free); cos_sin: [max_positions, rotary_dim] float32 (cos of each pair's angle, then
+    sin; rotary_dim <= dim: the dimensions past it pass unrotated);
     positions / slots: [T]; caches: [num_blocks, block_size, kv_heads, dim], contiguous.
     Returns the rotated q and k, contiguous; the cache holds the rotated k and v at the slots."""
     t, hq, d = q.shape
     hk = k.shape[1]
-    assert d % 2 == 0 and (d // 2) & (d // 2 - 1) == 0, "head_dim must be twice a power of two"
+    half = cos_sin.shape[1] // 2
+    assert half & (half - 1) == 0 and 2 * half <= d, "the rotary dimension must be twice a power of two"
     assert q.stride(2) == k.stride(2) == v.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     q_out = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
     k_out = torch.empty((t, hk, d), dtype=k.dtype, device=k.device)
     if t:
         _rope_store_kernel[(t,)](q, k, v, q_out, k_out, cos_sin, positions, slots, k_cache, v_cache,
                                  q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                                 HQ=hq, HK=hk, HALF=d // 2, BHQ=triton.next_power_of_2(hq),
-                                 BHK=triton.next_power_of_2(hk))
+                                 HQ=hq, HK=hk, HALF=half, BHQ=triton.next_power_of_2(hq),
+                                 BHK=triton.next_power_of_2(hk), D=d, TAIL=d - 2 * half,
+                                 BT=triton.next_power_of_2(max(d - 2 * half, 1)))
     return q_out, k_out

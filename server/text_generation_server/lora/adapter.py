@@ -19,6 +19,10 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 # Projections of one input, computed together (one GEMM on CUDA, one LoRA shrink for the group).
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
+# Phi-3's checkpoint fuses projections, and PEFT targets the fused ones: their LoRA B is cut into
+# the parts' rows (one shared A), which is the same delta.
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+_MOE = re.compile(r"\.(?:experts|block_sparse_moe|shared_expert|shared_expert_gate)\.|\.mlp\.gate\.")
 
 
 def peft_key(layer: int, proj: str, ab: str) -> str:
@@ -28,13 +32,29 @@ def peft_key(layer: int, proj: str, ab: str) -> str:
 
 
 def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """Projection name -> (out features, in features) of the base model."""
+    """Projection name -> (out features, in features) of the base model's LoRA targets: every
+    projection of a dense model, the attention projections of a mixture of experts."""
     h, d = cfg.hidden_size, cfg.head_dim
-    return {
+    shapes = {
         "q_proj": (cfg.num_heads * d, h), "k_proj": (cfg.num_kv_heads * d, h), "v_proj": (cfg.num_kv_heads * d, h),
         "o_proj": (h, cfg.num_heads * d), "gate_proj": (cfg.intermediate_size, h), "up_proj": (cfg.intermediate_size, h),
         "down_proj": (h, cfg.intermediate_size),
     }
+    if cfg.is_moe:
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            del shapes[p]
+    return shapes
+
+
+def peft_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """The projections as PEFT names them in an adapter of this model: Phi-3's fused ones in
+    place of their parts."""
+    shapes = projection_shapes(cfg)
+    if cfg.model_type == "phi3":
+        for fused, parts in FUSED.items():
+            in_f = shapes[parts[0]][1]
+            shapes[fused] = (sum(shapes.pop(p)[0] for p in parts), in_f)
+    return shapes
 
 
 @dataclass
@@ -84,16 +104,21 @@ def adapter_files(name: str, path: Path, root: Path | None) -> tuple[Path, Path]
 
 def _pairs(name: str, shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, r: int) -> dict[tuple[int, str], tuple[str, str]]:
     """(layer, projection) -> (A's tensor name, B's), with every name and shape checked against the base model."""
-    proj_shapes = projection_shapes(cfg)
+    proj_shapes = peft_shapes(cfg)
     found: dict[tuple[int, str], dict[str, str]] = {}
     for key in shapes:
+        if cfg.is_moe and _MOE.search(key):
+            raise bad(name, "targets the mixture-of-experts MLP (experts or router), which LoRA is not supported on: "
+                            "target the attention projections (q/k/v/o_proj)")
         m = _KEY.search(key)
         if not m:
             shown = repr(key) if _PLAIN.match(key) else "with an unusual name"
             raise bad(name, f"unexpected tensor {shown} (only q/k/v/o/gate/up/down LoRA A/B are supported)")
         layer, proj, ab = int(m.group(1)), m.group(2), m.group(3)
         if proj not in proj_shapes:
-            raise bad(name, f"targets {proj!r}, which the base model does not have")
+            why = "a projection of its experts" if cfg.is_moe and proj in ("gate_proj", "up_proj", "down_proj") else \
+                "not a projection of the base model (targets: " + ", ".join(proj_shapes) + ")"
+            raise bad(name, f"targets {proj!r}, {why}")
         if layer >= cfg.num_layers:
             raise bad(name, f"layer {layer} beyond the base model's {cfg.num_layers}")
         found.setdefault((layer, proj), {})[ab] = key
@@ -153,5 +178,11 @@ def read_adapter(name: str, path: Path, cfg: ModelConfig, dtype: torch.dtype, ro
             if not torch.isfinite(t).all():  # NaN/Inf in the file, or too large for `dtype`
                 raise bad(name, f"layer {layer} {proj}: {which} holds NaN or infinite values (in {dtype})")
             ab.append(t)
-        weights[(layer, proj)] = (ab[0], ab[1]) if split is None else split.lora(proj, ab[0], ab[1])
+        if proj in FUSED:  # one pair per part: A shared, B cut by the parts' rows
+            sizes = [projection_shapes(cfg)[p][0] for p in FUSED[proj]]
+            parts = [(p, ab[0], b) for p, b in zip(FUSED[proj], ab[1].split(sizes))]
+        else:
+            parts = [(proj, ab[0], ab[1])]
+        for p, a, b in parts:
+            weights[(layer, p)] = (a, b.contiguous()) if split is None else split.lora(p, a, b.contiguous())
     return Adapter(name, conf.rank, conf.scaling, weights)

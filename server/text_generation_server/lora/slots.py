@@ -33,14 +33,15 @@ class SlotTable:
         self.a: dict[tuple[int, tuple[str, ...]], torch.Tensor] = {}
         self.b: dict[tuple[int, tuple[str, ...]], torch.Tensor] = {}
         self.cols: dict[tuple[str, ...], list[int]] = {}  # group -> column offsets [0, out0, out0+out1, ..., total]
-        for group in GROUPS:
+        self.groups = tuple(g for g in GROUPS if g[0] in shapes)  # a mixture of experts: attention only
+        for group in self.groups:
             outs = [shapes[p][0] for p in group]
             self.cols[group] = [sum(outs[:i]) for i in range(len(outs) + 1)]
             in_f = shapes[group[0]][1]
             for layer in range(cfg.num_layers):
                 self.a[(layer, group)] = torch.zeros(num_slots + 1, len(group) * max_rank, in_f, dtype=dtype, device=device)
                 self.b[(layer, group)] = torch.zeros(num_slots + 1, sum(outs), max_rank, dtype=dtype, device=device)
-        self._group_of = {p: (g, i) for g in GROUPS for i, p in enumerate(g)}
+        self._group_of = {p: (g, i) for g in self.groups for i, p in enumerate(g)}
         self._free = list(range(num_slots, 0, -1))
         self._lock = threading.Lock()
 

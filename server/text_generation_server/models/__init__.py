@@ -1,4 +1,5 @@
-"""Model registry: architecture name -> model class. Look-alike architectures share one file.
+"""Model registry: config.json's `architectures` -> model class, one file per family (look-alike
+architectures share one), built from the shared layers of `common.py`.
 
 Model modules are imported when a model is loaded, not with this package, so that layers and
 per-step helpers under `models/` import without pulling every model in."""
@@ -17,6 +18,13 @@ REGISTRY = {  # architecture -> (module under models/, class)
     "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("llama", "LlamaForCausalLM"),
+    "Qwen3ForCausalLM": ("qwen3", "Qwen3ForCausalLM"),
+    "Gemma2ForCausalLM": ("gemma", "Gemma2ForCausalLM"),
+    "Gemma3ForCausalLM": ("gemma", "Gemma3ForCausalLM"),
+    "Phi3ForCausalLM": ("phi3", "Phi3ForCausalLM"),
+    "MixtralForCausalLM": ("mixtral", "MixtralForCausalLM"),
+    "Qwen3MoeForCausalLM": ("qwen_moe", "Qwen3MoeForCausalLM"),
+    "Qwen2MoeForCausalLM": ("qwen_moe", "Qwen2MoeForCausalLM"),
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ class RopeConfig:
     theta: float
     """Base of the rotary frequencies."""
     kind: str = "default"
-    """'default', 'linear' or 'llama3'."""
+    """'default', 'linear', 'llama3' or 'longrope' (Phi-3's 'su')."""
     factor: float = 1.0
     """Scaling factor ('linear', 'llama3')."""
     low_freq_factor: float = 1.0
@@ -25,7 +26,13 @@ class RopeConfig:
     high_freq_factor: float = 4.0
     """Llama-3 scaling: wavelengths below original_max / high_freq_factor are left alone."""
     original_max_position_embeddings: int = 8192
-    """Llama-3 scaling: context length the model was trained at."""
+    """Llama-3 and LongRoPE scaling: context length the model was trained at."""
+    short_factor: tuple[float, ...] = ()
+    """LongRoPE: per-frequency divisors of sequences within original_max_position_embeddings."""
+    long_factor: tuple[float, ...] = ()
+    """LongRoPE: per-frequency divisors of sequences longer than that."""
+    attention_factor: float = 1.0
+    """LongRoPE: cos and sin are multiplied by it."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +53,44 @@ class ModelConfig:
     qkv_bias: bool
     """Qwen2 has biases on q/k/v; Llama and Mistral do not (unless attention_bias)."""
     sliding_window: int | None
+    """The window of the layers that have one (None: none has)."""
     eos_token_ids: tuple[int, ...] = field(default=())
+    model_type: str = "llama"
+    layer_windows: tuple[int | None, ...] = ()
+    """Each layer's attention window (None: the whole context)."""
+    rope_local: RopeConfig | None = None
+    """Gemma 3: the rotary embedding of sliding-window layers (None: `rope` everywhere)."""
+    rotary_dim: int = 0
+    """Leading dimensions of each head that are rotated (partial_rotary_factor; 0: all)."""
+    hidden_act: str = "silu"
+    """The MLP's activation: 'silu' or 'gelu_pytorch_tanh'."""
+    attn_scale: float | None = None
+    """Softmax scale of attention scores (None: 1 / sqrt(head_dim)); Gemma's query_pre_attn_scalar^-0.5."""
+    attn_softcap: float | None = None
+    """Gemma 2: scores become cap * tanh(score / cap)."""
+    final_softcap: float | None = None
+    """Gemma 2: logits become cap * tanh(logit / cap)."""
+    qk_norm: bool = False
+    """Qwen3, Gemma 3: an RMSNorm over each query and key head before the rotary embedding."""
+    num_experts: int = 0
+    """Routed experts of a mixture-of-experts MLP (0: a dense MLP)."""
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    """Renormalise the chosen experts' weights to sum to 1 (Mixtral always; Qwen3-MoE as configured)."""
+    moe_layers: tuple[bool, ...] = ()
+    """Whether each layer's MLP is the mixture (Qwen3-MoE's mlp_only_layers, decoder_sparse_step)."""
+    shared_expert_intermediate_size: int = 0
+    """Qwen2-MoE: a shared expert beside the routed ones, gated by a sigmoid (0: none)."""
+
+    @property
+    def rotated(self) -> int:
+        """The rotated dimensions of each head."""
+        return self.rotary_dim or self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
@@ -73,36 +117,104 @@ class ModelConfig:
         if heads % kv_heads:
             raise ConfigError(f"config.json: num_attention_heads {heads} not a multiple of num_key_value_heads {kv_heads}")
         head_dim = int(raw.get("head_dim") or hidden // heads)
+        layers = int(need("num_hidden_layers"))
         max_pos = int(raw.get("max_position_embeddings", 4096))
         window = raw.get("sliding_window") if raw.get("use_sliding_window", True) else None
-        if model_type == "qwen2" and not raw.get("use_sliding_window", False):
+        if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not raw.get("use_sliding_window", False):
             window = None
+        windows = _layer_windows(raw, layers, int(window) if window else None)
         eos = (gen or {}).get("eos_token_id", raw.get("eos_token_id"))
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        rope_params = raw.get("rope_parameters") or {}
+        per_type = isinstance(rope_params.get("full_attention"), dict)  # Gemma 3: a rope per layer type
+        rope = _rope(raw, max_pos, rope_params.get("full_attention") if per_type else None)
+        rope_local = None
+        if per_type and isinstance(rope_params.get("sliding_attention"), dict):
+            rope_local = _rope(raw, max_pos, rope_params["sliding_attention"])
+        elif "rope_local_base_freq" in raw:  # Gemma 3 configs written before rope_parameters
+            rope_local = RopeConfig(theta=float(raw["rope_local_base_freq"]))
+        partial = float(raw.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0)) or 1.0)
+        rotary_dim = int(head_dim * partial) if partial < 1.0 else 0
+        act = raw.get("hidden_activation") or raw.get("hidden_act") or "silu"
+        if act not in ("silu", "gelu_pytorch_tanh"):
+            raise ConfigError(f"config.json: activation {act!r} is not supported (silu, gelu_pytorch_tanh are)")
+        gemma = model_type in ("gemma2", "gemma3_text")
+        scalar = raw.get("query_pre_attn_scalar")
+        experts = int(raw.get("num_local_experts") or raw.get("num_experts") or 0)
+        moe_layers: tuple[bool, ...] = ()
+        if experts:
+            only_dense = set(raw.get("mlp_only_layers") or ())
+            step = int(raw.get("decoder_sparse_step") or 1)
+            moe_layers = tuple(i not in only_dense and (i + 1) % step == 0 for i in range(layers))
         return cls(
             architecture=archs[0],
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden,
             intermediate_size=int(need("intermediate_size")),
-            num_layers=int(need("num_hidden_layers")),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope=_rope(raw, max_pos),
+            rope=rope,
             max_position_embeddings=max_pos,
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
-            sliding_window=int(window) if window else None,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", gemma)),
+            qkv_bias=bool(raw.get("attention_bias", model_type in ("qwen2", "qwen2_moe"))),
+            sliding_window=max((w for w in windows if w), default=None),
             eos_token_ids=eos_ids,
+            model_type=model_type,
+            layer_windows=windows,
+            rope_local=rope_local,
+            rotary_dim=rotary_dim,
+            hidden_act=act,
+            attn_scale=float(scalar) ** -0.5 if gemma and scalar else None,
+            attn_softcap=_positive(raw.get("attn_logit_softcapping")) if gemma else None,
+            final_softcap=_positive(raw.get("final_logit_softcapping")) if gemma else None,
+            qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
+            num_experts=experts,
+            experts_per_token=int(raw.get("num_experts_per_tok") or 0) if experts else 0,
+            moe_intermediate_size=int(raw.get("moe_intermediate_size") or raw.get("intermediate_size")) if experts else 0,
+            norm_topk_prob=bool(raw.get("norm_topk_prob", True)) if experts else True,
+            moe_layers=moe_layers,
+            shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0) if experts else 0,
         )
 
 
-def _rope(raw: dict[str, Any], max_pos: int) -> RopeConfig:
-    # transformers >= 5 writes `rope_parameters` (theta inside); older configs `rope_theta` + `rope_scaling`.
-    params = dict(raw.get("rope_parameters") or {})
-    scaling = dict(raw.get("rope_scaling") or {})
-    params.update(scaling)
+def _positive(v: Any) -> float | None:
+    return float(v) if v else None
+
+
+def _layer_windows(raw: dict[str, Any], layers: int, window: int | None) -> tuple[int | None, ...]:
+    """Each layer's window: config.json's `layer_types` when it has them (Gemma 2/3, Qwen), else
+    the same window (or none) for every layer."""
+    types = raw.get("layer_types")
+    if window is None:
+        return (None,) * layers
+    if not types:
+        if raw.get("model_type") == "gemma2":  # configs written before layer_types: even layers slide
+            return tuple(window if i % 2 == 0 else None for i in range(layers))
+        if raw.get("model_type") == "gemma3_text":
+            pattern = int(raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or 6)
+            return tuple(None if (i + 1) % pattern == 0 else window for i in range(layers))
+        if raw.get("model_type") in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
+            first = int(raw.get("max_window_layers", layers))
+            return tuple(window if i >= first else None for i in range(layers))
+        return (window,) * layers
+    if len(types) != layers:
+        raise ConfigError(f"config.json: layer_types has {len(types)} entries for {layers} layers")
+    unknown = set(types) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ConfigError(f"config.json: layer type {sorted(unknown)[0]!r} is not supported "
+                          "(full_attention, sliding_attention are)")
+    return tuple(window if t == "sliding_attention" else None for t in types)
+
+
+def _rope(raw: dict[str, Any], max_pos: int, params: dict[str, Any] | None = None) -> RopeConfig:
+    # transformers >= 5 writes `rope_parameters` (theta inside; Gemma 3 one per layer type); older
+    # configs `rope_theta` + `rope_scaling`.
+    if params is None:
+        params = dict(raw.get("rope_parameters") or {})
+        params.update(dict(raw.get("rope_scaling") or {}))
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default")) or "default"
     if kind == "default":
@@ -118,4 +230,17 @@ def _rope(raw: dict[str, Any], max_pos: int) -> RopeConfig:
             high_freq_factor=float(params.get("high_freq_factor", 4.0)),
             original_max_position_embeddings=int(params.get("original_max_position_embeddings", max_pos)),
         )
-    raise ConfigError(f"config.json: rope scaling type {kind!r} is not supported (default, linear, llama3 are)")
+    if kind in ("longrope", "su"):
+        original = int(params.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
+                       or max_pos)
+        factor = params.get("factor") or max_pos / original
+        attention = params.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        try:
+            short, long = tuple(map(float, params["short_factor"])), tuple(map(float, params["long_factor"]))
+        except (KeyError, TypeError, ValueError):
+            raise ConfigError("config.json: longrope scaling needs short_factor and long_factor lists") from None
+        return RopeConfig(theta=theta, kind="longrope", factor=float(factor), original_max_position_embeddings=original,
+                          short_factor=short, long_factor=long, attention_factor=float(attention))
+    raise ConfigError(f"config.json: rope scaling type {kind!r} is not supported (default, linear, llama3, longrope are)")

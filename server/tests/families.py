@@ -1,0 +1,97 @@
+"""Tiny random-weight models of each family beyond Llama, made with transformers, with what sets
+the family apart switched on: several layers, GQA, sliding windows (8) shorter than the test
+prompts, soft-capping, partial rotary with LongRoPE, mixtures of 8 experts with 2 per token.
+Shared by the CPU, GPU and end-to-end family tests (tests_gpu and integration-tests put this
+directory on sys.path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FAMILIES = ["qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe", "qwen2_moe"]
+MOE = {"mixtral", "qwen3_moe", "qwen2_moe"}
+WINDOW = 8
+
+# What PEFT targets on each family: every projection of a dense model (Phi-3 names its fused
+# ones), the attention projections of a mixture of experts.
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+PEFT_TARGETS = {k: ATTENTION + ["gate_proj", "up_proj", "down_proj"] for k in FAMILIES}
+PEFT_TARGETS["phi3"] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+for _k in MOE:
+    PEFT_TARGETS[_k] = ATTENTION
+
+
+def config(kind: str, vocab: int = 97):
+    """(transformers config, model class) of a tiny `kind` model."""
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5,
+                  eos_token_id=1, bos_token_id=0, pad_token_id=0)
+    if kind == "qwen3":  # q/k norms; the last two layers slide
+        return tf.Qwen3Config(**common, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2,
+                              tie_word_embeddings=False), tf.Qwen3ForCausalLM
+    if kind == "gemma2":  # soft caps low enough to bite on random weights; sliding and global layers alternate
+        return tf.Gemma2Config(**common, sliding_window=WINDOW, query_pre_attn_scalar=24, attn_logit_softcapping=1.5,
+                               final_logit_softcapping=2.0), tf.Gemma2ForCausalLM
+    if kind == "gemma3":  # five sliding layers to one global, each kind its own rope (the global one scaled)
+        c = dict(common, num_hidden_layers=6)
+        return tf.Gemma3TextConfig(**c, sliding_window=WINDOW, query_pre_attn_scalar=24, rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}), tf.Gemma3ForCausalLM
+    if kind == "phi3":  # fused qkv / gate_up; LongRoPE over half of each head; a sliding window everywhere
+        g = torch.Generator().manual_seed(11)
+        short = (1 + torch.rand(4, generator=g)).tolist()
+        long = (2 + 4 * torch.rand(4, generator=g)).tolist()
+        return tf.Phi3Config(**common, sliding_window=WINDOW, partial_rotary_factor=0.5, original_max_position_embeddings=64,
+                             rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long},
+                             tie_word_embeddings=False), tf.Phi3ForCausalLM
+    if kind == "mixtral":
+        return tf.MixtralConfig(**common, num_local_experts=8, num_experts_per_tok=2, sliding_window=WINDOW,
+                                tie_word_embeddings=False), tf.MixtralForCausalLM
+    if kind == "qwen3_moe":  # layer 1 keeps a dense MLP; top-2 renormalised
+        return tf.Qwen3MoeConfig(**common, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                 norm_topk_prob=True, mlp_only_layers=[1], tie_word_embeddings=False), tf.Qwen3MoeForCausalLM
+    if kind == "qwen2_moe":  # a shared expert beside the routed ones; top-2 not renormalised
+        return tf.Qwen2MoeConfig(**common, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                 shared_expert_intermediate_size=48, norm_topk_prob=False,
+                                 tie_word_embeddings=False), tf.Qwen2MoeForCausalLM
+    raise ValueError(kind)
+
+
+def write(path: Path, kind: str, vocab: int = 97, seed: int = 0):
+    """Saves a random `kind` model under `path`; returns (path, the transformers model, eval mode)."""
+    cfg, cls = config(kind, vocab)
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # random norm weights too (transformers starts them at 1, or 0 for Gemma's 1 + w)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return path, model
+
+
+def adapter(path: Path, model_dir: Path, kind: str, seed: int = 5, r: int = 4, std: float = 0.2) -> Path:
+    """A peft LoRA adapter on the family's PEFT targets, B random."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    m = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, target_modules=PEFT_TARGETS[kind]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    m.save_pretrained(path)
+    return path
+
+
+def greedy(model, ids: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation of `ids`, n tokens (no EOS stop)."""
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()

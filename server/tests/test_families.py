@@ -1,0 +1,177 @@
+"""Every family beyond Llama (families.py) against transformers on the same random weights: prompt
+logits, greedy tokens alone and batched, a peft adapter beside base rows; the mixture-of-experts
+kernel against its reference; LongRoPE's long factors; refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import families
+from conftest import BLOCK, batch
+from shard_calls import generate, name_adapters, prompt_logits
+
+PROMPTS = [[5, 9, 14, 3, 22, 7, 40, 11, 2, 50, 51, 52, 60, 70, 71, 3, 9],  # longer than the window (8)
+           [8, 2, 60, 61, 30],
+           [33, 12, 19, 90, 4, 4, 17, 25, 6, 44, 45, 46, 47]]
+N = 10
+
+
+def _engine(path: Path, adapters: tuple = (), num_blocks: int = 128):
+    from text_generation_server.engine import Engine, EngineConfig
+
+    eng = Engine(EngineConfig(path, torch.float32, torch.device("cpu"), block_size=BLOCK, lora_adapters=adapters))
+    warm, _ = batch(999, [[2, 3, 4]], 1)
+    eng.warmup(warm, num_blocks)
+    return eng
+
+
+@pytest.fixture(scope="module", params=families.FAMILIES)
+def family(request, tmp_path_factory):
+    kind = request.param
+    root = tmp_path_factory.mktemp(kind)
+    path, ref = families.write(root / "model", kind)
+    return kind, path, ref, root
+
+
+def test_prompt_logits_match_transformers(family):
+    kind, path, ref, _ = family
+    eng = _engine(path)
+    ids = torch.randint(2, 97, (37,), generator=torch.Generator().manual_seed(1)).tolist()
+    ours = prompt_logits(eng, ids)
+    with torch.no_grad():
+        theirs = ref(torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert eng.model.full_config.architecture == type(ref).__name__
+
+
+def test_greedy_matches_transformers_alone_and_batched(family):
+    kind, path, ref, _ = family
+    eng = _engine(path)
+    want = [families.greedy(ref, p, N) for p in PROMPTS]
+    alone = [generate(eng, batch(10 + i, [p], N)[0], N)[0] for i, p in enumerate(PROMPTS)]
+    assert alone == want
+    assert generate(eng, batch(1, PROMPTS, N)[0], N) == want
+
+
+def test_lora_matches_peft_beside_base_rows(family):
+    from peft import PeftModel
+
+    kind, path, ref, root = family
+    lora = families.adapter(root / "lora", path, kind)
+    eng = _engine(path, (("a", lora),))
+    tuned = PeftModel.from_pretrained(ref, lora).eval()
+    want = [families.greedy(tuned, PROMPTS[0], N), None, families.greedy(tuned, PROMPTS[2], N)]
+    tuned.unload()  # peft wraps `ref` in place: the base rows compare with the model as it was
+    want[1] = families.greedy(ref, PROMPTS[1], N)
+    pb_batch, _ = batch(1, PROMPTS, N)
+    name_adapters(pb_batch, {0: "a", 2: "a"})
+    got = generate(eng, pb_batch, N)
+    assert got == want
+    assert got[0] != families.greedy(ref, PROMPTS[0], N), "the adapter changes the answer"
+
+
+@pytest.mark.parametrize("kind", sorted(families.MOE))
+def test_lora_on_experts_is_refused_by_name(tmp_path, kind):
+    from safetensors.torch import save_file
+
+    from text_generation_server.errors import ShardError
+    from text_generation_server.lora.adapter import read_adapter
+    from text_generation_server.models.config import ModelConfig
+
+    path, _ = families.write(tmp_path / "m", kind)
+    cfg = ModelConfig.from_dir(path)
+    expert = ("block_sparse_moe.experts.0.w1" if kind == "mixtral" else "mlp.experts.0.gate_proj")
+    d = tmp_path / "lora"
+    d.mkdir()
+    (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4}')
+    save_file({f"base_model.model.model.layers.0.{expert}.lora_A.weight": torch.zeros(2, 64),
+               f"base_model.model.model.layers.0.{expert}.lora_B.weight": torch.zeros(32 if kind != "mixtral" else 96, 2)},
+              str(d / "adapter_model.safetensors"))
+    with pytest.raises(ShardError, match="mixture-of-experts MLP") as e:
+        read_adapter("x", d, cfg, torch.float32)
+    assert e.value.code.name == "BAD_ADAPTER"
+
+
+def test_unsupported_architectures_are_refused_with_the_list(tmp_path):
+    import json
+
+    from text_generation_server.models import REGISTRY, load_model
+    from text_generation_server.models.config import ConfigError
+
+    path, _ = families.write(tmp_path / "m", "qwen3")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["architectures"] = ["FalconForCausalLM"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError) as e:
+        load_model(path, torch.float32, torch.device("cpu"))
+    assert "'FalconForCausalLM' is not supported" in str(e.value)
+    assert all(arch in str(e.value) for arch in REGISTRY)
+    cfg["architectures"] = ["Gemma3ForCausalLM"]
+    cfg["layer_types"] = ["sliding_attention", "chunked_attention", "full_attention", "full_attention"]
+    cfg["sliding_window"], cfg["model_type"] = 8, "gemma3_text"
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="layer type 'chunked_attention' is not supported"):
+        load_model(path, torch.float32, torch.device("cpu"))
+
+
+def test_longrope_uses_the_long_factors_beyond_the_original_context():
+    """Positions past original_max_position_embeddings rotate with the long factors, as
+    transformers does for a sequence that long; the ones within it with the short factors."""
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    from text_generation_server.layers.rotary import RotaryEmbedding
+    from text_generation_server.models.config import ModelConfig
+
+    cfg_tf, _ = families.config("phi3")
+    ours_cfg = ModelConfig.from_dict(cfg_tf.to_dict())
+    assert ours_cfg.rope.kind == "longrope" and ours_cfg.rotary_dim == 8
+    ours = RotaryEmbedding(ours_cfg.rope, ours_cfg.rotated, 256, torch.device("cpu"), torch.float32)
+    theirs = Phi3RotaryEmbedding(cfg_tf)
+    x = torch.zeros(1, 1, 8)
+    for positions, picked in ((torch.arange(64), slice(0, 64)), (torch.arange(200), slice(64, 200))):
+        cos, sin = theirs(x, positions[None])
+        torch.testing.assert_close(ours.cos[positions][picked], cos[0][picked])
+        torch.testing.assert_close(ours.sin[positions][picked], sin[0][picked])
+    assert ours.scale > 1.0  # the attention factor of a context 4x the original
+
+
+def test_moe_kernel_under_the_interpreter():
+    """The CUDA grouped-GEMM experts (`layers/moe_triton.py`), run by Triton's interpreter on the
+    CPU against the reference path, decode-sized and prefill-sized."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("checked") == 3
+
+
+def _interpreted() -> None:
+    from text_generation_server.layers.moe import reference, route
+    from text_generation_server.layers.moe_triton import align, fused_moe
+    from text_generation_server.layers.ops import TorchOps
+
+    ops = TorchOps()
+    for t, e, k, hid, inter in ((1, 8, 2, 32, 48), (5, 8, 2, 32, 48), (70, 4, 1, 16, 24)):
+        g = torch.Generator().manual_seed(t)
+        x = torch.randn(t, hid, generator=g)
+        w13, w2 = torch.randn(e, 2 * inter, hid, generator=g) * 0.2, torch.randn(e, hid, inter, generator=g) * 0.2
+        weights, ids = route(torch.randn(t, e, generator=g), k, True)
+        pairs, experts = align(ids, e, 16)
+        # Every pair once, in expert order, each block one expert's.
+        real = pairs[pairs < t * k]
+        assert sorted(real.tolist()) == list(range(t * k))
+        assert all(int(ids.flatten()[p]) == int(experts[i // 16]) for i, p in enumerate(pairs.tolist()) if p < t * k)
+        act = lambda a, b: ops.act_mul("silu", a, b)  # noqa: E731
+        torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, act), reference(x, w13, w2, weights, ids, act),
+                                   rtol=1e-4, atol=1e-4)
+        print("checked")
+
+
+if __name__ == "__main__":
+    _interpreted()

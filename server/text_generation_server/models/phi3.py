@@ -1,0 +1,22 @@
+"""Phi-3 and Phi-4 (Phi3ForCausalLM): Llama's layout, with q/k/v fused in one checkpoint tensor
+(`self_attn.qkv_proj`) and gate/up in another (`mlp.gate_up_proj`, gate rows first), LongRoPE
+(`su`) scaling, partial rotary where the config has a partial_rotary_factor (Phi-4-mini), and
+Phi-3-mini's sliding window on every layer.
+
+The fused tensors are read as their parts (each rank reads its rows of each), so the layers,
+the LoRA hook and tensor parallelism are the shared ones; a PEFT adapter on `qkv_proj` /
+`gate_up_proj` is cut into the parts' pairs when it loads (`lora.adapter`)."""
+
+from __future__ import annotations
+
+from text_generation_server.models.common import MLP, Attention, CausalLM, DecoderLayer
+
+
+class Phi3ForCausalLM(CausalLM):
+    def make_layer(self, cfg, w, i, split, group):
+        p = f"{self.prefix}.layers.{i}"
+        attn = Attention(cfg, w, f"{p}.self_attn", i, split, group, self.rotary_of(cfg, i),
+                         fused_qkv=f"{p}.self_attn.qkv_proj.weight")
+        mlp = MLP(cfg, w, f"{p}.mlp", i, split, group, gate_up=f"{p}.mlp.gate_up_proj.weight")
+        return DecoderLayer(self.norm_of(cfg, w, f"{p}.input_layernorm"), attn,
+                            self.norm_of(cfg, w, f"{p}.post_attention_layernorm"), mlp)
