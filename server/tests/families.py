@@ -23,47 +23,68 @@ for _k in MOE:
     PEFT_TARGETS[_k] = ATTENTION
 
 
-def config(kind: str, vocab: int = 97):
-    """(transformers config, model class) of a tiny `kind` model."""
+# The GPU tests' size: FlashInfer's head_dim 64, weights large enough for clear greedy choices
+# (Gemma 2's caps raised to match; no tied LM head, which at this scale echoes the last token).
+GPU = dict(hidden_size=256, intermediate_size=512, head_dim=64, max_position_embeddings=1024, initializer_range=0.1,
+           attn_logit_softcapping=20.0, final_logit_softcapping=15.0, tie_word_embeddings=False)
+
+
+def config(kind: str, vocab: int = 97, **dims):
+    """(transformers config, model class) of a tiny `kind` model; `dims` override the sizes (`GPU`)."""
     import transformers as tf
 
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=256, rms_norm_eps=1e-5,
                   eos_token_id=1, bos_token_id=0, pad_token_id=0)
+    common.update(dims)
+    if kind != "gemma2":  # the soft caps are Gemma 2's alone
+        common.pop("attn_logit_softcapping", None), common.pop("final_logit_softcapping", None)
+    moe_inter = common["intermediate_size"] // 4  # (x 4 bytes a multiple of 16: transformers' grouped GEMM)
+
+    def own(**defaults):
+        """A family's own settings, which `dims` may override too."""
+        return {k: common.pop(k, v) for k, v in defaults.items()}
+
+    tie = common.pop("tie_word_embeddings", None)
+
+    def tied(default: bool):
+        return dict(tie_word_embeddings=default if tie is None else tie)
+
     if kind == "qwen3":  # q/k norms; the last two layers slide
         return tf.Qwen3Config(**common, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2,
-                              tie_word_embeddings=False), tf.Qwen3ForCausalLM
+                              **tied(False)), tf.Qwen3ForCausalLM
     if kind == "gemma2":  # soft caps low enough to bite on random weights; sliding and global layers alternate
-        return tf.Gemma2Config(**common, sliding_window=WINDOW, query_pre_attn_scalar=24, attn_logit_softcapping=1.5,
-                               final_logit_softcapping=2.0), tf.Gemma2ForCausalLM
+        return tf.Gemma2Config(**own(sliding_window=WINDOW, query_pre_attn_scalar=24, attn_logit_softcapping=1.5,
+                                     final_logit_softcapping=2.0), **tied(True), **common), tf.Gemma2ForCausalLM
     if kind == "gemma3":  # five sliding layers to one global, each kind its own rope (the global one scaled)
         c = dict(common, num_hidden_layers=6)
-        return tf.Gemma3TextConfig(**c, sliding_window=WINDOW, query_pre_attn_scalar=24, rope_parameters={
+        return tf.Gemma3TextConfig(**c, **tied(True), sliding_window=WINDOW, query_pre_attn_scalar=24, rope_parameters={
             "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}), tf.Gemma3ForCausalLM
     if kind == "phi3":  # fused qkv / gate_up; LongRoPE over half of each head; a sliding window everywhere
         g = torch.Generator().manual_seed(11)
-        short = (1 + torch.rand(4, generator=g)).tolist()
-        long = (2 + 4 * torch.rand(4, generator=g)).tolist()
+        pairs = common["head_dim"] // 4  # half of each head rotates
+        short = (1 + torch.rand(pairs, generator=g)).tolist()
+        long = (2 + 4 * torch.rand(pairs, generator=g)).tolist()
         return tf.Phi3Config(**common, sliding_window=WINDOW, partial_rotary_factor=0.5, original_max_position_embeddings=64,
                              rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long},
-                             tie_word_embeddings=False), tf.Phi3ForCausalLM
+                             **tied(False)), tf.Phi3ForCausalLM
     if kind == "mixtral":
         return tf.MixtralConfig(**common, num_local_experts=8, num_experts_per_tok=2, sliding_window=WINDOW,
-                                tie_word_embeddings=False), tf.MixtralForCausalLM
+                                **tied(False)), tf.MixtralForCausalLM
     if kind == "qwen3_moe":  # layer 1 keeps a dense MLP; top-2 renormalised
-        return tf.Qwen3MoeConfig(**common, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                                 norm_topk_prob=True, mlp_only_layers=[1], tie_word_embeddings=False), tf.Qwen3MoeForCausalLM
+        return tf.Qwen3MoeConfig(**common, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=moe_inter,
+                                 norm_topk_prob=True, mlp_only_layers=[1], **tied(False)), tf.Qwen3MoeForCausalLM
     if kind == "qwen2_moe":  # a shared expert beside the routed ones; top-2 not renormalised
-        return tf.Qwen2MoeConfig(**common, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                                 shared_expert_intermediate_size=48, norm_topk_prob=False,
-                                 tie_word_embeddings=False), tf.Qwen2MoeForCausalLM
+        return tf.Qwen2MoeConfig(**common, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=moe_inter,
+                                 shared_expert_intermediate_size=common["intermediate_size"] // 2, norm_topk_prob=False,
+                                 **tied(False)), tf.Qwen2MoeForCausalLM
     raise ValueError(kind)
 
 
-def write(path: Path, kind: str, vocab: int = 97, seed: int = 0):
+def write(path: Path, kind: str, vocab: int = 97, seed: int = 0, **dims):
     """Saves a random `kind` model under `path`; returns (path, the transformers model, eval mode)."""
-    cfg, cls = config(kind, vocab)
+    cfg, cls = config(kind, vocab, **dims)
     torch.manual_seed(seed)
     model = cls(cfg).eval()
     with torch.no_grad():  # random norm weights too (transformers starts them at 1, or 0 for Gemma's 1 + w)

@@ -88,7 +88,7 @@ def test_lora_on_experts_is_refused_by_name(tmp_path, kind):
     d.mkdir()
     (d / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 4}')
     save_file({f"base_model.model.model.layers.0.{expert}.lora_A.weight": torch.zeros(2, 64),
-               f"base_model.model.model.layers.0.{expert}.lora_B.weight": torch.zeros(32 if kind != "mixtral" else 96, 2)},
+               f"base_model.model.model.layers.0.{expert}.lora_B.weight": torch.zeros(24 if kind != "mixtral" else 96, 2)},
               str(d / "adapter_model.safetensors"))
     with pytest.raises(ShardError, match="mixture-of-experts MLP") as e:
         read_adapter("x", d, cfg, torch.float32)

@@ -1,0 +1,175 @@
+"""Each family of `tests/families.py` on the GPU (bf16, FlashInfer, CUDA graphs; head_dim 64):
+CUDA-graph replay against eager token for token; greedy decoding against transformers (float32)
+within bf16 tolerance; prompts chunked beside decoding rows (FlashInfer's paged prefill, per-layer
+windows) against each prompt alone; a LoRA adapter on the family's PEFT targets against the
+float32 CPU path (which the CPU tests hold to peft token for token). And the mixture-of-experts
+kernel against its reference path, eager and in a CUDA graph."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from text_generation_server.engine import Engine, EngineConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import families  # noqa: E402
+from shard_calls import BLOCK, alone, batch, chunked_script, name_adapters, script_requests  # noqa: E402
+
+VOCAB = 512
+PROMPTS = [[5, 9, 100, 7], list(range(10, 60)), [3] * 17, list(range(200, 203)), list(range(300, 340))]
+N = 16
+
+
+@pytest.fixture(scope="module", params=families.FAMILIES)
+def family(request, tmp_path_factory):
+    kind = request.param
+    root = tmp_path_factory.mktemp(f"{kind}_gpu")
+    path, ref = families.write(root / "m", kind, vocab=VOCAB, **families.GPU)
+    return kind, path, ref, root
+
+
+def engine(path, device="cuda", graphs=(1, 2, 4, 8), adapters=()):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    e = Engine(EngineConfig(path, dtype, torch.device(device), block_size=BLOCK, cuda_graphs=graphs,
+                            lora_adapters=adapters, max_lora_rank=16))
+    e.warmup(batch(99, [[1, 2, 3]], 1)[0], 512, max_total_tokens=512)
+    return e
+
+
+def run(eng, prompts, n, adapters=None):
+    """Greedy tokens and logprobs of n steps per prompt, in one batch."""
+    b, _ = batch(1, prompts, n)
+    name_adapters(b, adapters)
+    res, cached = eng.prefill(b)
+    toks, lps = [[int(t)] for t in res.token_ids], [[float(x)] for x in res.logprobs]
+    for _ in range(n - 1):
+        res, cached, _ = eng.decode([cached.id])
+        for i, (t, lp) in enumerate(zip(res.token_ids, res.logprobs)):
+            toks[i].append(int(t))
+            lps[i].append(float(lp))
+    eng.clear(None)
+    return toks, lps
+
+
+def near(got_toks, got_lps, want_toks, want_lps, first_lp_tol=0.15):
+    """bf16 against float32: the first token agrees, its logprob closely, and the greedy paths
+    part on average no earlier than half-way (only at near ties)."""
+    agree = []
+    for g, gl, w, wl in zip(got_toks, got_lps, want_toks, want_lps):
+        assert g[0] == w[0], (g, w)
+        assert abs(gl[0] - wl[0]) < first_lp_tol, (gl[0], wl[0])
+        agree.append(next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), len(g)) / len(g))
+    assert sum(agree) / len(agree) >= 0.5, agree
+
+
+def test_graphs_eager_and_transformers(family):
+    kind, path, ref, _ = family
+    graphs = engine(path)
+    assert graphs.graphs is not None and graphs.attention.name == "flashinfer"
+    eager = engine(path, graphs=())
+    t_g, lp_g = run(graphs, PROMPTS, N)
+    t_e, lp_e = run(eager, PROMPTS, N)
+    assert t_g == t_e
+    np.testing.assert_allclose(lp_g, lp_e, atol=1e-2)
+    ref = ref.to("cuda")
+    want_t, want_lp = [], []
+    for p in PROMPTS:
+        ids = torch.tensor([p], device="cuda")
+        out = ref.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False, eos_token_id=None, pad_token_id=0,
+                           output_scores=True, return_dict_in_generate=True)
+        toks = out.sequences[0, len(p):].tolist()
+        want_t.append(toks)
+        want_lp.append([torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, toks)])
+    near(t_g, lp_g, want_t, want_lp)
+
+
+def test_chunked_prompts_beside_decoding_rows(family):
+    """Prompts of 23 and 17 tokens (windows of 8) computed 8 tokens a step beside decoding rows, then
+    decoded under CUDA graphs, against each request alone."""
+    kind, path, _, _ = family
+    eng = engine(path)
+    chunked = chunked_script(eng, 8)
+    for r in script_requests():
+        toks, lps, _ = alone(eng, r)
+        got_toks, got_lps, _ = chunked[r.id]
+        assert got_toks[0] == toks[0], (r.id, toks, got_toks)
+        same = next((i for i, (x, y) in enumerate(zip(toks, got_toks)) if x != y), len(toks))
+        np.testing.assert_allclose(got_lps[:same], lps[:same], atol=0.08, rtol=0.05)
+
+
+def write_adapter(path: Path, model_dir: Path, kind: str, r: int = 8) -> Path:
+    """A PEFT-layout adapter (tensor names as peft saves them, Phi-3's fused ones included) with
+    random A and B, written without peft."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    hid, d = cfg["hidden_size"], cfg["head_dim"]
+    q, kv, inter = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d, cfg["intermediate_size"]
+    shapes = {"q_proj": (q, hid), "k_proj": (kv, hid), "v_proj": (kv, hid), "o_proj": (hid, q),
+              "gate_proj": (inter, hid), "up_proj": (inter, hid), "down_proj": (hid, inter),
+              "qkv_proj": (q + 2 * kv, hid), "gate_up_proj": (2 * inter, hid)}
+    g = torch.Generator().manual_seed(7)
+    tensors = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for t in families.PEFT_TARGETS[kind]:
+            part = "mlp" if t in ("gate_proj", "up_proj", "down_proj", "gate_up_proj") else "self_attn"
+            out_f, in_f = shapes[t]
+            key = f"base_model.model.model.layers.{layer}.{part}.{t}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, in_f, generator=g) * 0.05
+            tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, r, generator=g) * 0.05
+    path.mkdir(parents=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
+                                                          "target_modules": families.PEFT_TARGETS[kind]}))
+    return path
+
+
+def test_lora_rows_beside_base_rows(family):
+    kind, path, _, root = family
+    lora = (("a", write_adapter(root / "lora", path, kind)),)
+    rows = {0: "a", 2: "a", 4: "a"}
+    got_t, got_lp = run(engine(path, adapters=lora), PROMPTS, N, rows)
+    want_t, want_lp = run(engine(path, "cpu", graphs=(), adapters=lora), PROMPTS, N, rows)
+    near(got_t, got_lp, want_t, want_lp)
+    base_t, _ = run(engine(path, "cpu", graphs=()), PROMPTS[:1], N)
+    assert base_t[0] != want_t[0], "the adapter changes the answer"
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 64, 300])
+def test_moe_kernel_matches_the_reference(tokens):
+    from text_generation_server.layers.moe import reference, route
+    from text_generation_server.layers.moe_triton import fused_moe
+    from text_generation_server.layers.ops import make_ops
+
+    ops = make_ops(torch.device("cuda"))
+    e, k, hid, inter = 8, 2, 256, 384
+    g = torch.Generator(device="cuda").manual_seed(tokens)
+    x = torch.randn(tokens, hid, generator=g, device="cuda").bfloat16()
+    w13 = (torch.randn(e, 2 * inter, hid, generator=g, device="cuda") * 0.05).bfloat16()
+    w2 = (torch.randn(e, hid, inter, generator=g, device="cuda") * 0.05).bfloat16()
+    weights, ids = route(torch.randn(tokens, e, generator=g, device="cuda"), k, True)
+    act = lambda a, b: ops.act_mul("silu", a, b)  # noqa: E731
+    want = reference(x.float(), w13.float(), w2.float(), weights, ids, act)
+    got = fused_moe(x, w13, w2, weights, ids, act)
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+    # Captured in a CUDA graph (fixed shapes, no host sync), replayed on new routing.
+    static_w, static_ids = weights.clone(), ids.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fused_moe(x, w13, w2, static_w, static_ids, act)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe(x, w13, w2, static_w, static_ids, act)
+    weights2, ids2 = route(torch.randn(tokens, e, generator=g, device="cuda"), k, True)
+    static_w.copy_(weights2)
+    static_ids.copy_(ids2)
+    graph.replay()
+    torch.testing.assert_close(out.float(), reference(x.float(), w13.float(), w2.float(), weights2, ids2, act),
+                               atol=2e-2, rtol=2e-2)
