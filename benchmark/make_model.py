@@ -1,7 +1,10 @@
 """Writes a random-weight model directory (config.json, safetensors, a word-level tokenizer.json).
 
 Shapes: `llama-8b-shape` (Llama-3-8B: hidden 4096, 32 layers, 32/8 heads, inter 14336, vocab 128256,
-rope theta 500000), `smollm2-135m` (the default model's shape), `tiny` (for CPU tests).
+rope theta 500000), `qwen3-8b-shape` (Qwen3-8B: hidden 4096, 36 layers, 32/8 heads of 128, q/k norms,
+inter 12288, vocab 151936), `mixtral-8x7b-shape-16l` (Mixtral-8x7B's layers, 8 experts of 14336,
+top 2, but 16 of its 32 layers: 47 GB, what the GPU machine's 64 GB disk holds beside the rest),
+`smollm2-135m` (the default model's shape), `tiny` (for CPU tests).
 The tokenizer maps the word `t<i>` to token i, so load generators can send exact token counts.
 There is no end-of-sequence token: generations always run to max_new_tokens.
 """
@@ -19,6 +22,15 @@ SHAPES = {
     "llama-8b-shape": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                            num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
                            tie_word_embeddings=False),
+    "qwen3-8b-shape": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=4096,
+                           intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                           head_dim=128, vocab_size=151936, rope_theta=1000000.0, max_position_embeddings=8192,
+                           tie_word_embeddings=False),
+    "mixtral-8x7b-shape-16l": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=4096,
+                                   intermediate_size=14336, num_hidden_layers=16, num_attention_heads=32,
+                                   num_key_value_heads=8, vocab_size=32000, rope_theta=1000000.0,
+                                   max_position_embeddings=8192, tie_word_embeddings=False, num_local_experts=8,
+                                   num_experts_per_tok=2),
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, max_position_embeddings=8192,
                          tie_word_embeddings=True),
@@ -31,7 +43,8 @@ SHAPES = {
 def tensors(cfg: dict, dtype: torch.dtype, device: str):
     h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     heads, kvh = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d = h // heads
+    d = cfg.get("head_dim") or h // heads
+    kind = cfg.get("model_type", "llama")
     g = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape):
@@ -46,6 +59,17 @@ def tensors(cfg: dict, dtype: torch.dtype, device: str):
         yield f"{p}.self_attn.k_proj.weight", rnd(kvh * d, h)
         yield f"{p}.self_attn.v_proj.weight", rnd(kvh * d, h)
         yield f"{p}.self_attn.o_proj.weight", rnd(h, heads * d)
+        if kind == "qwen3":
+            yield f"{p}.self_attn.q_norm.weight", torch.ones(d, dtype=dtype, device=device)
+            yield f"{p}.self_attn.k_norm.weight", torch.ones(d, dtype=dtype, device=device)
+        if kind == "mixtral":
+            yield f"{p}.block_sparse_moe.gate.weight", rnd(cfg["num_local_experts"], h)
+            for e in range(cfg["num_local_experts"]):
+                q = f"{p}.block_sparse_moe.experts.{e}"
+                yield f"{q}.w1.weight", rnd(inter, h)
+                yield f"{q}.w3.weight", rnd(inter, h)
+                yield f"{q}.w2.weight", rnd(h, inter)
+            continue
         yield f"{p}.mlp.gate_proj.weight", rnd(inter, h)
         yield f"{p}.mlp.up_proj.weight", rnd(inter, h)
         yield f"{p}.mlp.down_proj.weight", rnd(h, inter)
@@ -95,6 +119,25 @@ def _flush(out: Path, shard: dict, n: int, index: dict) -> int:
 
 def weight_bytes(model_dir: Path) -> int:
     return sum(f.stat().st_size for f in Path(model_dir).glob("*.safetensors"))
+
+
+def step_weight_bytes(model_dir: Path, batch: int) -> tuple[int, float]:
+    """(bytes of weights a decode step of `batch` rows reads, experts read per mixture layer). A
+    mixture of experts reads only the experts its tokens chose: with top-k routing that is
+    uniform and independent (random weights, random tokens; `moe_routing.py` measures it), a
+    layer's batch reads E * (1 - (1 - k/E)^batch) experts in expectation."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    total = weight_bytes(model_dir)
+    e = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+    if not e:
+        return total, 0.0
+    k = cfg["num_experts_per_tok"]
+    inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+    elem = 2 if cfg.get("torch_dtype", "bfloat16") in ("bfloat16", "float16") else 4
+    expert = 3 * inter * cfg["hidden_size"] * elem
+    experts = cfg["num_hidden_layers"] * e * expert
+    hit = e * (1 - (1 - k / e) ** batch)
+    return total - experts + int(cfg["num_hidden_layers"] * hit * expert), hit
 
 
 if __name__ == "__main__":

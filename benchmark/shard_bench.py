@@ -81,7 +81,8 @@ def run(model_dir: Path, batches: list[int], context: int, batch1_context: int, 
                                      max_prefill_tokens=max_prefill, max_total_tokens=context + steps + 8))
         rng = np.random.default_rng(0)
         weights = make_model.weight_bytes(model_dir)
-        kv_per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * (cfg["hidden_size"] // cfg["num_attention_heads"]) * 2
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        kv_per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 2
         bw = ceilings.get("copy_bandwidth_TBps", 0) * 1e12
         out = {"ceilings": ceilings, "weight_bytes": weights, "info": str(info).replace("\n", " "), "decode": [], "prefill": []}
         bid = 0
@@ -112,9 +113,11 @@ def run(model_dir: Path, batches: list[int], context: int, batch1_context: int, 
                 cached = [resp.batch]
             stub.ClearCache(pb.ClearCacheRequest())
             step = statistics.median(times[2:])  # the first steps include concatenation
-            read = weights + b * (ctx + steps // 2) * kv_per_token
+            step_weights, experts_hit = make_model.step_weight_bytes(model_dir, b)  # a mixture reads the experts hit
+            read = step_weights + b * (ctx + steps // 2) * kv_per_token
             floor = read / bw if bw else float("nan")
-            row = {"batch": b, "context": ctx, "step_ms": step * 1e3, "bytes_read": read,
+            row = {"batch": b, "context": ctx, "step_ms": step * 1e3, "bytes_read": read, "experts_per_layer": experts_hit,
+                   "roofline_all_weights_ms": (weights + b * (ctx + steps // 2) * kv_per_token) / bw * 1e3 if bw else None,
                    "roofline_ms": floor * 1e3, "roofline_ratio": floor / step if bw else None,
                    "tokens_per_s": b / step,
                    # Where a step's time goes: inside the shard's Step handler (the engine's inputs +

@@ -143,3 +143,43 @@ def test_splits_refuse_what_does_not_divide_and_place_replicated_kv_heads():
         Split.of(cfg(6, 2), 0, 4)  # 2 KV heads on 2 ranks each, 3 query heads each: not halvable
     with pytest.raises(ConfigError, match="exceeds the model's intermediate_size 2"):
         Split.of(cfg(4, 4, 2), 0, 4)
+
+
+def _run_family(rank: int, world: int, port: int, model_dir: str, adapter: str, out: str):
+    """One rank of a family model: prompt logits, and greedy tokens of base and adapter rows."""
+    from text_generation_server.engine import Engine, EngineConfig
+    from text_generation_server.parallel import init_group
+    from shard_calls import prompt_logits
+
+    torch.set_grad_enabled(False)
+    group = init_group(rank, world, "127.0.0.1", port, torch.device("cpu"), timeout_s=60)
+    eng = Engine(EngineConfig(Path(model_dir), torch.float32, torch.device("cpu"), block_size=BLOCK, group=group,
+                              lora_adapters=(("a", Path(adapter)),)))
+    warm, _ = batch(999, [[2, 3, 4]], 1)
+    eng.warmup(warm, 64)
+    results = {"logits": prompt_logits(eng, PROMPTS[2] * 2), "params": eng.model.num_parameters}
+    eng.clear(None)
+    pb_batch, _ = batch(1, PROMPTS, 8)
+    name_adapters(pb_batch, {1: "a"})
+    results["tokens"] = generate(eng, pb_batch, 8)
+    torch.save(results, f"{out}.{rank}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "phi3", "mixtral", "qwen2_moe"])
+def test_families_sharded_match_the_unsharded_model(tmp_path, kind):
+    """Soft caps and Gemma's norms (gemma2), fused q/k/v and gate/up with their LoRA (phi3), the
+    experts split by columns with a replicated router (mixtral), and a shared expert (qwen2_moe)."""
+    import families
+
+    model_dir, _ = families.write(tmp_path / "m", kind)
+    adapter = str(families.adapter(tmp_path / "lora", model_dir, kind))
+    _run_family(0, 1, 0, str(model_dir), adapter, str(tmp_path / "ref.pt"))
+    ref = torch.load(f"{tmp_path / 'ref.pt'}.0")
+    out = str(tmp_path / "tp.pt")
+    mp.spawn(_run_family, args=(2, _port(), str(model_dir), adapter, out), nprocs=2, join=True)
+    ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    assert ranks[0]["tokens"] == ranks[1]["tokens"] == ref["tokens"]
+    torch.testing.assert_close(ranks[0]["logits"], ref["logits"], atol=1e-4, rtol=1e-4)
+    assert ranks[0]["params"] < ref["params"] * 0.65, (ranks[0]["params"], ref["params"])
