@@ -20,7 +20,7 @@ from text_generation_server.engine import Engine, EngineConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import families  # noqa: E402
-from shard_calls import BLOCK, alone, batch, chunked_script, name_adapters, script_requests  # noqa: E402
+from shard_calls import BLOCK, alone, batch, chunked_script, name_adapters, prompt_logits, script_requests  # noqa: E402,E501
 
 VOCAB = 512
 PROMPTS = [[5, 9, 100, 7], list(range(10, 60)), [3] * 17, list(range(200, 203)), list(range(300, 340))]
@@ -35,38 +35,52 @@ def family(request, tmp_path_factory):
     return kind, path, ref, root
 
 
-def engine(path, device="cuda", graphs=(1, 2, 4, 8), adapters=()):
+def engine(path, device="cuda", graphs=(1, 2, 4, 8), adapters=(), slot_table=True):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     e = Engine(EngineConfig(path, dtype, torch.device(device), block_size=BLOCK, cuda_graphs=graphs,
                             lora_adapters=adapters, max_lora_rank=16))
+    if not slot_table:
+        e.adapters.slots = e.lora_kernels = None  # the grouped torch path, on per-adapter tensors
     e.warmup(batch(99, [[1, 2, 3]], 1)[0], 512, max_total_tokens=512)
     return e
 
 
 def run(eng, prompts, n, adapters=None):
-    """Greedy tokens and logprobs of n steps per prompt, in one batch."""
+    """Greedy tokens and logprobs of n steps per prompt, in one batch, and each prompt's best
+    two first tokens (ids, logprobs)."""
     b, _ = batch(1, prompts, n)
     name_adapters(b, adapters)
+    for r in b.requests:
+        r.top_n_tokens = 2
     res, cached = eng.prefill(b)
     toks, lps = [[int(t)] for t in res.token_ids], [[float(x)] for x in res.logprobs]
+    tops = [(res.top_ids[i, :2].tolist(), res.top_logprobs[i, :2].tolist()) for i in range(len(prompts))]
     for _ in range(n - 1):
         res, cached, _ = eng.decode([cached.id])
         for i, (t, lp) in enumerate(zip(res.token_ids, res.logprobs)):
             toks[i].append(int(t))
             lps[i].append(float(lp))
     eng.clear(None)
-    return toks, lps
+    return toks, lps, tops
 
 
-def near(got_toks, got_lps, want_toks, want_lps, first_lp_tol=0.15):
-    """bf16 against float32: the first token agrees, its logprob closely, and the greedy paths
-    part on average no earlier than half-way (only at near ties)."""
+def near(got_toks, got_lps, want_toks, want_lps, want_tops, first_only=False):
+    """bf16 against float32: the first token agrees (or is the reference's second choice at a near
+    tie: its best two within 0.1), its logprob closely, and the greedy paths part on average no
+    earlier than half-way (only at near ties). `first_only`: the first token alone (a mixture
+    of experts, held to transformers' own bf16 instead: `test_graphs_eager_and_transformers`)."""
     agree = []
-    for g, gl, w, wl in zip(got_toks, got_lps, want_toks, want_lps):
-        assert g[0] == w[0], (g, w)
-        assert abs(gl[0] - wl[0]) < first_lp_tol, (gl[0], wl[0])
+    for g, gl, w, wl, (ids, top) in zip(got_toks, got_lps, want_toks, want_lps, want_tops):
+        if g[0] != w[0]:
+            assert g[0] == ids[1] and top[0] - top[1] < 0.1, (g, w, ids, top)
+            agree.append(0.5)  # a near tie: the paths part at once, and count as half-way
+            continue
+        if first_only:
+            continue
+        assert abs(gl[0] - wl[0]) < 0.15, (gl[0], wl[0])
         agree.append(next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), len(g)) / len(g))
-    assert sum(agree) / len(agree) >= 0.5, agree
+    if not first_only:
+        assert sum(agree) / len(agree) >= 0.5, agree
 
 
 def test_graphs_eager_and_transformers(family):
@@ -74,20 +88,37 @@ def test_graphs_eager_and_transformers(family):
     graphs = engine(path)
     assert graphs.graphs is not None and graphs.attention.name == "flashinfer"
     eager = engine(path, graphs=())
-    t_g, lp_g = run(graphs, PROMPTS, N)
-    t_e, lp_e = run(eager, PROMPTS, N)
+    t_g, lp_g, _ = run(graphs, PROMPTS, N)
+    t_e, lp_e, _ = run(eager, PROMPTS, N)
     assert t_g == t_e
     np.testing.assert_allclose(lp_g, lp_e, atol=1e-2)
     ref = ref.to("cuda")
-    want_t, want_lp = [], []
+    want_t, want_lp, want_tops = [], [], []
     for p in PROMPTS:
         ids = torch.tensor([p], device="cuda")
         out = ref.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False, eos_token_id=None, pad_token_id=0,
                            output_scores=True, return_dict_in_generate=True)
         toks = out.sequences[0, len(p):].tolist()
+        steps = [torch.log_softmax(s[0].float(), -1) for s in out.scores]
         want_t.append(toks)
-        want_lp.append([torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(out.scores, toks)])
-    near(t_g, lp_g, want_t, want_lp)
+        want_lp.append([lp[t].item() for lp, t in zip(steps, toks)])
+        best = steps[0].topk(2)
+        want_tops.append((best.indices.tolist(), best.values.tolist()))
+    moe = kind in families.MOE
+    near(t_g, lp_g, want_t, want_lp, want_tops, first_only=moe)
+    if moe:
+        # bf16 rounding flips a token's experts where two are near a tie, which moves a mixture's
+        # logits more than a dense model's: transformers' own bf16 moved these models' first-step
+        # logprobs from its float32 by up to 2.6 on the H200. Ours must stay within twice what
+        # transformers' bf16 moves (+0.1), prompt by prompt.
+        for p in PROMPTS:
+            ids = torch.tensor([p], device="cuda")
+            with torch.no_grad():
+                f32 = torch.log_softmax(ref(ids).logits[0, -1].float(), -1)
+                bf16 = torch.log_softmax(ref.to(torch.bfloat16)(ids).logits[0, -1].float(), -1)
+                ref.float()
+            ours = torch.log_softmax(prompt_logits(eager, p)[-1].float(), -1)
+            assert (ours - f32).abs().max() <= 2 * (bf16 - f32).abs().max() + 0.1, (p, ours, bf16, f32)
 
 
 def test_chunked_prompts_beside_decoding_rows(family):
@@ -130,13 +161,18 @@ def write_adapter(path: Path, model_dir: Path, kind: str, r: int = 8) -> Path:
 
 
 def test_lora_rows_beside_base_rows(family):
+    """The slot-table LoRA kernels under CUDA graphs against the grouped torch path on the GPU
+    (both bf16), and, for a dense model, against the float32 CPU path."""
     kind, path, _, root = family
     lora = (("a", write_adapter(root / "lora", path, kind)),)
     rows = {0: "a", 2: "a", 4: "a"}
-    got_t, got_lp = run(engine(path, adapters=lora), PROMPTS, N, rows)
-    want_t, want_lp = run(engine(path, "cpu", graphs=(), adapters=lora), PROMPTS, N, rows)
-    near(got_t, got_lp, want_t, want_lp)
-    base_t, _ = run(engine(path, "cpu", graphs=()), PROMPTS[:1], N)
+    got_t, got_lp, _ = run(engine(path, adapters=lora), PROMPTS, N, rows)
+    torch_t, torch_lp, torch_tops = run(engine(path, graphs=(), adapters=lora, slot_table=False), PROMPTS, N, rows)
+    near(got_t, got_lp, torch_t, torch_lp, torch_tops)
+    want_t, want_lp, want_tops = run(engine(path, "cpu", graphs=(), adapters=lora), PROMPTS, N, rows)
+    if kind not in families.MOE:  # bf16 against float32 (a mixture's routing: see test_graphs_eager_and_transformers)
+        near(got_t, got_lp, want_t, want_lp, want_tops)
+    base_t, _, _ = run(engine(path, "cpu", graphs=()), PROMPTS[:1], N)
     assert base_t[0] != want_t[0], "the adapter changes the answer"
 
 
@@ -144,9 +180,10 @@ def test_lora_rows_beside_base_rows(family):
 def test_moe_kernel_matches_the_reference(tokens):
     from text_generation_server.layers.moe import reference, route
     from text_generation_server.layers.moe_triton import fused_moe
-    from text_generation_server.layers.ops import make_ops
+    from text_generation_server.layers.ops import TorchOps, make_ops
 
-    ops = make_ops(torch.device("cuda"))
+    ops = make_ops(torch.device("cuda"))  # FlashInfer's activation in the kernel's path (bf16)
+    ref_ops = TorchOps()  # the reference runs in float32
     e, k, hid, inter = 8, 2, 256, 384
     g = torch.Generator(device="cuda").manual_seed(tokens)
     x = torch.randn(tokens, hid, generator=g, device="cuda").bfloat16()
@@ -154,7 +191,8 @@ def test_moe_kernel_matches_the_reference(tokens):
     w2 = (torch.randn(e, hid, inter, generator=g, device="cuda") * 0.05).bfloat16()
     weights, ids = route(torch.randn(tokens, e, generator=g, device="cuda"), k, True)
     act = lambda a, b: ops.act_mul("silu", a, b)  # noqa: E731
-    want = reference(x.float(), w13.float(), w2.float(), weights, ids, act)
+    ref_act = lambda a, b: ref_ops.act_mul("silu", a, b)  # noqa: E731
+    want = reference(x.float(), w13.float(), w2.float(), weights, ids, ref_act)
     got = fused_moe(x, w13, w2, weights, ids, act)
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
     # Captured in a CUDA graph (fixed shapes, no host sync), replayed on new routing.
@@ -171,5 +209,5 @@ def test_moe_kernel_matches_the_reference(tokens):
     static_w.copy_(weights2)
     static_ids.copy_(ids2)
     graph.replay()
-    torch.testing.assert_close(out.float(), reference(x.float(), w13.float(), w2.float(), weights2, ids2, act),
+    torch.testing.assert_close(out.float(), reference(x.float(), w13.float(), w2.float(), weights2, ids2, ref_act),
                                atol=2e-2, rtol=2e-2)
