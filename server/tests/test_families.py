@@ -117,9 +117,61 @@ def test_unsupported_architectures_are_refused_with_the_list(tmp_path):
         load_model(path, torch.float32, torch.device("cpu"))
 
 
-def test_longrope_uses_the_long_factors_beyond_the_original_context():
-    """Positions past original_max_position_embeddings rotate with the long factors, as
-    transformers does for a sequence that long; the ones within it with the short factors."""
+def test_gemma3_multimodal_checkpoints_serve_their_text_model(tmp_path):
+    """Gemma3ForConditionalGeneration (Gemma 3 4B and up): its text_config and the decoder under
+    language_model.model, against transformers' text-only generate; a hub-style config that lists
+    only what differs from the defaults reads as transformers reads it; LoRA on the image encoder
+    is refused."""
+    import json
+
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    from text_generation_server.errors import ShardError
+    from text_generation_server.lora.adapter import read_adapter
+    from text_generation_server.models.config import ConfigError, ModelConfig
+
+    text, _ = families.config("gemma3")
+    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=28, patch_size=14)
+    cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=96,
+                          boi_token_index=94, eoi_token_index=95)
+    torch.manual_seed(0)
+    ref = tf.Gemma3ForConditionalGeneration(cfg).eval()
+    ref.save_pretrained(tmp_path / "m")
+    eng = _engine(tmp_path / "m")
+    assert eng.model.prefix in ("language_model.model", "model.language_model")
+    want = [families.greedy(ref, p, N) for p in PROMPTS]
+    assert generate(eng, batch(1, PROMPTS, N)[0], N) == want
+
+    hub_style = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+                 "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                                 "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                                 "sliding_window": 1024}, "eos_token_id": [1, 106]}
+    ours = ModelConfig.from_dict(hub_style)
+    theirs = tf.Gemma3Config(**{k: v for k, v in hub_style.items() if k != "architectures"}).text_config
+    assert (ours.vocab_size, ours.num_heads, ours.num_kv_heads, ours.head_dim) == (
+        theirs.vocab_size, theirs.num_attention_heads, theirs.num_key_value_heads, theirs.head_dim)
+    assert ours.layer_windows == tuple(1024 if t == "sliding_attention" else None for t in theirs.layer_types)
+    assert (ours.rope.kind, ours.rope.factor, ours.rope.theta, ours.rope_local.theta) == ("linear", 8.0, 1e6, 1e4)
+    assert ours.attn_scale == 256 ** -0.5 and ours.eos_token_ids == (1, 106)
+    with pytest.raises(ConfigError, match="without a text_config"):
+        ModelConfig.from_dict({"architectures": ["Gemma3ForConditionalGeneration"]})
+
+    d = tmp_path / "vision-lora"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    key = "base_model.model.model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj"
+    save_file({f"{key}.lora_A.weight": torch.zeros(2, 32), f"{key}.lora_B.weight": torch.zeros(32, 2)},
+              str(d / "adapter_model.safetensors"))
+    with pytest.raises(ShardError, match="image encoder"):
+        read_adapter("v", d, eng.model.full_config, torch.float32)
+
+
+def test_longrope_table_has_the_short_then_the_long_factors():
+    """The rotary table's first half rotates with the short factors, its second half (index
+    position + max_positions) with the long ones, as transformers does for a sequence within the
+    original context and one longer than it."""
     from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
 
     from text_generation_server.layers.rotary import RotaryEmbedding
@@ -131,11 +183,25 @@ def test_longrope_uses_the_long_factors_beyond_the_original_context():
     ours = RotaryEmbedding(ours_cfg.rope, ours_cfg.rotated, 256, torch.device("cpu"), torch.float32)
     theirs = Phi3RotaryEmbedding(cfg_tf)
     x = torch.zeros(1, 1, 8)
-    for positions, picked in ((torch.arange(64), slice(0, 64)), (torch.arange(200), slice(64, 200))):
+    short, long = torch.arange(64), torch.arange(200)
+    for positions, offset in ((short, 0), (long, 256)):
         cos, sin = theirs(x, positions[None])
-        torch.testing.assert_close(ours.cos[positions][picked], cos[0][picked])
-        torch.testing.assert_close(ours.sin[positions][picked], sin[0][picked])
+        torch.testing.assert_close(ours.cos[positions + offset], cos[0])
+        torch.testing.assert_close(ours.sin[positions + offset], sin[0])
     assert ours.scale > 1.0  # the attention factor of a context 4x the original
+
+
+def test_longrope_rows_past_the_original_context_match_transformers(tmp_path):
+    """Phi-3 (original context 64): prompts longer than it, alone and beside a short one, are
+    rotated with the long factors throughout, as transformers does; the short one with the short
+    factors."""
+    path, ref = families.write(tmp_path / "m", "phi3")
+    eng = _engine(path)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(2, 97, (n,), generator=g).tolist() for n in (70, 12, 90)]
+    want = [families.greedy(ref, p, N) for p in prompts]
+    assert generate(eng, batch(1, prompts, N)[0], N) == want
+    assert generate(eng, batch(2, prompts[:1], N)[0], N) == want[:1]
 
 
 def test_moe_kernel_under_the_interpreter():

@@ -51,6 +51,15 @@ def test_config_errors_name_the_field(tmp_path):
 
     with pytest.raises(ConfigError, match="hidden_size"):
         ModelConfig.from_dict({"vocab_size": 10})
+    base = {"vocab_size": 10, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2}
+    with pytest.raises(ConfigError, match="mlp_bias"):
+        ModelConfig.from_dict({**base, "mlp_bias": True})
+    with pytest.raises(ConfigError, match="use_bidirectional_attention"):
+        ModelConfig.from_dict({**base, "model_type": "gemma3_text", "use_bidirectional_attention": True})
+    with pytest.raises(ConfigError, match="activation 'relu2'"):
+        ModelConfig.from_dict({**base, "hidden_act": "relu2"})
+    with pytest.raises(ConfigError, match="layer_types has 2 entries for 1 layers"):
+        ModelConfig.from_dict({**base, "sliding_window": 4, "layer_types": ["full_attention"] * 2})
     with pytest.raises(ConfigError, match="yarn"):
         ModelConfig.from_dict({"vocab_size": 10, "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
                                "num_attention_heads": 2, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})

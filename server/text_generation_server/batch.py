@@ -21,6 +21,12 @@ if TYPE_CHECKING:
     from text_generation_server.step import Launched
 
 
+def _total(r) -> int:
+    """The most tokens a request's sequence reaches: its prompt (with any tokens generated before a
+    preemption) and what it may still generate."""
+    return len(r.input_ids) + r.stopping_parameters.max_new_tokens - r.generated_tokens
+
+
 def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
     """A host array on `device` without waiting for the device: the copy from pageable memory is
     staged at once and runs in stream order, so steps can be launched while earlier ones run (a
@@ -31,13 +37,16 @@ def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
 @dataclass
 class StepInputs:
     input_ids: torch.Tensor  # [T] int64, device
-    positions: torch.Tensor  # [T] int64, device
+    # [T] int64, device: each token's rotary table index, its position (plus the table's long half
+    # on LongRoPE rows that use the long factors: `Batch.rope_offset`)
+    positions: torch.Tensor
     attention: AttentionInputs
     last_token_index: torch.Tensor  # [B] int64, device: row i's last token in the flattened step
 
 
 # Per-row host arrays ([B], numpy): `filter` indexes them and `concatenate` stacks them, by name.
-HOST_ROWS = ("num_blocks", "cache_lens", "generated", "max_new_tokens", "ignore_eos", "top_n", "adapters", "constrained")
+HOST_ROWS = ("num_blocks", "cache_lens", "generated", "max_new_tokens", "ignore_eos", "top_n", "adapters", "constrained",
+             "rope_offset")
 # Per-row device counts ([B, vocab] or None): indexed / stacked (zeros for batches without them).
 COUNT_ROWS = ("counts", "out_counts")
 
@@ -56,6 +65,7 @@ class Batch:
     top_n: np.ndarray  # [B] int64, host: alternatives to return per token
     adapters: np.ndarray  # [B] object (str), host: LoRA adapter per row, '' = base model
     constrained: np.ndarray  # [B] bool, host: structured output (a token mask comes with each step)
+    rope_offset: np.ndarray  # [B] int64, host: added to positions to index the rotary table (LongRoPE's long half, else 0)
     last_tokens: torch.Tensor  # [B] int64, device: the token each row feeds next
     sampling: SamplingParams
     counts: torch.Tensor | None  # [B, vocab] int32, device: prompt + output occurrences; None unless a row has a repetition penalty
@@ -89,8 +99,12 @@ class Batch:
         return int(self.num_blocks.sum()) * self.block_size
 
     @classmethod
-    def from_pb(cls, batch_id: int, reqs: Sequence, block_size: int, vocab_size: int, device: torch.device) -> "Batch":
-        """reqs: pb.Request objects already checked with `check_request`."""
+    def from_pb(cls, batch_id: int, reqs: Sequence, block_size: int, vocab_size: int, device: torch.device,
+                long_rope: tuple[int, int] | None = None) -> "Batch":
+        """reqs: pb.Request objects already checked with `check_request`. `long_rope`: a LongRoPE
+        model's (original context, offset of the rotary table's long half): a request that may
+        grow past the original context (prompt + max_new_tokens) is rotated with the long factors
+        at every position, so that its keys and queries always agree."""
         if not reqs:
             raise ShardError(ErrorCode.INVALID_REQUEST, "empty batch")
         width = max(len(r.blocks) for r in reqs)
@@ -114,6 +128,8 @@ class Batch:
             top_n=np.array([r.top_n_tokens for r in reqs], dtype=np.int64),
             adapters=np.array([r.adapter_id if r.HasField("adapter_id") else "" for r in reqs], dtype=object),
             constrained=np.array([r.constrained for r in reqs], dtype=bool),
+            rope_offset=np.array([long_rope[1] if long_rope and _total(r) > long_rope[0] else 0 for r in reqs],
+                                 dtype=np.int64),
             last_tokens=torch.zeros(len(reqs), dtype=torch.int64, device=device),
             sampling=sp,
             counts=None,
@@ -215,6 +231,8 @@ class Batch:
             kv_lens_host=ends.astype(np.int32),
             block_tables_host=self.block_tables_host,
         )
+        if self.rope_offset.any():
+            positions = positions + np.repeat(self.rope_offset, new)
         return StepInputs(input_ids, to_device(positions, dev), attn, to_device(cu[1:] - 1, dev))
 
     def prepare_decode_host(self) -> None:
@@ -254,6 +272,8 @@ class Batch:
             block_tables_host=self.block_tables_host,
             paged_host=self.next_host[1] if self.next_host and self.next_host[0] is self.cache_lens else None,
         )
+        if self.rope_offset.any():
+            positions = to_device(pos + self.rope_offset, dev)
         return StepInputs(self.last_tokens, positions, attn, rows)
 
     def advance(self, next_ids: torch.Tensor, tokens_in: np.ndarray) -> None:

@@ -83,6 +83,9 @@ class Engine:
             log.info("LoRA slot table: %d slots of rank <= %d (%.1f MiB), %s kernels", self.adapters.max_active,
                      self.adapters.slots.max_rank, self.adapters.slots.nbytes() / 2**20, self.lora_kernels.name)
         self.eos = np.array(mc.eos_token_ids or [-1], dtype=np.int64)
+        # LongRoPE: (original context, where the rotary table's long half starts), for Batch.from_pb
+        self.long_rope = ((mc.rope.original_max_position_embeddings, mc.max_position_embeddings)
+                          if mc.rope.kind == "longrope" else None)
         self.cache: KVCache | None = None
         self.batches: dict[int, Batch] = {}
         self._stepping: frozenset[str] = frozenset()  # adapters of the step being launched
@@ -114,7 +117,8 @@ class Engine:
         self._alloc_cache(scratch)
         try:
             reqs = list(pb_batch.requests)
-            batch = Batch.from_pb(pb_batch.id, reqs, self.cfg.block_size, self.model.config.vocab_size, self.cfg.device)
+            batch = Batch.from_pb(pb_batch.id, reqs, self.cfg.block_size, self.model.config.vocab_size, self.cfg.device,
+                                  self.long_rope)
             step.collect(self._launch(batch), self.eos)
         except torch.OutOfMemoryError as e:
             raise ShardError(ErrorCode.OUT_OF_MEMORY, f"warmup prefill does not fit: {e}") from e
@@ -175,7 +179,7 @@ class Engine:
                 good.append(r)
         if not good:
             return None, failed
-        return Batch.from_pb(pb_batch.id, good, self.cfg.block_size, vocab, self.cfg.device), failed
+        return Batch.from_pb(pb_batch.id, good, self.cfg.block_size, vocab, self.cfg.device, self.long_rope), failed
 
     def step(self, batch_ids: list[int], grants: dict[int, list[int]] | None, pb_prefill,
              masks: dict[int, bytes] | None = None) -> tuple[StepResult, Batch | None, int]:

@@ -1,9 +1,13 @@
 """Rotary position embeddings (HF "rotate half" layout), with linear, Llama-3 and LongRoPE
 scaling, over all of each head or its leading `rotary_dim` dimensions (partial rotary).
 
-LongRoPE (Phi-3): positions below the original context length use the short factors, the ones
-beyond it the long factors; transformers picks one set for a whole forward by its longest
-position, so the two agree on every sequence within the original context."""
+LongRoPE (Phi-3): the table holds the short factors' rows for every position, then the long
+factors' rows; a request that may grow past the original context length indexes the long half
+at every position (`Batch.rope_offset`), the others the short half. Transformers picks one set
+for a whole forward by its longest position, so the two agree on every sequence that stays
+within the original context and every prompt already longer than it; they part only on a
+sequence that crosses it while it generates, which transformers rotates with the short factors
+before the crossing and the long ones after."""
 
 from __future__ import annotations
 
@@ -46,10 +50,8 @@ class RotaryEmbedding:
     def __init__(self, rope: RopeConfig, dim: int, max_positions: int, device: torch.device, dtype: torch.dtype):
         pos = torch.arange(max_positions, device=device, dtype=torch.int64).float()
         freqs = pos[:, None] * inv_frequencies(rope, dim).to(device)[None, :]
-        if rope.kind == "longrope":
-            beyond = pos >= rope.original_max_position_embeddings
-            if bool(beyond.any()):
-                freqs[beyond] = pos[beyond][:, None] * inv_frequencies(rope, dim, long=True).to(device)[None, :]
+        if rope.kind == "longrope":  # [short rows; long rows]: 2 x max_positions
+            freqs = torch.cat([freqs, pos[:, None] * inv_frequencies(rope, dim, long=True).to(device)[None, :]])
         self.dim = dim
         self.scale = rope.attention_factor  # cos and sin are multiplied by it (LongRoPE)
         emb = torch.cat((freqs, freqs), dim=-1)

@@ -22,6 +22,7 @@ _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.w
 # Phi-3's checkpoint fuses projections, and PEFT targets the fused ones: their LoRA B is cut into
 # the parts' rows (one shared A), which is the same delta.
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+_VISION = re.compile(r"vision_tower|vision_model|multi_modal_projector")
 _MOE = re.compile(r"\.(?:experts|block_sparse_moe|shared_expert|shared_expert_gate)\.|\.mlp\.gate\.")
 
 
@@ -107,6 +108,8 @@ def _pairs(name: str, shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, r: i
     proj_shapes = peft_shapes(cfg)
     found: dict[tuple[int, str], dict[str, str]] = {}
     for key in shapes:
+        if _VISION.search(key):
+            raise bad(name, "targets the image encoder, which this server does not run (text only)")
         if cfg.is_moe and _MOE.search(key):
             raise bad(name, "targets the mixture-of-experts MLP (experts or router), which LoRA is not supported on: "
                             "target the attention projections (q/k/v/o_proj)")

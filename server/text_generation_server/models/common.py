@@ -143,7 +143,8 @@ class CausalLM:
     embedding scaled by sqrt(hidden), Gemma's norms) and builds its layers in `make_layer`."""
 
     gemma = False
-    prefix = "model"
+    prefixes = ("model",)
+    """Where the checkpoint keeps the decoder's tensors (the first that holds embed_tokens is used)."""
 
     def __init__(self, cfg: ModelConfig, w: Weights, split: Split | None = None, group: Group = SINGLE):
         split = split or Split.of(cfg)
@@ -151,6 +152,7 @@ class CausalLM:
         self.config = split.local  # this rank's share: what the KV cache, attention and LoRA slots are sized by
         self.split, self.group = split, group
         self.device, self.dtype = w.device, w.dtype
+        self.prefix = next((q for q in self.prefixes if w.has(f"{q}.embed_tokens.weight")), self.prefixes[0])
         p = self.prefix
         vocab = None if split.world == 1 else split.vocab_rows()
         pad = None if split.world == 1 else split.vocab
@@ -164,10 +166,12 @@ class CausalLM:
                              if cfg.rope_local is not None else self.rotary)
         self.layers = [self.make_layer(cfg, w, i, split, group) for i in range(cfg.num_layers)]
         self.norm = self.norm_of(cfg, w, f"{p}.norm")
-        if cfg.tie_word_embeddings and not w.has("lm_head.weight"):
+        # The LM head beside the decoder: lm_head, or language_model.lm_head under language_model.model.
+        head = (self.prefix.removesuffix("model") if self.prefix.endswith(".model") else "") + "lm_head.weight"
+        if cfg.tie_word_embeddings and not w.has(head):
             self.lm_head = self.embed_tokens
         else:
-            self.lm_head = w.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size), rows=vocab, pad_rows=pad)
+            self.lm_head = w.get(head, (cfg.vocab_size, cfg.hidden_size), rows=vocab, pad_rows=pad)
         self.ops = make_ops(w.device)
         self._lm_head_cpu = packed_linear(self.lm_head)  # the CPU's packed GEMM, else None
 

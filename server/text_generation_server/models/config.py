@@ -104,6 +104,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], gen: dict[str, Any] | None = None) -> "ModelConfig":
+        raw = _text_part(raw)
+
         def need(key: str) -> Any:
             if raw.get(key) is None:
                 raise ConfigError(f"config.json: missing field {key!r}")
@@ -111,6 +113,9 @@ class ModelConfig:
 
         archs = raw.get("architectures") or ["LlamaForCausalLM"]
         model_type = raw.get("model_type", "llama")
+        for key, what in _UNSUPPORTED.items():  # refused, never silently ignored
+            if raw.get(key):
+                raise ConfigError(f"config.json: {key} ({what}) is not supported")
         hidden = int(need("hidden_size"))
         heads = int(need("num_attention_heads"))
         kv_heads = int(raw.get("num_key_value_heads") or heads)
@@ -178,6 +183,40 @@ class ModelConfig:
             moe_layers=moe_layers,
             shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0) if experts else 0,
         )
+
+
+# Checkpoints of a model with an image encoder whose text model we serve alone: the text part's
+# config is `text_config` (the encoder's weights are never read; images are not accepted).
+MULTIMODAL_TEXT = {"Gemma3ForConditionalGeneration": "gemma3_text"}
+
+# What transformers assumes where a config leaves a field out (hub configs of Gemma 3 list only
+# what differs from these).
+_DEFAULTS = {
+    "gemma3_text": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh",
+                        max_position_embeddings=131072, rms_norm_eps=1e-6, tie_word_embeddings=True, rope_theta=1000000.0,
+                        rope_local_base_freq=10000.0, query_pre_attn_scalar=256, sliding_window=4096,
+                        sliding_window_pattern=6, eos_token_id=1),
+}
+
+
+def _text_part(raw: dict[str, Any]) -> dict[str, Any]:
+    """The config of the model we run: a multimodal checkpoint's `text_config` (keeping its
+    `architectures` and end-of-sequence ids), with the family's defaults under what it says."""
+    archs = raw.get("architectures") or []
+    if archs and archs[0] in MULTIMODAL_TEXT:
+        text = raw.get("text_config")
+        if not isinstance(text, dict):
+            raise ConfigError(f"config.json: {archs[0]} without a text_config")
+        top = {k: raw[k] for k in ("architectures", "eos_token_id") if k in raw}
+        raw = {"model_type": MULTIMODAL_TEXT[archs[0]], **text, **top}
+    return {**_DEFAULTS.get(raw.get("model_type", ""), {}), **raw}
+
+
+_UNSUPPORTED = {
+    "mlp_bias": "biases on the MLP projections",
+    "use_bidirectional_attention": "attention without the causal mask, as in embedding models",
+}
 
 
 def _positive(v: Any) -> float | None:

@@ -51,4 +51,9 @@ class Gemma2ForCausalLM(GemmaForCausalLM):
 
 
 class Gemma3ForCausalLM(GemmaForCausalLM):
-    """q/k norms (`qk_norm`) and the local rotary base come from the config."""
+    """q/k norms (`qk_norm`) and the local rotary base come from the config. Also the text model
+    of Gemma3ForConditionalGeneration checkpoints (4B and up), whose decoder sits under
+    `language_model.model` (`model.language_model` as transformers 5 names it); their image
+    encoder is not read."""
+
+    prefixes = ("model", "language_model.model", "model.language_model")
