@@ -128,7 +128,7 @@ def test_revision_selects_the_branch(hub, tmp_path):
     ("org/gated", {"HF_TOKEN": "hf_wrong"}, "the repository is gated"),
     ("org/bin-only", {}, "no safetensors weights in the repository (found ['pytorch_model.bin']); Tessera loads *.safetensors only"),
     ("org/no-tokenizer", {}, "no tokenizer.json in the repository"),
-    ("org/gpt2", {}, "architecture 'GPT2LMHeadModel' is not supported (supported: LlamaForCausalLM, MistralForCausalLM"),
+    ("org/gpt2", {}, "architecture 'GPT2LMHeadModel' is not supported (supported: Gemma2ForCausalLM, Gemma3ForCausalLM"),
     ("org/tiny", {"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set and the model is not in the cache"),
     ("org/tiny", {"HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot reach http://127.0.0.1:9"),
     ("not a repo!", {}, "is neither a local directory nor a hub repository id"),
