@@ -28,7 +28,7 @@ def batch(bid, b, ctx, steps, vocab, num_adapters=0, first=0):
     for i in range(first, first + b):
         bl = list(range(i * n, (i + 1) * n))
         reqs.append(pb.Request(id=i, input_ids=rng.integers(0, vocab, ctx).tolist(), blocks=bl,
-                               slots=[bl[p // BS] * BS + p % BS for p in range(ctx)],
+                               cache_locs=[bl[p // BS] * BS + p % BS for p in range(ctx)],
                                parameters=pb.NextTokenChooserParameters(temperature=1, top_p=1, typical_p=1, repetition_penalty=1),
                                stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=steps + 2, ignore_eos_token=True)))
         if num_adapters:

@@ -58,7 +58,7 @@ def request(rid: int, prompt: list[int], max_new: int, blocks: Blocks) -> pb.Req
     bl = blocks.take(len(prompt) + max_new)
     bs = blocks.bs
     return pb.Request(
-        id=rid, input_ids=prompt, blocks=bl, slots=[bl[p // bs] * bs + p % bs for p in range(len(prompt))],
+        id=rid, input_ids=prompt, blocks=bl, cache_locs=[bl[p // bs] * bs + p % bs for p in range(len(prompt))],
         parameters=pb.NextTokenChooserParameters(temperature=1, top_p=1, typical_p=1, repetition_penalty=1),
         stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True))
 

@@ -148,7 +148,7 @@ def test_load_and_unload_at_run_time(adapters, reference, chat):
         r = admin("/v1/load_lora_adapter", {"lora_name": "mine", "lora_path": "all8"})
         assert r.status_code == 400 and "already registered" in r.json()["error"]
 
-        # More adapters than slots, all correct; the router evicts idle ones.
+        # More adapters than --max-active-adapters, all correct; the router evicts idle ones.
         for name in ("all8", "mlp16", "attn32", "mine"):
             r = generate(name)
             assert [t["id"] for t in r.json()["details"]["tokens"]] == reference["upper4" if name == "mine" else name]

@@ -69,14 +69,14 @@ fn warmup_batch(limits: &LimitArgs, block_size: u32) -> pb::Batch {
         let n = left.min(limits.max_input_tokens);
         let blocks: Vec<u32> = (next_block..next_block + (n + 1).div_ceil(block_size)).collect();
         next_block += blocks.len() as u32;
-        let slots = (0..n).map(|p| blocks[(p / block_size) as usize] * block_size + p % block_size).collect();
+        let cache_locs = (0..n).map(|p| blocks[(p / block_size) as usize] * block_size + p % block_size).collect();
         requests.push(pb::Request {
             id: requests.len() as u64,
             input_ids: vec![0; n as usize],
             parameters: Some(pb::NextTokenChooserParameters { temperature: 1.0, top_p: 1.0, typical_p: 1.0, repetition_penalty: 1.0, ..Default::default() }),
             stopping_parameters: Some(pb::StoppingCriteriaParameters { max_new_tokens: 1, ignore_eos_token: true }),
             blocks,
-            slots,
+            cache_locs,
             ..Default::default()
         });
         left -= n;

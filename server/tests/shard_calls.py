@@ -14,12 +14,12 @@ def request(rid: int, ids: list[int], max_new: int, first_block: int, *, tempera
             do_sample=False, seed=0, rep=1.0, ignore_eos=True) -> tuple[pb.Request, int]:
     n = -(-(len(ids) + max_new) // BLOCK)
     blocks = list(range(first_block, first_block + n))
-    slots = [blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(len(ids))]
+    locs = [blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(len(ids))]
     params = pb.NextTokenChooserParameters(temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
                                            seed=seed, repetition_penalty=rep, typical_p=1.0)
     stop = pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=ignore_eos)
     return pb.Request(id=rid, input_ids=ids, parameters=params, stopping_parameters=stop, blocks=blocks,
-                      slots=slots), first_block + n
+                      cache_locs=locs), first_block + n
 
 
 def batch(bid: int, prompts: list[list[int]], max_new: int, first_block: int = 0, first_id: int = 0, **kw):

@@ -40,7 +40,7 @@ def test_mixed_prefill_and_decode_step(window, scale, softcap):
     kc = torch.zeros(num_blocks, BS, KVH, D)
     vc = torch.zeros(num_blocks, BS, KVH, D)
     perm = torch.randperm(num_blocks, generator=g).tolist()  # scattered blocks
-    tables, full_k, full_v, slots, qs = [], [], [], [], []
+    tables, full_k, full_v, locs, qs = [], [], [], [], []
     for c, n in zip(cached, new):
         L = c + n
         blocks = [perm.pop() for _ in range(-(-L // BS))]
@@ -50,7 +50,7 @@ def test_mixed_prefill_and_decode_step(window, scale, softcap):
         for p in range(c):  # the prefix is already cached
             kc[blocks[p // BS], p % BS] = k[p]
             vc[blocks[p // BS], p % BS] = v[p]
-        slots += [blocks[p // BS] * BS + p % BS for p in range(c, L)]
+        locs += [blocks[p // BS] * BS + p % BS for p in range(c, L)]
         full_k.append(k)
         full_v.append(v)
         qs.append(torch.randn(n, H, D, generator=g))
@@ -58,17 +58,17 @@ def test_mixed_prefill_and_decode_step(window, scale, softcap):
     bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
     cu = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32)
     inputs = AttentionInputs(cu, torch.tensor([c + n for c, n in zip(cached, new)], dtype=torch.int32), bt,
-                             torch.tensor(slots), max(new), max(c + n for c, n in zip(cached, new)), False)
+                             torch.tensor(locs), max(new), max(c + n for c, n in zip(cached, new)), False)
     be = TorchAttention(H, KVH, D, BS, (None, window), scale, softcap)  # a model of sliding and global layers
     be.plan(inputs)
     assert [g.max_q for g in be._groups] == [1, 7], "decoding rows padded apart from the prompts"
     new_k = torch.cat([k[c:] for k, c in zip(full_k, cached)])
     new_v = torch.cat([v[c:] for v, c in zip(full_v, cached)])
-    write_kv(new_k, new_v, kc, vc, be.slots)  # the layer's job (ops.rope_store)
+    write_kv(new_k, new_v, kc, vc, be.cache_locs)  # the layer's job (ops.rope_store)
     for w in (window, None):  # a layer of each kind reads the same plan
         out = be.forward(torch.cat(qs), new_k, new_v, kc, vc, window=w)
         want = torch.cat([naive(q, k, v, w, scale, softcap) for q, k, v in zip(qs, full_k, full_v)])
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
-    # The new keys landed in the cache at their slots.
+    # The new keys landed in the cache at their locations.
     flat = kc.view(-1, KVH, D)
-    torch.testing.assert_close(flat[torch.tensor(slots)], new_k)
+    torch.testing.assert_close(flat[torch.tensor(locs)], new_k)

@@ -109,7 +109,7 @@ def test_running_past_the_block_table_is_refused(engine_factory):
     eng.prefill(b)
     row = eng.batches[1]
     row.cache_lens = row.num_blocks * row.block_size  # as if steps had run past max_new_tokens
-    with pytest.raises(ShardError, match="no KV slot"):
+    with pytest.raises(ShardError, match="no room left in their KV blocks"):
         row.decode_inputs()
 
 
@@ -177,7 +177,7 @@ def test_every_per_row_field_is_reshaped(engine_factory):
 
     handled = set(HOST_ROWS) | set(COUNT_ROWS) | {
         "id", "request_ids", "block_tables", "block_tables_host", "last_tokens", "sampling", "block_size",
-        "prompt_ids", "prompt_slots", "prompt_ends", "prefill_logprobs",  # pending prompts: stacked by concatenate, gone after the step
+        "prompt_ids", "prompt_cache_locs", "prompt_ends", "prefill_logprobs",  # pending prompts: stacked by concatenate, gone after the step
         "next_host",  # rebuilt each step
         "ahead", "ahead_error",  # a launched step: carried whole, its rows picked by request id when collected
         "pending",  # a forward whose sampling waits for masks: its rows sliced by filter (Forwarded.select)
@@ -196,7 +196,7 @@ def test_a_cached_prefix_is_read_not_recomputed(engine_factory):
     eng.prefill(pb.Batch(id=1, requests=[a]))
     b, _ = request(1, shared + [12, 40, 41, 6, 2], 6, nxt)
     b.blocks[:2] = a.blocks[:2]  # the shared blocks by reference
-    b.slots[:] = [b.blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(len(b.input_ids))]
+    b.cache_locs[:] = [b.blocks[p // BLOCK] * BLOCK + p % BLOCK for p in range(len(b.input_ids))]
     b.cached_tokens = 8
     fresh, _ = request(2, list(b.input_ids), 6, 100)
 

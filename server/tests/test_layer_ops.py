@@ -51,11 +51,11 @@ def _interpreted() -> None:
         qkv = torch.randn(t, (h + 2 * kvh) * d, generator=g)
         q, k, v = (x.view(t, -1, d) for x in qkv.split([h * d, kvh * d, kvh * d], dim=1))
         positions = torch.randint(0, 256, (t,), generator=g)
-        slots = torch.randperm(blocks * bs, generator=g)[:t]
+        locs = torch.randperm(blocks * bs, generator=g)[:t]
         cache = torch.randn(2, blocks, bs, kvh, d, generator=g)
         want, got = cache.clone(), cache.clone()
-        want_q, want_k = TorchOps().rope_store(rotary, q, k, v, positions, slots, want[0], want[1])
-        got_q, got_k = rope_store(q, k, v, rotary.cos_sin_cache(), positions, slots, got[0], got[1])
+        want_q, want_k = TorchOps().rope_store(rotary, q, k, v, positions, locs, want[0], want[1])
+        got_q, got_k = rope_store(q, k, v, rotary.cos_sin_cache(), positions, locs, got[0], got[1])
         torch.testing.assert_close(got_q, want_q, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_k, want_k, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -19,7 +19,7 @@ def make_step(cached: list[int], new: list[int], seed: int = 0, num_blocks: int 
     kc = torch.zeros(num_blocks, BS, KVH, D, dtype=dtype, device=DEV)
     vc = torch.zeros_like(kc)
     perm = torch.randperm(num_blocks, generator=g).tolist()
-    tables, slots, qs, ks, vs = [], [], [], [], []
+    tables, locs, qs, ks, vs = [], [], [], [], []
     for c, n in zip(cached, new):
         total = c + n
         blocks = [perm.pop() for _ in range(-(-total // BS))]
@@ -29,7 +29,7 @@ def make_step(cached: list[int], new: list[int], seed: int = 0, num_blocks: int 
         for p in range(c):
             kc[blocks[p // BS], p % BS] = k[p]
             vc[blocks[p // BS], p % BS] = v[p]
-        slots += [blocks[p // BS] * BS + p % BS for p in range(c, total)]
+        locs += [blocks[p // BS] * BS + p % BS for p in range(c, total)]
         qs.append(torch.randn(n, H, D, generator=g).to(dtype).to(DEV))
         ks.append(k[c:])
         vs.append(v[c:])
@@ -39,7 +39,7 @@ def make_step(cached: list[int], new: list[int], seed: int = 0, num_blocks: int 
     kv = np.array([c + n for c, n in zip(cached, new)], dtype=np.int32)
     inputs = AttentionInputs(
         torch.from_numpy(cu).to(DEV), torch.from_numpy(kv).to(DEV), torch.from_numpy(bt).to(DEV),
-        torch.tensor(slots, dtype=torch.int64, device=DEV), max(new), int(kv.max()), all(n == 1 for n in new),
+        torch.tensor(locs, dtype=torch.int64, device=DEV), max(new), int(kv.max()), all(n == 1 for n in new),
         cu, kv, bt,
     )
     return inputs, torch.cat(qs), torch.cat(ks), torch.cat(vs), kc, vc
@@ -62,13 +62,13 @@ def test_flashinfer_matches_reference(case, window, scale, softcap):
     fi = FlashInferAttention(H, KVH, D, BS, (None, window), scale, softcap, device=DEV, dtype=torch.bfloat16)
     fi.plan(inputs)
     kc1, vc1 = kc.clone(), vc.clone()
-    write_kv(k, v, kc1, vc1, fi.slots)  # the layer's job (ops.rope_store)
+    write_kv(k, v, kc1, vc1, fi.cache_locs)  # the layer's job (ops.rope_store)
     ref = TorchAttention(H, KVH, D, BS, (None, window), scale, softcap)
     ref.plan(inputs)
     kc2, vc2 = kc.clone().float(), vc.clone().float()
-    write_kv(k.float(), v.float(), kc2, vc2, ref.slots)
+    write_kv(k.float(), v.float(), kc2, vc2, ref.cache_locs)
     for w in (window, None):
         out = fi.forward(q, k, v, kc1, vc1, window=w)
         want = ref.forward(q.float(), k.float(), v.float(), kc2, vc2, window=w)
         torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(kc1.float(), kc2)  # both planned the new keys at the same slots
+    torch.testing.assert_close(kc1.float(), kc2)  # both planned the new keys at the same locations

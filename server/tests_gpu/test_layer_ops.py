@@ -65,7 +65,7 @@ def test_rope_on_views_of_the_fused_qkv_output(rope, head_dim):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_rope_store_matches_rope_then_the_cache_writes(heads, head_dim):
     """One kernel (ours, Triton) vs FlashInfer's rotary + two `index_copy_`: same rotated q and k,
-    same cache contents (written slots only; the rest untouched), from views of the fused output."""
+    same cache contents (written locations only; the rest untouched), from views of the fused output."""
     h, kvh = heads
     t, blocks, bs = 45, 64, 16
     rotary = RotaryEmbedding(ROPES["llama3"], head_dim, 4096, DEV, torch.bfloat16)
@@ -73,17 +73,17 @@ def test_rope_store_matches_rope_then_the_cache_writes(heads, head_dim):
     qkv = torch.randn(t, (h + 2 * kvh) * head_dim, generator=g, device=DEV).bfloat16()
     q, k, v = (x.view(t, -1, head_dim) for x in qkv.split([h * head_dim, kvh * head_dim, kvh * head_dim], dim=1))
     positions = torch.randint(0, 4000, (t,), generator=g, device=DEV)
-    slots = torch.randperm(blocks * bs, generator=g, device=DEV)[:t]
+    locs = torch.randperm(blocks * bs, generator=g, device=DEV)[:t]
     cache = torch.randn(2, blocks, bs, kvh, head_dim, generator=g, device=DEV).bfloat16()
     want_cache, got_cache = cache.clone(), cache.clone()
     want_q, want_k = FUSED.rope(rotary, q, k, positions)
-    TorchOps().rope_store(_Fixed(want_q, want_k), q, k, v, positions, slots, want_cache[0], want_cache[1])
-    got_q, got_k = FUSED.rope_store(rotary, q, k, v, positions, slots, got_cache[0], got_cache[1])
+    TorchOps().rope_store(_Fixed(want_q, want_k), q, k, v, positions, locs, want_cache[0], want_cache[1])
+    got_q, got_k = FUSED.rope_store(rotary, q, k, v, positions, locs, got_cache[0], got_cache[1])
     close(got_q, want_q, 1e-2)
     close(got_k, want_k, 1e-2)
     close(got_cache, want_cache, 1e-2)
     unwritten = torch.ones(blocks * bs, dtype=torch.bool, device=DEV)
-    unwritten[slots] = False
+    unwritten[locs] = False
     assert torch.equal(got_cache.view(2, blocks * bs, -1)[:, unwritten], cache.view(2, blocks * bs, -1)[:, unwritten])
 
 

@@ -31,7 +31,7 @@ def batch(bid, prompts, max_new, first_block=0):
         blocks = list(range(first_block, first_block + n))
         first_block += n
         reqs.append(pb.Request(
-            id=i, input_ids=ids, blocks=blocks, slots=[blocks[p // BS] * BS + p % BS for p in range(len(ids))],
+            id=i, input_ids=ids, blocks=blocks, cache_locs=[blocks[p // BS] * BS + p % BS for p in range(len(ids))],
             parameters=pb.NextTokenChooserParameters(temperature=1, top_p=1, typical_p=1, repetition_penalty=1),
             stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new, ignore_eos_token=True)))
     return pb.Batch(id=bid, requests=reqs, size=len(reqs))

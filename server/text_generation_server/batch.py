@@ -1,7 +1,7 @@
 """A batch as the shard holds it between steps: per-row state on the device, bookkeeping on the host.
 
 Rows are requests. Filter keeps some rows; concatenate stacks batches row-wise. Every per-step
-input (positions, slots, layout) is derived from this state, so nothing is kept twice.
+input (positions, cache locations, layout) is derived from this state, so nothing is kept twice.
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ class Batch:
     out_counts: torch.Tensor | None  # [B, vocab] int32, device: output occurrences; None unless a row has a frequency/presence penalty
     block_size: int
     # Rows computing (a chunk of) their prompt in the next step; None when every row decodes.
-    # Per row, None for a decoding row: its prompt ids and the KV slot of each prompt token.
+    # Per row, None for a decoding row: its prompt ids and each prompt token's cache location.
     prompt_ids: list[list[int] | None] | None = None
-    prompt_slots: list[np.ndarray | None] | None = None
+    prompt_cache_locs: list[np.ndarray | None] | None = None
     prompt_ends: np.ndarray | None = None  # [B] int64, host: KV positions after the next step (decoding rows: cache_lens + 1)
     prefill_logprobs: np.ndarray | None = None  # [B] bool, host: rows returning prompt logprobs
     # (cache_lens it was built for, page CSR of the next decode step): built ahead by prepare_decode_host
@@ -136,7 +136,7 @@ class Batch:
             out_counts=None,
             block_size=block_size,
             prompt_ids=prompts,
-            prompt_slots=[np.asarray(r.slots, dtype=np.int64) for r in reqs],
+            prompt_cache_locs=[np.asarray(r.cache_locs, dtype=np.int64) for r in reqs],
             # a long prompt is computed in chunks: this step computes `compute_tokens` of it
             prompt_ends=np.array([r.cached_tokens + r.compute_tokens if r.compute_tokens else len(r.input_ids)
                                   for r in reqs], dtype=np.int64),
@@ -206,15 +206,15 @@ class Batch:
         cu = np.zeros(len(ends) + 1, dtype=np.int64)
         np.cumsum(new, out=cu[1:])
         positions = np.concatenate([np.arange(c, e) for c, e in zip(starts.tolist(), ends.tolist())])
-        ids, slots, decoding = [], [], []
+        ids, locs, decoding = [], [], []
         for i, (p, c, e) in enumerate(zip(self.prompt_ids, starts.tolist(), ends.tolist())):
             if p is None:
                 decoding.append(i)
                 ids.append(np.zeros(1, dtype=np.int64))
-                slots.append(np.array([int(self.block_tables_host[i, c // bs]) * bs + c % bs], dtype=np.int64))
+                locs.append(np.array([int(self.block_tables_host[i, c // bs]) * bs + c % bs], dtype=np.int64))
             else:
                 ids.append(np.asarray(p[c:e], dtype=np.int64))
-                slots.append(self.prompt_slots[i][c:e])
+                locs.append(self.prompt_cache_locs[i][c:e])
         input_ids = to_device(np.concatenate(ids), dev)
         if decoding:
             rows = to_device(np.asarray(decoding, dtype=np.int64), dev)
@@ -223,7 +223,7 @@ class Batch:
             cu_seqlens_q=to_device(cu.astype(np.int32), dev),
             kv_lens=to_device(ends.astype(np.int32), dev),
             block_tables=self.block_tables,
-            slots=to_device(np.concatenate(slots), dev),
+            cache_locs=to_device(np.concatenate(locs), dev),
             max_q=int(new.max()),
             max_kv=int(ends.max()),
             is_decode=False,
@@ -248,7 +248,7 @@ class Batch:
         over = ends > self.num_blocks * self.block_size
         if over.any():
             ids = [self.request_ids[i] for i in np.flatnonzero(over)]
-            raise ShardError(ErrorCode.INVALID_REQUEST, f"requests {ids} have no KV slot left for another token", ids)
+            raise ShardError(ErrorCode.INVALID_REQUEST, f"requests {ids} have no room left in their KV blocks for another token", ids)
 
     def decode_inputs(self) -> StepInputs:
         dev = self.block_tables.device
@@ -258,12 +258,12 @@ class Batch:
         n = len(self)
         positions = to_device(pos, dev)
         rows = torch.arange(n, device=dev)
-        slots = self.block_tables[rows, positions // bs].long() * bs + positions % bs
+        locs = self.block_tables[rows, positions // bs].long() * bs + positions % bs
         attn = AttentionInputs(
             cu_seqlens_q=torch.arange(n + 1, dtype=torch.int32, device=dev),
             kv_lens=(positions + 1).to(torch.int32),
             block_tables=self.block_tables,
-            slots=slots,
+            cache_locs=locs,
             max_q=1,
             max_kv=int(pos.max()) + 1,
             is_decode=True,
@@ -282,7 +282,7 @@ class Batch:
         self.generated = self.generated + 1
         self.last_tokens = next_ids
         self.prompt_ids = None
-        self.prompt_slots = None
+        self.prompt_cache_locs = None
         self.prompt_ends = None
         self.prefill_logprobs = None
         rows = torch.arange(len(self), device=next_ids.device)
@@ -335,7 +335,7 @@ class Batch:
                 return list(v) if v is not None else [None] * len(b)
             prompts = dict(
                 prompt_ids=[p for b in batches for p in rows(b, "prompt_ids")],
-                prompt_slots=[p for b in batches for p in rows(b, "prompt_slots")],
+                prompt_cache_locs=[p for b in batches for p in rows(b, "prompt_cache_locs")],
                 prompt_ends=np.concatenate([b.prompt_ends if b.prompt_ends is not None else b.cache_lens + 1 for b in batches]),
                 prefill_logprobs=np.concatenate([b.prefill_logprobs if b.prefill_logprobs is not None else np.zeros(len(b), bool)
                                                  for b in batches]),
@@ -367,8 +367,8 @@ def check_request(r, block_size: int, vocab_size: int, num_blocks: int) -> str |
     """Why a new request cannot run, or None. Checked per request so one bad request fails alone."""
     if not r.input_ids:
         return "no input tokens"
-    if len(r.slots) != len(r.input_ids):
-        return f"{len(r.slots)} slots for {len(r.input_ids)} tokens"
+    if len(r.cache_locs) != len(r.input_ids):
+        return f"{len(r.cache_locs)} cache locations for {len(r.input_ids)} tokens"
     if len(r.blocks) * block_size < len(r.input_ids):
         return "block table too short for the prompt"
     if r.generated_tokens >= max(r.stopping_parameters.max_new_tokens, 1) or r.generated_tokens >= len(r.input_ids):

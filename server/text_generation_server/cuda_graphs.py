@@ -37,10 +37,10 @@ class DecodeGraphs:
         self.model, self.cache = model, cache
         self.buckets = sorted(buckets)
         top = self.buckets[-1]
-        self.scratch_slot = scratch_block * cache.block_size
+        self.scratch_loc = scratch_block * cache.block_size
         self.input_ids = torch.zeros(top, dtype=torch.int64, device=dev)  # [max bucket], device, copied each replay
         self.positions = torch.zeros(top, dtype=torch.int64, device=dev)  # [max bucket], device, copied each replay
-        self.slots = torch.full((top,), self.scratch_slot, dtype=torch.int64, device=dev)  # [max bucket], device
+        self.cache_locs = torch.full((top,), self.scratch_loc, dtype=torch.int64, device=dev)  # [max bucket], device
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # Every graph writes its logits into the rows of one buffer (they never run at once).
         self.out = torch.empty(top, model.config.vocab_size, dtype=torch.float32, device=dev)  # [max bucket, vocab]
@@ -52,7 +52,7 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         for bs in reversed(self.buckets):
             be = FlashInferAttention.for_cuda_graph(attention, bs, max_pages, scratch_block)
-            be.slots = self.slots[:bs]
+            be.cache_locs = self.cache_locs[:bs]
             be.plan(_empty_decode())
             self.graphs[bs], self.logits[bs] = self._capture(bs, ForwardContext(be), pool)
             if lora is not None:
@@ -87,11 +87,11 @@ class DecodeGraphs:
             return None
         self.input_ids[:n].copy_(inputs.input_ids, non_blocking=True)
         self.positions[:n].copy_(inputs.positions, non_blocking=True)
-        self.slots[:n].copy_(inputs.attention.slots, non_blocking=True)
+        self.cache_locs[:n].copy_(inputs.attention.cache_locs, non_blocking=True)
         if bs > n:
             self.input_ids[n:bs].zero_()
             self.positions[n:bs].zero_()
-            self.slots[n:bs].fill_(self.scratch_slot)
+            self.cache_locs[n:bs].fill_(self.scratch_loc)
         self.backends[bs].plan(inputs.attention)
         if row_slots is not None:
             self.lora.graph_step(np.concatenate([row_slots, np.zeros(bs - n, dtype=np.int64)]))
@@ -105,7 +105,7 @@ def _empty_decode() -> AttentionInputs:
     """A decode step of zero real rows (all padding), to plan before capture."""
     z = torch.zeros(0, dtype=torch.int32)
     return AttentionInputs(
-        cu_seqlens_q=z, kv_lens=z, block_tables=z, slots=z.long(), max_q=1, max_kv=1, is_decode=True,
+        cu_seqlens_q=z, kv_lens=z, block_tables=z, cache_locs=z.long(), max_q=1, max_kv=1, is_decode=True,
         cu_seqlens_q_host=np.zeros(1, dtype=np.int32), kv_lens_host=np.zeros(0, dtype=np.int32),
         block_tables_host=np.zeros((0, 1), dtype=np.int32),
     )

@@ -51,21 +51,21 @@ type LoadFuture = Shared<BoxFuture<'static, Result<(), InferError>>>;
 enum Acquire {
     Ready(Arc<AdapterLease>),
     Loading(Arc<AdapterLease>, LoadFuture),
-    /// Every slot holds an adapter in use.
+    /// Every entry holds an adapter in use.
     Full,
 }
 
-enum SlotState {
+enum EntryState {
     Loading(LoadFuture),
     Resident,
 }
 
-struct Slot {
-    state: SlotState,
+struct Entry {
+    state: EntryState,
     /// Leases held (requests queued or running, and waiters of a load).
     users: usize,
     last_used: u64,
-    /// Distinguishes this slot from a later one of the same name.
+    /// Distinguishes this entry from a later one of the same name.
     generation: u64,
     /// Unloaded by the API while in use: freed when `users` reaches 0.
     doomed: bool,
@@ -73,11 +73,11 @@ struct Slot {
 
 #[derive(Default)]
 struct State {
-    slots: HashMap<String, Slot>,
+    entries: HashMap<String, Entry>,
     /// Unloaded through the API: refused until registered again.
     forgotten: HashSet<String>,
     /// Names the shards listed last time we asked (refreshed when a request names another), so
-    /// that an unknown name is refused before it takes a slot, evicts anything or labels a metric.
+    /// that an unknown name is refused before it takes an entry, evicts anything or labels a metric.
     known: HashSet<String>,
     tick: u64,
 }
@@ -116,16 +116,16 @@ impl AdapterLease {
 impl Drop for AdapterLease {
     fn drop(&mut self) {
         let mut st = self.inner.state.lock().unwrap();
-        let Some(slot) = st.slots.get_mut(&self.name) else { return };
-        if slot.generation != self.generation {
+        let Some(entry) = st.entries.get_mut(&self.name) else { return };
+        if entry.generation != self.generation {
             return;
         }
-        slot.users = slot.users.saturating_sub(1);
-        if slot.users > 0 {
+        entry.users = entry.users.saturating_sub(1);
+        if entry.users > 0 {
             return;
         }
-        if slot.doomed {
-            st.slots.remove(&self.name);
+        if entry.doomed {
+            st.entries.remove(&self.name);
             resident_gauge(&st);
             let (shards, name) = (self.inner.shards.clone(), self.name.clone());
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -150,12 +150,12 @@ impl Adapters {
     /// Names resident or loading now.
     pub fn resident(&self) -> Vec<String> {
         let st = self.inner.state.lock().unwrap();
-        let mut v: Vec<String> = st.slots.keys().cloned().collect();
+        let mut v: Vec<String> = st.entries.keys().cloned().collect();
         v.sort();
         v
     }
 
-    /// A lease on `name`, loading it first when needed; waits while every slot is in use.
+    /// A lease on `name`, loading it first when needed; waits while every entry is in use.
     pub async fn acquire(&self, name: &str) -> Result<Arc<AdapterLease>, InferError> {
         self.check_known(name).await?;
         loop {
@@ -167,7 +167,7 @@ impl Adapters {
                 Acquire::Ready(lease) => return Ok(lease),
                 Acquire::Loading(lease, load) => (lease, load),
                 Acquire::Full => {
-                    notified.await; // every slot is busy: wait for a release
+                    notified.await; // every entry is busy: wait for a release
                     continue;
                 }
             };
@@ -184,7 +184,7 @@ impl Adapters {
             if st.forgotten.contains(name) {
                 return Err(not_found(name, "was unloaded"));
             }
-            if st.slots.contains_key(name) || st.known.contains(name) {
+            if st.entries.contains_key(name) || st.known.contains(name) {
                 return Ok(());
             }
         }
@@ -196,7 +196,7 @@ impl Adapters {
         }
     }
 
-    /// One look at the slots (no await while the lock is held).
+    /// One look at the entries (no await while the lock is held).
     fn try_acquire(&self, name: &str) -> Result<Acquire, InferError> {
         let mut st = self.inner.state.lock().unwrap();
         if st.forgotten.contains(name) {
@@ -204,22 +204,22 @@ impl Adapters {
         }
         st.tick += 1;
         let tick = st.tick;
-        if let Some(slot) = st.slots.get_mut(name) {
-            slot.users += 1;
-            slot.last_used = tick;
-            let lease = self.lease(name, slot.generation);
-            return Ok(match &slot.state {
-                SlotState::Resident => Acquire::Ready(lease),
-                SlotState::Loading(f) => Acquire::Loading(lease, f.clone()),
+        if let Some(entry) = st.entries.get_mut(name) {
+            entry.users += 1;
+            entry.last_used = tick;
+            let lease = self.lease(name, entry.generation);
+            return Ok(match &entry.state {
+                EntryState::Resident => Acquire::Ready(lease),
+                EntryState::Loading(f) => Acquire::Loading(lease, f.clone()),
             });
         }
-        let victim = if st.slots.len() < self.inner.capacity {
+        let victim = if st.entries.len() < self.inner.capacity {
             None
         } else {
             let idle = st
-                .slots
+                .entries
                 .iter()
-                .filter(|(_, s)| s.users == 0 && matches!(s.state, SlotState::Resident))
+                .filter(|(_, s)| s.users == 0 && matches!(s.state, EntryState::Resident))
                 .min_by_key(|(_, s)| s.last_used)
                 .map(|(n, _)| n.clone());
             match idle {
@@ -228,12 +228,12 @@ impl Adapters {
             }
         };
         if let Some(v) = &victim {
-            st.slots.remove(v);
+            st.entries.remove(v);
         }
         let generation = tick;
         let load = self.spawn_load(name.to_string(), victim, generation);
-        let slot = Slot { state: SlotState::Loading(load.clone()), users: 1, last_used: tick, generation, doomed: false };
-        st.slots.insert(name.to_string(), slot);
+        let entry = Entry { state: EntryState::Loading(load.clone()), users: 1, last_used: tick, generation, doomed: false };
+        st.entries.insert(name.to_string(), entry);
         Ok(Acquire::Loading(self.lease(name, generation), load))
     }
 
@@ -256,14 +256,14 @@ impl Adapters {
             let req = pb::LoadAdapterRequest { name: name.clone(), path: None, activate: true };
             let result = inner.shards.load(req).await;
             let mut st = inner.state.lock().unwrap();
-            let mine = st.slots.get(&name).is_some_and(|s| s.generation == generation);
+            let mine = st.entries.get(&name).is_some_and(|s| s.generation == generation);
             let out = match result {
                 Ok(_) => {
                     metrics::counter!("tessera_adapter_loads_total").increment(1);
                     metrics::histogram!("tessera_adapter_load_duration_seconds").record(t0.elapsed().as_secs_f64());
                     tracing::info!(adapter = name, ms = t0.elapsed().as_millis() as u64, "adapter loaded");
                     if mine {
-                        st.slots.get_mut(&name).unwrap().state = SlotState::Resident;
+                        st.entries.get_mut(&name).unwrap().state = EntryState::Resident;
                     }
                     Ok(())
                 }
@@ -271,7 +271,7 @@ impl Adapters {
                     metrics::counter!("tessera_adapter_load_failures_total").increment(1);
                     tracing::warn!(adapter = name, "adapter load failed: {e}");
                     if mine {
-                        st.slots.remove(&name);
+                        st.entries.remove(&name);
                     }
                     Err(InferError::from(&e))
                 }
@@ -294,8 +294,8 @@ impl Adapters {
         {
             let mut st = self.inner.state.lock().unwrap();
             st.forgotten.remove(name);
-            if let Some(slot) = st.slots.get_mut(name) {
-                slot.doomed = false;
+            if let Some(entry) = st.entries.get_mut(name) {
+                entry.doomed = false;
             }
         }
         let (me, name) = (self.clone(), name.to_string());
@@ -313,17 +313,17 @@ impl Adapters {
         let known = self.list().await.map_err(Some)?.iter().any(|a| a.name == name);
         let busy = {
             let mut st = self.inner.state.lock().unwrap();
-            if !known && !st.slots.contains_key(name) {
+            if !known && !st.entries.contains_key(name) {
                 return Err(None);
             }
             st.forgotten.insert(name.to_string());
-            match st.slots.get_mut(name) {
-                Some(slot) if slot.users > 0 => {
-                    slot.doomed = true;
+            match st.entries.get_mut(name) {
+                Some(entry) if entry.users > 0 => {
+                    entry.doomed = true;
                     true
                 }
                 Some(_) => {
-                    st.slots.remove(name);
+                    st.entries.remove(name);
                     resident_gauge(&st);
                     false
                 }
@@ -349,7 +349,7 @@ impl Adapters {
 }
 
 fn resident_gauge(st: &State) {
-    let n = st.slots.values().filter(|s| matches!(s.state, SlotState::Resident)).count();
+    let n = st.entries.values().filter(|s| matches!(s.state, EntryState::Resident)).count();
     metrics::gauge!("tessera_adapters_resident").set(n as f64);
 }
 
@@ -474,7 +474,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn failed_load_fails_its_waiters_and_frees_the_slot() {
+    async fn failed_load_fails_its_waiters_and_frees_its_entry() {
         let (m, _) = manager(1);
         let e = m.acquire("missing-x").await.err().unwrap();
         assert!(matches!(e, InferError::Shard { code: pb::ErrorCode::AdapterNotFound, .. }));
@@ -500,7 +500,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn unknown_names_are_refused_without_a_slot_or_an_eviction() {
+    async fn unknown_names_are_refused_without_an_entry_or_an_eviction() {
         let (m, fake) = manager(1);
         drop(m.acquire("a").await.unwrap());
         let lists = fake.lists.load(Ordering::SeqCst);

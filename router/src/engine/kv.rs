@@ -70,8 +70,8 @@ impl std::fmt::Debug for BlockAllocation {
 }
 
 impl BlockAllocation {
-    /// KV slot of each of the first `n` positions.
-    pub fn slots(&self, n: u32) -> Vec<u32> {
+    /// Cache location (block * block_size + offset) of each of the first `n` positions.
+    pub fn cache_locs(&self, n: u32) -> Vec<u32> {
         (0..n).map(|p| self.blocks[(p / self.block_size) as usize] * self.block_size + p % self.block_size).collect()
     }
 
@@ -341,11 +341,11 @@ mod tests {
     }
 
     #[test]
-    fn slots_follow_the_block_table() {
+    fn cache_locs_follow_the_block_table() {
         let a = BlockAllocator::new(8, 4);
         let _hold = a.allocate(4).unwrap(); // block 0
         let x = a.allocate(6).unwrap(); // blocks 1, 2
-        assert_eq!(x.slots(6), vec![4, 5, 6, 7, 8, 9]);
+        assert_eq!(x.cache_locs(6), vec![4, 5, 6, 7, 8, 9]);
     }
 
     #[test]

@@ -319,7 +319,7 @@ fn request_pb(id: u64, e: &Entry) -> pb::Request {
             ignore_eos_token: r.stopping.ignore_eos_token,
         }),
         blocks: a.blocks.clone(),
-        slots: a.slots(e.fed()),
+        cache_locs: a.cache_locs(e.fed()),
         adapter_id: r.adapter_id.clone(),
         // a resumed request's stream has its prompt logprobs already (and its input now holds
         // generated tokens too)
@@ -383,7 +383,7 @@ pub(crate) mod tests {
         let p = request_pb(0, &e);
         assert_eq!((p.input_ids.len(), p.generated_tokens, p.prefill_logprobs), (8, 3, false));
         assert_eq!(&p.input_ids[5..], &[7, 8, 9]);
-        assert_eq!(p.slots.len(), 8);
+        assert_eq!(p.cache_locs.len(), 8);
         assert_eq!(e.needed_positions(), 9);
         e.generated = vec![1; 9];
         assert_eq!(e.needed_positions(), 14, "never past the last fed position (input + max_new - 2)");
@@ -402,7 +402,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn fifo_with_ids_and_slots() {
+    fn fifo_with_ids_and_cache_locs() {
         let alloc = BlockAllocator::new(100, 16);
         let (e1, _r1) = entry(3, 5);
         let (e2, _r2) = entry(20, 5);
@@ -413,9 +413,9 @@ pub(crate) mod tests {
         assert_eq!(entries.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![0, 1]);
         let requests: Vec<pb::Request> = entries.iter().map(|(id, e)| request_pb(*id, e)).collect();
         assert_eq!(requests[0].blocks, vec![0]);
-        assert_eq!(requests[0].slots, vec![0, 1, 2]);
+        assert_eq!(requests[0].cache_locs, vec![0, 1, 2]);
         assert_eq!(requests[1].blocks, vec![1, 2]);
-        assert_eq!(requests[1].slots.len(), 20);
+        assert_eq!(requests[1].cache_locs.len(), 20);
         assert!(q.next_batch(&alloc, ALL).is_none());
     }
 

@@ -193,7 +193,7 @@ fn chunks(st: &mut Batching, cfg: &SchedulerConfig, decoding: usize) -> StepProm
         out.batch = Some(pb::Batch {
             id,
             size: requests.len() as u32,
-            max_tokens: requests.iter().map(|r| r.slots.len() as u32).sum(),
+            max_tokens: requests.iter().map(|r| r.cache_locs.len() as u32).sum(),
             max_blocks: requests.iter().map(|r| r.blocks.len() as u32).max().unwrap_or(0),
             requests,
         });

@@ -146,7 +146,7 @@ impl Infer {
         Ok(self.enqueue(valid, permit, lease, arrived))
     }
 
-    /// A slot under `--max-concurrent-requests`, held by whatever costs CPU on the request's
+    /// A permit under `--max-concurrent-requests`, held by whatever costs CPU on the request's
     /// behalf (tokenizing included); `Overloaded` when none is free.
     pub fn permit(&self) -> Result<OwnedSemaphorePermit, InferError> {
         self.limit.clone().try_acquire_owned().map_err(|_| InferError::Overloaded)

@@ -1,7 +1,7 @@
 """The attention backend interface.
 
 A backend is planned once per step (`plan`) from the step's ragged layout, which gives the new
-tokens' cache `slots` (the layer writes its keys/values there, fused with the rotary embedding),
+tokens' `cache_locs` (the layer writes its keys/values there, fused with the rotary embedding),
 then called once per layer (`forward`) to attend over the paged cache. This is FlashInfer's
 plan-once / run-per-layer shape; the torch reference follows it too.
 
@@ -28,7 +28,7 @@ class AttentionInputs:
     cu_seqlens_q: torch.Tensor  # [B + 1] int32, query token offsets per sequence, rebuilt each step
     kv_lens: torch.Tensor  # [B] int32, tokens in the cache per sequence after this step's writes
     block_tables: torch.Tensor  # [B, max_blocks] int32, KV block ids per sequence (0-padded)
-    slots: torch.Tensor  # [T] int64, cache slot for each new token (block * block_size + offset)
+    cache_locs: torch.Tensor  # [T] int64, where each new token goes in the flattened cache (block * block_size + offset)
     max_q: int  # longest query of the step
     max_kv: int  # longest kv_len of the step
     is_decode: bool  # every sequence has exactly one query token
@@ -47,7 +47,7 @@ class AttentionBackend(ABC):
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
                  windows: tuple[int | None, ...] = (None,), scale: float | None = None, softcap: float | None = None):
-        self.slots: torch.Tensor | None = None  # [T] int64: the planned step's cache slot per new token
+        self.cache_locs: torch.Tensor | None = None  # [T] int64: the planned step's cache location per new token
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -66,7 +66,7 @@ class AttentionBackend(ABC):
         window: int | None = None,
     ) -> torch.Tensor:
         """q: [T, heads, dim]; k, v: [T, kv_heads, dim]; caches: [num_blocks, block_size, kv_heads, dim].
-        The layer has already written k/v at the planned `slots` (`ops.rope_store`); a query reads
+        The layer has already written k/v at the planned `cache_locs` (`ops.rope_store`); a query reads
         the last `window` tokens up to itself (one of `windows`; None: all). Returns [T, heads, dim]."""
 
     # CUDA-graph hooks (decode). Backends that cannot be captured keep the defaults.
@@ -74,8 +74,8 @@ class AttentionBackend(ABC):
         return False
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> None:
-    """Scatter new keys/values into the paged cache at their slots."""
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_locs: torch.Tensor) -> None:
+    """Scatter new keys/values into the paged cache at their locations."""
     nb, bs, h, d = k_cache.shape
-    k_cache.view(nb * bs, h, d).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(nb * bs, h, d).index_copy_(0, slots, v.to(v_cache.dtype))
+    k_cache.view(nb * bs, h, d).index_copy_(0, cache_locs, k.to(k_cache.dtype))
+    v_cache.view(nb * bs, h, d).index_copy_(0, cache_locs, v.to(v_cache.dtype))

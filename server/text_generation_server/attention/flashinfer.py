@@ -37,7 +37,7 @@ class FlashInferAttention(AttentionBackend):
         self.ragged = {w: flashinfer.BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD") for w in self.windows}
         self.paged = {w: flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD") for w in self.windows}
         self.mode = ""
-        self.slots: torch.Tensor | None = None  # [T] int64, device, set each plan
+        self.cache_locs: torch.Tensor | None = None  # [T] int64, device, set each plan
         self.graph_batch_size = 0  # >0: a graph-mode instance for this decode batch size
         self.scratch_block = 0
         self._planned: torch.cuda.Event | None = None  # recorded after the last plan's copies
@@ -59,7 +59,7 @@ class FlashInferAttention(AttentionBackend):
             paged_kv_last_page_len_buffer=self.last_buf,
         ) for w in self.windows}
         self.mode = "decode"
-        self.slots = None
+        self.cache_locs = None
         self.graph_batch_size = batch_size
         self.scratch_block = scratch_block
         self._planned = None
@@ -95,8 +95,8 @@ class FlashInferAttention(AttentionBackend):
         cu = inputs.cu_seqlens_q_host
         kv_lens = inputs.kv_lens_host
         tables = inputs.block_tables_host
-        if not self.graph_batch_size:  # a graph-mode instance keeps its static slot buffer
-            self.slots = inputs.slots
+        if not self.graph_batch_size:  # a graph-mode instance keeps its static cache_locs buffer
+            self.cache_locs = inputs.cache_locs
         if inputs.is_decode:
             indptr, indices, last = inputs.paged_host or paged_kv_metadata(kv_lens, tables, self.block_size)
             if self.graph_batch_size:

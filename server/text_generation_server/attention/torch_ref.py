@@ -14,7 +14,7 @@ from text_generation_server.attention.base import AttentionBackend, AttentionInp
 
 class _Group:
     """Rows attended together in one padded SDPA call: their tokens' indices in the step, each
-    token's place in the padded [b * max_q] queries, the mask and the cache slots to gather."""
+    token's place in the padded [b * max_q] queries, the mask and the cache locations to gather."""
 
     def __init__(self, tokens, pad_index, b, max_q, max_kv, masks, gather):
         self.tokens, self.pad_index, self.b, self.max_q, self.max_kv = tokens, pad_index, b, max_q, max_kv
@@ -34,7 +34,7 @@ class TorchAttention(AttentionBackend):
             self._groups = [self._plan_rows(None, inputs, cu, q_lens)]
         else:
             self._groups = [self._plan_rows(torch.nonzero(sel).flatten(), inputs, cu, q_lens) for sel in (one, ~one)]
-        self.slots = inputs.slots
+        self.cache_locs = inputs.cache_locs
 
     def _plan_rows(self, rows, inputs: AttentionInputs, cu, q_lens) -> _Group:
         """The group of `rows` (None: every row, in order)."""
@@ -67,7 +67,7 @@ class TorchAttention(AttentionBackend):
 
         bs = self.block_size
         blk = tables.long()[:, torch.clamp(kj[0] // bs, max=tables.shape[1] - 1)]
-        gather = (blk * bs + kj % bs).reshape(-1)  # [b * max_kv] cache slots
+        gather = (blk * bs + kj % bs).reshape(-1)  # [b * max_kv] cache locations
         return _Group(tokens, pad_index, b, max_q, max_kv, masks, gather)
 
     def forward(self, q, k, v, k_cache, v_cache, window=None):

@@ -39,10 +39,10 @@ class FlashInferOps(TorchOps):
             positions, q, k, q.shape[-1], rotary.cos_sin_cache(), is_neox=True)
 
     def rope_store(self, rotary: RotaryEmbedding, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   positions: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+                   positions: torch.Tensor, cache_locs: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # One kernel instead of three (rotary, then two scatters into the cache).
-        return rope_store(q, k, v, rotary.cos_sin_cache(), positions, slots, k_cache, v_cache)
+        return rope_store(q, k, v, rotary.cos_sin_cache(), positions, cache_locs, k_cache, v_cache)
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return flashinfer.activation.silu_and_mul(_joined(gate, up))

@@ -59,12 +59,12 @@ class TorchOps:
         return rotary.apply(q, k, positions)
 
     def rope_store(self, rotary: RotaryEmbedding, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   positions: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+                   positions: torch.Tensor, cache_locs: torch.Tensor, k_cache: torch.Tensor,
                    v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotary embedding, then the new keys and values into the paged cache at `slots`: returns
+        """Rotary embedding, then the new keys and values into the paged cache at `cache_locs`: returns
         the rotated q and k. v: [T, kv_heads, dim]; caches: [num_blocks, block_size, kv_heads, dim]."""
         q, k = self.rope(rotary, q, k, positions)
-        write_kv(k, v, k_cache, v_cache, slots)
+        write_kv(k, v, k_cache, v_cache, cache_locs)
         return q, k
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -77,7 +77,7 @@ class Attention:
         if self.q_norm is not None:
             q = self.q_norm(q.reshape(t * self.h, d), ops).view(t, self.h, d)
             k = self.k_norm(k.reshape(t * self.kvh, d), ops).view(t, self.kvh, d)
-        q, k = ops.rope_store(self.rotary, q, k, v, positions, attention.slots, k_cache, v_cache)
+        q, k = ops.rope_store(self.rotary, q, k, v, positions, attention.cache_locs, k_cache, v_cache)
         out = attention.forward(q, k, v, k_cache, v_cache, window=self.window)
         return self.group.all_reduce(self.o_proj(out.reshape(t, self.h * d))[0])
 
