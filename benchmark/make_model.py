@@ -4,7 +4,7 @@ Shapes: `llama-8b-shape` (Llama-3-8B: hidden 4096, 32 layers, 32/8 heads, inter 
 rope theta 500000), `qwen3-8b-shape` (Qwen3-8B: hidden 4096, 36 layers, 32/8 heads of 128, q/k norms,
 inter 12288, vocab 151936), `mixtral-8x7b-shape-16l` (Mixtral-8x7B's layers, 8 experts of 14336,
 top 2, but 16 of its 32 layers: 47 GB, what the GPU machine's 64 GB disk holds beside the rest),
-`smollm2-135m` (the default model's shape), `tiny` (for CPU tests).
+`smollm2-135m` (the default model's shape), `tiny` and `tiny-mixtral` (for CPU tests).
 The tokenizer maps the word `t<i>` to token i, so load generators can send exact token counts.
 There is no end-of-sequence token: generations always run to max_new_tokens.
 """
@@ -34,6 +34,10 @@ SHAPES = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, max_position_embeddings=8192,
                          tie_word_embeddings=True),
+    "tiny-mixtral": dict(architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=64,
+                         intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=512, rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False,
+                         num_local_experts=4, num_experts_per_tok=2),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512, rope_theta=10000.0, max_position_embeddings=4096,
                  tie_word_embeddings=False),

@@ -1,9 +1,11 @@
 """The benchmark tools run on the CPU too, at small sizes: the model writer, the HTTP load
-generator (W2 with a plot, TTFT, W4) against the real launcher, and the shard benchmark."""
+generator (W2 with a plot, TTFT, W4) against the real launcher, the shard benchmark, and the
+mixture-of-experts routing count."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -68,3 +70,20 @@ def test_model_writer_load_generator_and_shard_bench_on_cpu(tmp_path):
     assert [r["batch"] for r in res["decode"]] == [1, 2]
     assert all(r["step_ms"] > 0 for r in res["decode"])
     assert res["prefill_1k_ms"] > 0
+
+
+def test_moe_model_writer_and_routing_count_on_cpu(tmp_path):
+    """A Mixtral-layout model from the writer loads and serves (the shard's reference MoE path),
+    `moe_routing.py` counts the experts its decode steps choose, and the roofline's uniform
+    expectation counts the same bytes at batch 1 (top 2 of 4)."""
+    model = make_model.write("tiny-mixtral", tmp_path / "moe", torch.float32, "cpu")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmark" / "moe_routing.py"), str(model), "--batches", "1,8",
+                        "--context", "8", "--steps", "2"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TESSERA_CPU_KV_CACHE_BYTES": str(64 << 20)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    counts = json.loads(r.stdout)
+    assert counts["1"]["experts_per_layer_mean"] == 2 and counts["1"]["layers"] == 2
+    assert 2 <= counts["8"]["experts_per_layer_mean"] <= 4
+    read, hit = make_model.step_weight_bytes(model, 1)
+    assert hit == 2.0 and read < make_model.weight_bytes(model)
+    assert make_model.step_weight_bytes(model, 64)[1] > 3.99

@@ -92,13 +92,15 @@ def _gemm(a, b, c, weights, pairs, experts, top_k, a_by_token, cfg):
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, act_mul) -> torch.Tensor:
+              topk_ids: torch.Tensor, act_mul, config: dict | None = None) -> torch.Tensor:
     """x [T, H]; w13 [E, 2I, H] (gate rows, then up); w2 [E, H, I]; topk_weights [T, k] float32;
-    topk_ids [T, k]; act_mul(gate, up) -> [pairs, I]. Returns sum_k weight * expert(x), [T, H]."""
+    topk_ids [T, k]; act_mul(gate, up) -> [pairs, I]. Returns sum_k weight * expert(x), [T, H].
+    `config`: tile sizes and launch settings (`_config`'s keys) instead of the defaults
+    (`benchmark/moe_kernel.py` compares them)."""
     t, hid = x.shape
     top_k = topk_ids.shape[1]
     m = t * top_k
-    cfg = _config(m)
+    cfg = config or _config(m)
     pairs, experts = align(topk_ids, w13.shape[0], cfg["BM"])
     x = x.contiguous()
     gate_up = torch.empty(m, w13.shape[1], dtype=x.dtype, device=x.device)
