@@ -21,9 +21,10 @@ from text_generation_server.layers.ops import make_ops  # noqa: E402
 
 import roofline  # noqa: E402
 
-CANDIDATES = [  # (BM, BN, BK, warps, stages)
-    (16, 64, 128, 4, 3), (16, 32, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 3), (16, 32, 256, 2, 4),
-    (32, 64, 128, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 4),
+CANDIDATES = [  # (BM, BN, BK, warps, stages, SPLIT_K of the down projection)
+    (16, 64, 128, 4, 3, 1), (16, 64, 128, 4, 3, 2), (16, 64, 128, 4, 3, 4), (16, 32, 128, 4, 4, 1),
+    (16, 64, 256, 4, 3, 1), (16, 128, 128, 4, 3, 2), (16, 32, 256, 2, 4, 4), (32, 64, 128, 4, 3, 1),
+    (64, 128, 64, 4, 3, 1), (64, 64, 64, 4, 4, 2),
 ]
 
 
@@ -57,7 +58,8 @@ def main() -> None:
         weights, ids = route(torch.randn(t, e, generator=g, device="cuda"), k, True)
         hit = int(torch.unique(ids).numel())
         floor = hit * 3 * h * i * 2 / bw  # the chosen experts' weights, read once
-        configs = [None] + [dict(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=s) for bm, bn, bk, w, s in CANDIDATES]
+        configs = [None] + [dict(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=st, SPLIT_K=sk)
+                            for bm, bn, bk, w, st, sk in CANDIDATES]
         for cfg in configs:
             try:
                 for _ in range(3):

@@ -234,8 +234,10 @@ def _interpreted() -> None:
         assert sorted(real.tolist()) == list(range(t * k))
         assert all(int(ids.flatten()[p]) == int(experts[i // 16]) for i, p in enumerate(pairs.tolist()) if p < t * k)
         act = lambda a, b: ops.act_mul("silu", a, b)  # noqa: E731
-        torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, act), reference(x, w13, w2, weights, ids, act),
-                                   rtol=1e-4, atol=1e-4)
+        want = reference(x, w13, w2, weights, ids, act)
+        torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, act), want, rtol=1e-4, atol=1e-4)
+        split = dict(BM=16, BN=32, BK=16, num_warps=4, num_stages=2, SPLIT_K=3)  # K slices added atomically
+        torch.testing.assert_close(fused_moe(x, w13, w2, weights, ids, act, split), want, rtol=1e-4, atol=1e-4)
         print("checked")
 
 

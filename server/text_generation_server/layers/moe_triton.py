@@ -7,7 +7,9 @@ expert (Triton; the CPU suite runs them under Triton's interpreter).
 2. gate|up: each block multiplies its pairs' token rows by its expert's [2I, H] weight, into a
    [pairs, 2I] buffer; the activation gates it ([pairs, I]).
 3. down: each block multiplies its pairs' rows by its expert's [H, I] weight and by the pair's
-   routing weight, into [pairs, H]; each token sums its top_k rows.
+   routing weight, into [pairs, H]; each token sums its top_k rows. With `SPLIT_K` > 1 (a config
+   option for decode, where a few row blocks leave most SMs idle), each program sums a slice of
+   the intermediate dimension and adds it into a float32 output atomically.
 
 Every expert's weights are read once per row block that uses it, and experts no token chose are
 not read at all: a decode step reads about min(T x top_k, E) experts.
@@ -24,9 +26,10 @@ import triton.language as tl
 def _grouped_gemm(a_ptr, b_ptr, c_ptr, w_ptr, pair_ptr, expert_ptr, num_pairs, num_experts,
                   stride_am, stride_be, stride_bn, stride_cm, N: tl.constexpr, K: tl.constexpr,
                   TOP_K: tl.constexpr, A_BY_TOKEN: tl.constexpr, MUL_W: tl.constexpr,
-                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)  # this program's K tiles: pid_k, pid_k + SPLIT_K, ...
     e = tl.load(expert_ptr + pid_m).to(tl.int64)
     if e < num_experts:  # blocks past the last expert's run do nothing
         pair = tl.load(pair_ptr + pid_m * BM + tl.arange(0, BM))  # num_pairs marks padding
@@ -37,21 +40,25 @@ def _grouped_gemm(a_ptr, b_ptr, c_ptr, w_ptr, pair_ptr, expert_ptr, num_pairs, n
             row = pair
         row = tl.where(valid, row, 0).to(tl.int64)
         offs_n = pid_n * BN + tl.arange(0, BN)
-        offs_k = tl.arange(0, BK)
+        offs_k = pid_k * BK + tl.arange(0, BK)
         a_ptrs = a_ptr + row[:, None] * stride_am + offs_k[None, :]
         b_ptrs = b_ptr + e * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
+        for k0 in range(0, K, BK * SPLIT_K):
             kmask = offs_k + k0 < K
             a = tl.load(a_ptrs, mask=valid[:, None] & kmask[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=kmask[:, None] & (offs_n[None, :] < N), other=0.0)
             acc += tl.dot(a, b)
-            a_ptrs += BK
-            b_ptrs += BK
+            a_ptrs += BK * SPLIT_K
+            b_ptrs += BK * SPLIT_K
         if MUL_W:
             acc = acc * tl.load(w_ptr + pair, mask=valid, other=0.0)[:, None]
         c_ptrs = c_ptr + tl.where(valid, pair, 0).to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < N))
+        cmask = valid[:, None] & (offs_n[None, :] < N)
+        if SPLIT_K == 1:
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+        else:  # c is float32 and zeroed: the K slices add up there
+            tl.atomic_add(c_ptrs, acc, mask=cmask)
 
 
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,31 +89,35 @@ def _config(m: int) -> dict:
     return dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3)
 
 
-def _gemm(a, b, c, weights, pairs, experts, top_k, a_by_token, cfg):
+def _gemm(a, b, c, weights, pairs, experts, top_k, a_by_token, cfg, split_k=1):
     num_pairs = c.shape[0]
     n, k = b.shape[1], b.shape[2]
-    grid = (experts.numel(), triton.cdiv(n, cfg["BN"]))
+    grid = (experts.numel(), triton.cdiv(n, cfg["BN"]), split_k)
     _grouped_gemm[grid](a, b, c, weights if weights is not None else c, pairs, experts, num_pairs, b.shape[0],
                         a.stride(0), b.stride(0), b.stride(1), c.stride(0), N=n, K=k,
-                        TOP_K=top_k, A_BY_TOKEN=a_by_token, MUL_W=weights is not None, **cfg)
+                        TOP_K=top_k, A_BY_TOKEN=a_by_token, MUL_W=weights is not None, SPLIT_K=split_k, **cfg)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, act_mul, config: dict | None = None) -> torch.Tensor:
     """x [T, H]; w13 [E, 2I, H] (gate rows, then up); w2 [E, H, I]; topk_weights [T, k] float32;
     topk_ids [T, k]; act_mul(gate, up) -> [pairs, I]. Returns sum_k weight * expert(x), [T, H].
-    `config`: tile sizes and launch settings (`_config`'s keys) instead of the defaults
-    (`benchmark/moe_kernel.py` compares them)."""
+    `config`: tile sizes and launch settings (`_config`'s keys, and SPLIT_K for the down
+    projection) instead of the defaults (`benchmark/moe_kernel.py` compares them)."""
     t, hid = x.shape
     top_k = topk_ids.shape[1]
     m = t * top_k
-    cfg = config or _config(m)
+    cfg = dict(config or _config(m))
+    split_k = cfg.pop("SPLIT_K", 1)
     pairs, experts = align(topk_ids, w13.shape[0], cfg["BM"])
     x = x.contiguous()
     gate_up = torch.empty(m, w13.shape[1], dtype=x.dtype, device=x.device)
     _gemm(x, w13, gate_up, None, pairs, experts, top_k, True, cfg)
     inter = w13.shape[1] // 2
     h = act_mul(gate_up[:, :inter], gate_up[:, inter:]).contiguous()
-    out = torch.empty(m, hid, dtype=x.dtype, device=x.device)
-    _gemm(h, w2, out, topk_weights.contiguous().flatten().float(), pairs, experts, top_k, False, cfg)
-    return out.view(t, top_k, hid).sum(dim=1)
+    if split_k == 1:
+        out = torch.empty(m, hid, dtype=x.dtype, device=x.device)
+    else:
+        out = torch.zeros(m, hid, dtype=torch.float32, device=x.device)
+    _gemm(h, w2, out, topk_weights.contiguous().flatten().float(), pairs, experts, top_k, False, cfg, split_k)
+    return out.view(t, top_k, hid).sum(dim=1).to(x.dtype)
