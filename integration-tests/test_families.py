@@ -104,3 +104,21 @@ def test_lora_on_experts_is_refused_with_a_clear_4xx(served):
     assert 400 <= r.status_code < 500, r.text
     assert "mixture-of-experts MLP" in r.json()["error"], r.text
     assert generate(s, "hi")[1], "the server goes on serving"
+
+
+def test_gemma3_multimodal_checkpoint_serves_its_text_model(tmp_path, model_dir):
+    """A Gemma3ForConditionalGeneration checkpoint (Gemma 3 4B and up): the launcher serves its
+    text model (text_config; the decoder under language_model.model; the image encoder unread),
+    greedy equal to transformers' text-only generate."""
+    ref = families.gemma3_multimodal(vocab=49152)
+    path = tmp_path / "m"
+    ref.save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dir / f, path / f)
+    s = Server("--model-id", str(path), "--max-input-tokens", "128", "--max-total-tokens", "200").wait_ready()
+    try:
+        for text_in in TEXTS:
+            ids, got = generate(s, text_in)
+            assert got == families.greedy(ref, ids, N)
+    finally:
+        assert s.stop() == 0

@@ -99,6 +99,21 @@ def write(path: Path, kind: str, vocab: int = 97, seed: int = 0, **dims):
     return path, model
 
 
+def gemma3_multimodal(vocab: int = 97, seed: int = 0):
+    """A tiny Gemma3ForConditionalGeneration (the layout of Gemma 3 4B and up): the family's
+    Gemma 3 text model beside a one-layer image encoder, with its image tokens at the top of the
+    vocabulary. Returns the transformers model (eval mode, not saved)."""
+    import transformers as tf
+
+    text, _ = config("gemma3", vocab)
+    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=28, patch_size=14)
+    cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=vocab - 1,
+                          boi_token_index=vocab - 3, eoi_token_index=vocab - 2)
+    torch.manual_seed(seed)
+    return tf.Gemma3ForConditionalGeneration(cfg).eval()
+
+
 def adapter(path: Path, model_dir: Path, kind: str, seed: int = 5, r: int = 4, std: float = 0.2) -> Path:
     """A peft LoRA adapter on the family's PEFT targets, B random."""
     from peft import LoraConfig, get_peft_model

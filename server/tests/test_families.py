@@ -131,13 +131,7 @@ def test_gemma3_multimodal_checkpoints_serve_their_text_model(tmp_path):
     from text_generation_server.lora.adapter import read_adapter
     from text_generation_server.models.config import ConfigError, ModelConfig
 
-    text, _ = families.config("gemma3")
-    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                   image_size=28, patch_size=14)
-    cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=96,
-                          boi_token_index=94, eoi_token_index=95)
-    torch.manual_seed(0)
-    ref = tf.Gemma3ForConditionalGeneration(cfg).eval()
+    ref = families.gemma3_multimodal()
     ref.save_pretrained(tmp_path / "m")
     eng = _engine(tmp_path / "m")
     assert eng.model.prefix in ("language_model.model", "model.language_model")
