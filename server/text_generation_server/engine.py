@@ -67,7 +67,7 @@ class Engine:
                  self.model.num_parameters / 1e6, time.perf_counter() - t0, cfg.device, cfg.dtype)
         self.attention = make_backend(
             cfg.device, cfg.dtype, cfg.attention, num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads,
-            head_dim=mc.head_dim, block_size=cfg.block_size, windows=mc.layer_windows or (None,),
+            head_dim=mc.head_dim, block_size=cfg.block_size, windows=mc.layer_windows,
             scale=mc.attn_scale, softcap=mc.attn_softcap,
         )
         self.graphs = None  # DecodeGraphs, captured at warmup

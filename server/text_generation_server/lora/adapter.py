@@ -16,6 +16,7 @@ from text_generation_server.lora.peft_config import bad, read_config
 from text_generation_server.models.config import ModelConfig
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MLP_PROJECTIONS = PROJECTIONS[4:]  # a mixture of experts has none of these as LoRA targets
 # Projections of one input, computed together (one GEMM on CUDA, one LoRA shrink for the group).
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
@@ -42,7 +43,7 @@ def projection_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
         "down_proj": (h, cfg.intermediate_size),
     }
     if cfg.is_moe:
-        for p in ("gate_proj", "up_proj", "down_proj"):
+        for p in MLP_PROJECTIONS:
             del shapes[p]
     return shapes
 
@@ -119,7 +120,7 @@ def _pairs(name: str, shapes: dict[str, tuple[int, ...]], cfg: ModelConfig, r: i
             raise bad(name, f"unexpected tensor {shown} (only q/k/v/o/gate/up/down LoRA A/B are supported)")
         layer, proj, ab = int(m.group(1)), m.group(2), m.group(3)
         if proj not in proj_shapes:
-            why = "a projection of its experts" if cfg.is_moe and proj in ("gate_proj", "up_proj", "down_proj") else \
+            why = "a projection of its experts" if cfg.is_moe and proj in MLP_PROJECTIONS else \
                 "not a projection of the base model (targets: " + ", ".join(proj_shapes) + ")"
             raise bad(name, f"targets {proj!r}, {why}")
         if layer >= cfg.num_layers:
@@ -171,6 +172,7 @@ def read_adapter(name: str, path: Path, cfg: ModelConfig, dtype: torch.dtype, ro
         raise bad(name, f"{WEIGHTS} is not a readable safetensors file ({type(e).__name__})") from None
     pairs = _pairs(name, {k: tuple(t.shape) for k, t in raw.items()}, cfg, conf.rank)
     weights = {}
+    outs = {p: shape[0] for p, shape in projection_shapes(cfg).items()}
     for (layer, proj), (ka, kb) in pairs.items():
         ab = []
         for key, which in ((ka, "lora_A"), (kb, "lora_B")):
@@ -182,8 +184,7 @@ def read_adapter(name: str, path: Path, cfg: ModelConfig, dtype: torch.dtype, ro
                 raise bad(name, f"layer {layer} {proj}: {which} holds NaN or infinite values (in {dtype})")
             ab.append(t)
         if proj in FUSED:  # one pair per part: A shared, B cut by the parts' rows
-            sizes = [projection_shapes(cfg)[p][0] for p in FUSED[proj]]
-            parts = [(p, ab[0], b) for p, b in zip(FUSED[proj], ab[1].split(sizes))]
+            parts = [(p, ab[0], b) for p, b in zip(FUSED[proj], ab[1].split([outs[p] for p in FUSED[proj]]))]
         else:
             parts = [(proj, ab[0], ab[1])]
         for p, a, b in parts:

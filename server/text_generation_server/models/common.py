@@ -25,16 +25,15 @@ from text_generation_server.parallel import SINGLE, Group, Split
 from text_generation_server.weights.loader import Weights
 
 
-def column_parallel(w: Weights, split: Split, parts: list[tuple[str, str, int, int, int]], cols: int) -> list[torch.Tensor]:
+def column_parallel(w: Weights, split: Split, parts: list[tuple[str, str, int, int]], cols: int) -> list[torch.Tensor]:
     """Weights of column-parallel projections: for each (tensor name, projection, row offset,
-    projection rows, tensor rows), this rank's rows of that projection. Separate tensors have
-    offset 0 and as many rows as their projection; a checkpoint that fuses projections in one
-    tensor (Phi-3's qkv_proj) names it once per projection, at the projection's offset."""
+    tensor rows), this rank's rows of that projection (all of them at world size 1). Separate
+    tensors have offset 0; a checkpoint that fuses projections in one tensor (Phi-3's qkv_proj)
+    names it once per projection, at the projection's offset."""
     out = []
-    for name, proj, offset, size, total in parts:
-        lo, hi = split.out_rows(proj) if split.world > 1 else (0, size)
-        whole = offset == 0 and (lo, hi) == (0, total)
-        out.append(w.get(name, (total, cols), rows=None if whole else (offset + lo, offset + hi)))
+    for name, proj, offset, total in parts:
+        lo, hi = split.out_rows(proj)
+        out.append(w.get(name, (total, cols), rows=(offset + lo, offset + hi)))
     return out
 
 
@@ -46,26 +45,25 @@ class Attention:
     def __init__(self, cfg: ModelConfig, w: Weights, prefix: str, layer: int, split: Split, group: Group,
                  rotary: RotaryEmbedding, fused_qkv: str | None = None, gemma_norm: bool = False):
         h, kvh, d, hid = split.heads, split.kv_heads, cfg.head_dim, cfg.hidden_size
-        whole = split.world == 1
         names = ("q_proj", "k_proj", "v_proj")
         full = {"q_proj": cfg.num_heads * d, "k_proj": cfg.num_kv_heads * d, "v_proj": cfg.num_kv_heads * d}
         if fused_qkv is None:
-            parts = [(f"{prefix}.{n}.weight", n, 0, full[n], full[n]) for n in names]
+            parts = [(f"{prefix}.{n}.weight", n, 0, full[n]) for n in names]
         else:
             total, offsets = sum(full.values()), (0, full["q_proj"], full["q_proj"] + full["k_proj"])
-            parts = [(fused_qkv, n, o, full[n], total) for n, o in zip(names, offsets)]
+            parts = [(fused_qkv, n, o, total) for n, o in zip(names, offsets)]
         weights = column_parallel(w, split, parts, hid)
         biases = None
         if cfg.qkv_bias:
-            biases = [w.get(f"{prefix}.{n}.bias", (full[n],), rows=None if whole else split.out_rows(n)) for n in names]
+            biases = [w.get(f"{prefix}.{n}.bias", (full[n],), rows=split.out_rows(n)) for n in names]
         self.qkv_proj = Linear(weights, biases, names, layer)
-        o = w.get(f"{prefix}.o_proj.weight", (hid, cfg.num_heads * d), cols=None if whole else split.in_cols("o_proj"))
+        o = w.get(f"{prefix}.o_proj.weight", (hid, cfg.num_heads * d), cols=split.in_cols("o_proj"))
         self.o_proj = Linear([o], None, ("o_proj",), layer)
         self.q_norm = self.k_norm = None
         if cfg.qk_norm:  # one RMSNorm over each head (Qwen3, Gemma 3)
             self.q_norm = RMSNorm(w.get(f"{prefix}.q_norm.weight", (d,)), cfg.rms_norm_eps, gemma_norm)
             self.k_norm = RMSNorm(w.get(f"{prefix}.k_norm.weight", (d,)), cfg.rms_norm_eps, gemma_norm)
-        self.window = cfg.layer_windows[layer] if cfg.layer_windows else cfg.sliding_window
+        self.window = cfg.layer_windows[layer]
         self.rotary = rotary
         self.layer, self.h, self.kvh, self.d, self.group = layer, h, kvh, d, group
 
@@ -85,21 +83,20 @@ class Attention:
 class MLP:
     """The gated dense MLP: down(act(gate(x)) * up(x)). `gate_up`: the tensor name when the
     checkpoint fuses gate and up (gate rows first, Phi-3), else None. `size`: the intermediate
-    size (default the config's), `share`: this rank's rows of it."""
+    size (default the config's), `share`: this rank's rows of it (default `split.inter`: all of
+    them at world size 1)."""
 
     def __init__(self, cfg: ModelConfig, w: Weights, prefix: str, layer: int, split: Split, group: Group,
                  gate_up: str | None = None, size: int | None = None, share: tuple[int, int] | None = None,
-                 lora: bool = True, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")):
+                 lora: bool = True):
         hid = cfg.hidden_size
         inter = size or cfg.intermediate_size
-        lo, hi = share or (split.inter if split.world > 1 else (0, inter))
-        g, u, dn = names
+        lo, hi = share or split.inter
         if gate_up is not None:
-            parts = [w.get(gate_up, (2 * inter, hid), rows=(lo, hi)), w.get(gate_up, (2 * inter, hid), rows=(inter + lo, inter + hi))]
+            parts = [w.get(gate_up, (2 * inter, hid), rows=(o + lo, o + hi)) for o in (0, inter)]
         else:
-            parts = [w.get(f"{prefix}.{n}.weight", (inter, hid), rows=None if (lo, hi) == (0, inter) else (lo, hi))
-                     for n in (g, u)]
-        down = w.get(f"{prefix}.{dn}.weight", (hid, inter), cols=None if (lo, hi) == (0, inter) else (lo, hi))
+            parts = [w.get(f"{prefix}.{n}.weight", (inter, hid), rows=(lo, hi)) for n in ("gate_proj", "up_proj")]
+        down = w.get(f"{prefix}.down_proj.weight", (hid, inter), cols=(lo, hi))
         # LoRA reaches the model's MLP by its PEFT names; a shared expert's is not a target (layer -1).
         self.gate_up_proj = Linear(parts, None, ("gate_proj", "up_proj"), layer if lora else -1)
         self.down_proj = Linear([down], None, ("down_proj",), layer if lora else -1)
@@ -140,7 +137,8 @@ class DecoderLayer:
 
 class CausalLM:
     """A decoder-only model: embedding, layers, final norm, LM head. A family sets `gemma` (the
-    embedding scaled by sqrt(hidden), Gemma's norms) and builds its layers in `make_layer`."""
+    embedding scaled by sqrt(hidden), Gemma's norms) and overrides what it builds differently:
+    `make_attention`, `make_mlp`, or the whole layer (`make_layer`)."""
 
     gemma = False
     prefixes = ("model",)
@@ -154,8 +152,7 @@ class CausalLM:
         self.device, self.dtype = w.device, w.dtype
         self.prefix = next((q for q in self.prefixes if w.has(f"{q}.embed_tokens.weight")), self.prefixes[0])
         p = self.prefix
-        vocab = None if split.world == 1 else split.vocab_rows()
-        pad = None if split.world == 1 else split.vocab
+        vocab, pad = split.vocab_rows(), split.vocab  # all of it at world size 1
         self.embed_tokens = w.get(f"{p}.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size), rows=vocab, pad_rows=pad)
         # Gemma scales the embedding by sqrt(hidden), rounded to the model's dtype.
         self.embed_scale = torch.tensor(cfg.hidden_size ** 0.5, dtype=w.dtype).item() if self.gemma else None
@@ -176,7 +173,7 @@ class CausalLM:
         self._lm_head_cpu = packed_linear(self.lm_head)  # the CPU's packed GEMM, else None
 
     def rotary_of(self, cfg: ModelConfig, layer: int) -> RotaryEmbedding:
-        return self.rotary_local if cfg.layer_windows and cfg.layer_windows[layer] else self.rotary
+        return self.rotary_local if cfg.layer_windows[layer] else self.rotary
 
     def norm_of(self, cfg: ModelConfig, w: Weights, name: str) -> RMSNorm:
         """The RMSNorm of tensor `name` (without `.weight`)."""
@@ -184,10 +181,13 @@ class CausalLM:
 
     def make_layer(self, cfg: ModelConfig, w: Weights, i: int, split: Split, group: Group) -> DecoderLayer:
         p = f"{self.prefix}.layers.{i}"
-        attn = Attention(cfg, w, f"{p}.self_attn", i, split, group, self.rotary_of(cfg, i))
-        return DecoderLayer(self.norm_of(cfg, w, f"{p}.input_layernorm"), attn,
+        return DecoderLayer(self.norm_of(cfg, w, f"{p}.input_layernorm"),
+                            self.make_attention(cfg, w, f"{p}.self_attn", i, split, group),
                             self.norm_of(cfg, w, f"{p}.post_attention_layernorm"),
                             self.make_mlp(cfg, w, f"{p}.mlp", i, split, group))
+
+    def make_attention(self, cfg: ModelConfig, w: Weights, prefix: str, i: int, split: Split, group: Group) -> Attention:
+        return Attention(cfg, w, prefix, i, split, group, self.rotary_of(cfg, i), gemma_norm=self.gemma)
 
     def make_mlp(self, cfg: ModelConfig, w: Weights, prefix: str, i: int, split: Split, group: Group):
         return MLP(cfg, w, prefix, i, split, group)

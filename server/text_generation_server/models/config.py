@@ -57,7 +57,8 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = field(default=())
     model_type: str = "llama"
     layer_windows: tuple[int | None, ...] = ()
-    """Each layer's attention window (None: the whole context)."""
+    """Each layer's attention window (None: the whole context); `sliding_window` on every layer
+    when not given."""
     rope_local: RopeConfig | None = None
     """Gemma 3: the rotary embedding of sliding-window layers (None: `rope` everywhere)."""
     rotary_dim: int = 0
@@ -82,6 +83,11 @@ class ModelConfig:
     """Whether each layer's MLP is the mixture (Qwen3-MoE's mlp_only_layers, decoder_sparse_step)."""
     shared_expert_intermediate_size: int = 0
     """Qwen2-MoE: a shared expert beside the routed ones, gated by a sigmoid (0: none)."""
+
+    def __post_init__(self):
+        # A config made by hand (tests) may leave the per-layer windows out: the same everywhere.
+        if len(self.layer_windows) != self.num_layers:
+            object.__setattr__(self, "layer_windows", (self.sliding_window,) * self.num_layers)
 
     @property
     def rotated(self) -> int:
@@ -125,7 +131,7 @@ class ModelConfig:
         layers = int(need("num_hidden_layers"))
         max_pos = int(raw.get("max_position_embeddings", 4096))
         window = raw.get("sliding_window") if raw.get("use_sliding_window", True) else None
-        if model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and not raw.get("use_sliding_window", False):
+        if model_type in _QWEN and not raw.get("use_sliding_window", False):
             window = None
         windows = _layer_windows(raw, layers, int(window) if window else None)
         eos = (gen or {}).get("eos_token_id", raw.get("eos_token_id"))
@@ -213,6 +219,9 @@ def _text_part(raw: dict[str, Any]) -> dict[str, Any]:
     return {**_DEFAULTS.get(raw.get("model_type", ""), {}), **raw}
 
 
+# Qwen's families: a sliding window only with use_sliding_window, from layer max_window_layers on.
+_QWEN = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+
 _UNSUPPORTED = {
     "mlp_bias": "biases on the MLP projections",
     "use_bidirectional_attention": "attention without the causal mask, as in embedding models",
@@ -235,7 +244,7 @@ def _layer_windows(raw: dict[str, Any], layers: int, window: int | None) -> tupl
         if raw.get("model_type") == "gemma3_text":
             pattern = int(raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern") or 6)
             return tuple(None if (i + 1) % pattern == 0 else window for i in range(layers))
-        if raw.get("model_type") in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe"):
+        if raw.get("model_type") in _QWEN:
             first = int(raw.get("max_window_layers", layers))
             return tuple(window if i >= first else None for i in range(layers))
         return (window,) * layers

@@ -40,10 +40,10 @@ class GemmaForCausalLM(CausalLM):
 
     def make_layer(self, cfg, w, i, split, group):
         p = f"{self.prefix}.layers.{i}"
-        attn = Attention(cfg, w, f"{p}.self_attn", i, split, group, self.rotary_of(cfg, i), gemma_norm=True)
         norms = [self.norm_of(cfg, w, f"{p}.{n}") for n in ("input_layernorm", "post_attention_layernorm",
                                                             "pre_feedforward_layernorm", "post_feedforward_layernorm")]
-        return GemmaLayer(norms, attn, self.make_mlp(cfg, w, f"{p}.mlp", i, split, group))
+        return GemmaLayer(norms, self.make_attention(cfg, w, f"{p}.self_attn", i, split, group),
+                          self.make_mlp(cfg, w, f"{p}.mlp", i, split, group))
 
 
 class Gemma2ForCausalLM(GemmaForCausalLM):

@@ -9,14 +9,12 @@ the LoRA hook and tensor parallelism are the shared ones; a PEFT adapter on `qkv
 
 from __future__ import annotations
 
-from text_generation_server.models.common import MLP, Attention, CausalLM, DecoderLayer
+from text_generation_server.models.common import MLP, Attention, CausalLM
 
 
 class Phi3ForCausalLM(CausalLM):
-    def make_layer(self, cfg, w, i, split, group):
-        p = f"{self.prefix}.layers.{i}"
-        attn = Attention(cfg, w, f"{p}.self_attn", i, split, group, self.rotary_of(cfg, i),
-                         fused_qkv=f"{p}.self_attn.qkv_proj.weight")
-        mlp = MLP(cfg, w, f"{p}.mlp", i, split, group, gate_up=f"{p}.mlp.gate_up_proj.weight")
-        return DecoderLayer(self.norm_of(cfg, w, f"{p}.input_layernorm"), attn,
-                            self.norm_of(cfg, w, f"{p}.post_attention_layernorm"), mlp)
+    def make_attention(self, cfg, w, prefix, i, split, group):
+        return Attention(cfg, w, prefix, i, split, group, self.rotary_of(cfg, i), fused_qkv=f"{prefix}.qkv_proj.weight")
+
+    def make_mlp(self, cfg, w, prefix, i, split, group):
+        return MLP(cfg, w, prefix, i, split, group, gate_up=f"{prefix}.gate_up_proj.weight")
