@@ -58,6 +58,8 @@ def test_config_errors_name_the_field(tmp_path):
         ModelConfig.from_dict({**base, "model_type": "gemma3_text", "use_bidirectional_attention": True})
     with pytest.raises(ConfigError, match="activation 'relu2'"):
         ModelConfig.from_dict({**base, "hidden_act": "relu2"})
+    with pytest.raises(ConfigError, match="layer type 'chunked_attention' is not supported"):  # no window either
+        ModelConfig.from_dict({**base, "layer_types": ["chunked_attention"]})
     with pytest.raises(ConfigError, match="layer_types has 2 entries for 1 layers"):
         ModelConfig.from_dict({**base, "sliding_window": 4, "layer_types": ["full_attention"] * 2})
     with pytest.raises(ConfigError, match="yarn"):

@@ -236,6 +236,13 @@ def _layer_windows(raw: dict[str, Any], layers: int, window: int | None) -> tupl
     """Each layer's window: config.json's `layer_types` when it has them (Gemma 2/3, Qwen), else
     the same window (or none) for every layer."""
     types = raw.get("layer_types")
+    if types:  # checked whether or not the model has a window: an unknown kind is refused, never ignored
+        if len(types) != layers:
+            raise ConfigError(f"config.json: layer_types has {len(types)} entries for {layers} layers")
+        unknown = set(types) - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise ConfigError(f"config.json: layer type {sorted(unknown)[0]!r} is not supported "
+                              "(full_attention, sliding_attention are)")
     if window is None:
         return (None,) * layers
     if not types:
@@ -248,12 +255,6 @@ def _layer_windows(raw: dict[str, Any], layers: int, window: int | None) -> tupl
             first = int(raw.get("max_window_layers", layers))
             return tuple(window if i >= first else None for i in range(layers))
         return (window,) * layers
-    if len(types) != layers:
-        raise ConfigError(f"config.json: layer_types has {len(types)} entries for {layers} layers")
-    unknown = set(types) - {"full_attention", "sliding_attention"}
-    if unknown:
-        raise ConfigError(f"config.json: layer type {sorted(unknown)[0]!r} is not supported "
-                          "(full_attention, sliding_attention are)")
     return tuple(window if t == "sliding_attention" else None for t in types)
 
 
