@@ -49,50 +49,84 @@ impl Detokenizer {
     }
 }
 
-/// Finds the first stop sequence in the text generated so far.
-pub struct StopMatcher {
+/// A request's stop sequences, and the two questions every caller asks of them: where the
+/// earliest one starts in a text, and how much of a text's end could still become one. The
+/// batching-side matcher and the OpenAI stream trimmer both answer through this, so they cut
+/// at the same place.
+#[derive(Clone, Debug, Default)]
+pub struct StopSequences {
     stops: Vec<String>,
-    text: String,
     longest: usize,
 }
 
-impl StopMatcher {
+impl StopSequences {
     pub fn new(stops: Vec<String>) -> Self {
         let longest = stops.iter().map(|s| s.len()).max().unwrap_or(0);
-        Self { stops, text: String::new(), longest }
+        Self { stops, longest }
     }
 
-    /// Appends text; Some(stop) once a stop sequence has appeared.
-    pub fn push(&mut self, delta: &str) -> Option<&str> {
-        if self.stops.is_empty() || delta.is_empty() {
-            return None;
-        }
-        self.text.push_str(delta);
-        // Only the tail can hold a new match: the delta plus a stop's length before it.
-        let mut start = self.text.len().saturating_sub(delta.len() + self.longest);
-        while !self.text.is_char_boundary(start) {
-            start -= 1;
-        }
-        let tail = &self.text[start..];
-        self.stops.iter().find(|s| tail.contains(s.as_str())).map(|s| s.as_str())
+    pub fn is_empty(&self) -> bool {
+        self.stops.is_empty()
     }
 
     /// Byte offset of the earliest stop sequence in `text`.
-    pub fn first_match(&self, text: &str) -> Option<usize> {
+    pub fn find(&self, text: &str) -> Option<usize> {
         self.stops.iter().filter_map(|s| text.find(s.as_str())).min()
+    }
+
+    /// Length in bytes of the longest tail of `text` that is a proper start of some stop
+    /// sequence: text that must be held back until the next delta says whether it stops.
+    pub fn open_tail(&self, text: &str) -> usize {
+        let from = floor_char_boundary(text, text.len().saturating_sub(self.longest));
+        text[from..]
+            .char_indices()
+            .map(|(i, _)| &text[from + i..])
+            .find(|tail| self.stops.iter().any(|s| s.starts_with(tail)))
+            .map_or(0, str::len)
+    }
+}
+
+fn floor_char_boundary(text: &str, mut at: usize) -> usize {
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
+/// Watches the text generated so far for a stop sequence, looking only at the part a new delta
+/// can complete.
+pub struct StopMatcher {
+    stops: StopSequences,
+    text: String,
+}
+
+impl StopMatcher {
+    pub fn new(stops: StopSequences) -> Self {
+        Self { stops, text: String::new() }
+    }
+
+    /// Appends text; true once a stop sequence has appeared.
+    pub fn push(&mut self, delta: &str) -> bool {
+        if self.stops.is_empty() || delta.is_empty() {
+            return false;
+        }
+        self.text.push_str(delta);
+        // Only the tail can hold a new match: the delta plus a stop's length before it.
+        let start = floor_char_boundary(&self.text, self.text.len().saturating_sub(delta.len() + self.stops.longest));
+        self.stops.find(&self.text[start..]).is_some()
     }
 }
 
 /// Streams text while holding back any tail that could still become a stop sequence, and
 /// cuts the text before the stop sequence (OpenAI semantics: the stop is not returned).
 pub struct StopTrimmer {
-    stops: Vec<String>,
+    stops: StopSequences,
     pending: String,
     done: bool,
 }
 
 impl StopTrimmer {
-    pub fn new(stops: Vec<String>) -> Self {
+    pub fn new(stops: StopSequences) -> Self {
         Self { stops, pending: String::new(), done: false }
     }
 
@@ -102,27 +136,14 @@ impl StopTrimmer {
             return String::new();
         }
         self.pending.push_str(delta);
-        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        if let Some(at) = self.stops.find(&self.pending) {
             self.done = true;
             let out = self.pending[..at].to_string();
             self.pending.clear();
             return out;
         }
-        // Hold back the longest tail that is a prefix of some stop sequence.
-        let mut keep = 0;
-        for s in &self.stops {
-            for (i, _) in self.pending.char_indices() {
-                let tail = &self.pending[i..];
-                if s.starts_with(tail) {
-                    keep = keep.max(tail.len());
-                    break;
-                }
-            }
-        }
-        let cut = self.pending.len() - keep;
-        let out = self.pending[..cut].to_string();
-        self.pending.drain(..cut);
-        out
+        let cut = self.pending.len() - self.stops.open_tail(&self.pending);
+        self.pending.drain(..cut).collect()
     }
 
     /// What is left at the end of the generation.
@@ -155,28 +176,39 @@ mod tests {
 
     #[test]
     fn stop_sequence_across_deltas() {
-        let mut m = StopMatcher::new(vec!["ab c".into()]);
-        assert!(m.push("xx a").is_none());
-        assert!(m.push("b").is_none());
-        assert_eq!(m.push(" cd"), Some("ab c"));
-        assert_eq!(m.first_match("xx ab cd"), Some(3));
+        let stops = StopSequences::new(vec!["ab c".into()]);
+        let mut m = StopMatcher::new(stops.clone());
+        assert!(!m.push("xx a"));
+        assert!(!m.push("b"));
+        assert!(m.push(" cd"));
+        assert_eq!(stops.find("xx ab cd"), Some(3));
     }
 
     #[test]
     fn no_stops_never_match() {
-        let mut m = StopMatcher::new(vec![]);
-        assert!(m.push("anything").is_none());
+        let mut m = StopMatcher::new(StopSequences::new(vec![]));
+        assert!(!m.push("anything"));
+    }
+
+    #[test]
+    fn open_tail_is_the_longest_start_of_any_stop_on_char_boundaries() {
+        let stops = StopSequences::new(vec!["été fini".into(), "xy".into()]);
+        assert_eq!(stops.open_tail("c'est l'ét"), "ét".len());
+        assert_eq!(stops.open_tail("abc x"), 1);
+        assert_eq!(stops.open_tail("abc"), 0);
+        assert_eq!(stops.open_tail("été fin"), "été fin".len());
+        assert_eq!(stops.find("un été fini"), Some(3));
     }
 
     #[test]
     fn trimmer_holds_back_possible_stops_and_cuts_before_them() {
-        let mut t = StopTrimmer::new(vec!["END".into()]);
+        let mut t = StopTrimmer::new(StopSequences::new(vec!["END".into()]));
         assert_eq!(t.push("hello E"), "hello ");
         assert_eq!(t.push("x"), "Ex");
         assert_eq!(t.push(" EN"), " ");
         assert_eq!(t.push("D more"), "");
         assert_eq!(t.push("ignored"), "");
-        let mut t = StopTrimmer::new(vec!["END".into()]);
+        let mut t = StopTrimmer::new(StopSequences::new(vec!["END".into()]));
         assert_eq!(t.push("abc E"), "abc ");
         assert_eq!(t.finish(), "E");
     }

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::engine::adapters::{AdapterLease, Adapters};
 use crate::api::{FinishReason, GenerateRequest, PrefillToken, Token};
-use crate::infer::detokenize::{Detokenizer, StopMatcher};
+use crate::infer::detokenize::{Detokenizer, StopMatcher, StopSequences};
 use crate::error::InferError;
 use crate::metrics as m;
 use crate::shard::pb;
@@ -316,7 +316,8 @@ fn response_stream(
         let (_permit, _lease) = (permit, lease);
         let mut timer = m::RequestTimer::new(request.adapter_id.as_deref());
         let mut detok = Detokenizer::new(tokenizer.clone(), &request.input_ids);
-        let mut stops = StopMatcher::new(request.stopping.stop_sequences.clone());
+        let stops = StopSequences::new(request.stopping.stop_sequences.clone());
+        let mut matcher = StopMatcher::new(stops.clone());
         let mut tokens: Vec<Token> = Vec::new();
         let mut top_tokens: Vec<Vec<Token>> = Vec::new();
         let mut prefill_tokens: Vec<PrefillToken> = Vec::new();
@@ -354,7 +355,7 @@ fn response_stream(
                     .collect()
             }).unwrap_or_default();
             let text = detok.push(id);
-            let stopped = stops.push(&text).is_some();
+            let stopped = matcher.push(&text);
             let token = Token { id, text, logprob, special: special.contains(&id) };
             tokens.push(token.clone());
             if request.top_n_tokens > 0 {
@@ -371,7 +372,7 @@ fn response_stream(
                 continue;
             };
             let mut generated_text = detok.generated_text();
-            let stop_at = if stopped { stops.first_match(&generated_text) } else { None };
+            let stop_at = if stopped { stops.find(&generated_text) } else { None };
             if request.return_full_text {
                 generated_text = format!("{}{}", request.inputs, generated_text);
             }
