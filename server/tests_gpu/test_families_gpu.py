@@ -7,6 +7,7 @@ kernel against its reference path, eager and in a CUDA graph."""
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -23,7 +24,11 @@ import families  # noqa: E402
 from shard_calls import BLOCK, alone, batch, chunked_script, name_adapters, prompt_logits, script_requests  # noqa: E402,E501
 
 VOCAB = 512
-PROMPTS = [[5, 9, 100, 7], list(range(10, 60)), [3] * 17, list(range(200, 203)), list(range(300, 340))]
+# Each prompt with its N tokens stays within Phi-3's original context (64) or starts past it (70
+# tokens): transformers picks LongRoPE's factors per forward call, so a request that crosses
+# the boundary while decoding is rotated by it with the short factors first and the long ones
+# after, where we rotate the whole request with the long ones (`Batch.rope_offset`).
+PROMPTS = [[5, 9, 100, 7], list(range(10, 80)), [3] * 17, list(range(200, 203)), list(range(300, 340))]
 N = 16
 
 
@@ -64,11 +69,17 @@ def run(eng, prompts, n, adapters=None):
     return toks, lps, tops
 
 
-def near(got_toks, got_lps, want_toks, want_lps, want_tops, first_only=False):
+def parting(got_toks, want_toks) -> float:
+    """How far, on average over the prompts, greedy paths run together (1.0: to the end)."""
+    return sum(next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), len(g)) / len(g)
+               for g, w in zip(got_toks, want_toks)) / len(got_toks)
+
+
+def near(got_toks, got_lps, want_toks, want_lps, want_tops, first_only=False, floor=0.5):
     """bf16 against float32: the first token agrees (or is the reference's second choice at a near
     tie: its best two within 0.1), its logprob closely, and the greedy paths part on average no
-    earlier than half-way (only at near ties). `first_only`: the first token alone (a mixture
-    of experts, held to transformers' own bf16 instead: `test_graphs_eager_and_transformers`)."""
+    earlier than `floor` of the way (only at near ties). `first_only`: the first token alone (a
+    mixture of experts, held to transformers' own bf16 instead: `test_graphs_eager_and_transformers`)."""
     agree = []
     for g, gl, w, wl, (ids, top) in zip(got_toks, got_lps, want_toks, want_lps, want_tops):
         if g[0] != w[0]:
@@ -78,12 +89,35 @@ def near(got_toks, got_lps, want_toks, want_lps, want_tops, first_only=False):
         if first_only:
             continue
         assert abs(gl[0] - wl[0]) < 0.15, (gl[0], wl[0])
-        agree.append(next((i for i, (a, b) in enumerate(zip(g, w)) if a != b), len(g)) / len(g))
+        agree.append(parting([g], [w]))
     if not first_only:
-        assert sum(agree) / len(agree) >= 0.5, agree
+        assert sum(agree) / len(agree) >= floor, (agree, floor)
+
+
+def greedy_with_scores(model, prompts):
+    """transformers' greedy tokens and their logprobs per prompt, and each prompt's best two first
+    tokens (ids, logprobs)."""
+    toks, lps, tops = [], [], []
+    for p in prompts:
+        out = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=N, min_new_tokens=N, do_sample=False,
+                             eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        t = out.sequences[0, len(p):].tolist()
+        steps = [torch.log_softmax(s[0].float(), -1) for s in out.scores]
+        toks.append(t)
+        lps.append([lp[i].item() for lp, i in zip(steps, t)])
+        best = steps[0].topk(2)
+        tops.append((best.indices.tolist(), best.values.tolist()))
+    return toks, lps, tops
 
 
 def test_graphs_eager_and_transformers(family):
+    """CUDA-graph replay against eager, token for token; then bf16 against transformers' float32,
+    held to what transformers' own bf16 does on the same GPU. A dense model's greedy paths must
+    run with float32's no less far than bf16 transformers' do (less 0.15; at most 0.5 asked): a
+    test model as flat as Gemma 2's (soft caps) parts early at near ties whoever rounds. A
+    mixture's first-step logprobs must stay within twice transformers' bf16 deviation (+0.1):
+    rounding flips a token's experts where two are near a tie (transformers' own bf16 moved these
+    models' first-step logprobs from float32 by up to 2.6 on the H200)."""
     kind, path, ref, _ = family
     graphs = engine(path)
     assert graphs.graphs is not None and graphs.attention.name == "flashinfer"
@@ -92,33 +126,20 @@ def test_graphs_eager_and_transformers(family):
     t_e, lp_e, _ = run(eager, PROMPTS, N)
     assert t_g == t_e
     np.testing.assert_allclose(lp_g, lp_e, atol=1e-2)
-    ref = ref.to("cuda")
-    want_t, want_lp, want_tops = [], [], []
-    for p in PROMPTS:
-        ids = torch.tensor([p], device="cuda")
-        out = ref.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False, eos_token_id=None, pad_token_id=0,
-                           output_scores=True, return_dict_in_generate=True)
-        toks = out.sequences[0, len(p):].tolist()
-        steps = [torch.log_softmax(s[0].float(), -1) for s in out.scores]
-        want_t.append(toks)
-        want_lp.append([lp[t].item() for lp, t in zip(steps, toks)])
-        best = steps[0].topk(2)
-        want_tops.append((best.indices.tolist(), best.values.tolist()))
+    f32 = copy.deepcopy(ref).to("cuda")
+    bf16 = copy.deepcopy(ref).to("cuda", torch.bfloat16)
+    want_t, want_lp, want_tops = greedy_with_scores(f32, PROMPTS)
     moe = kind in families.MOE
-    near(t_g, lp_g, want_t, want_lp, want_tops, first_only=moe)
+    theirs = parting(greedy_with_scores(bf16, PROMPTS)[0], want_t)
+    near(t_g, lp_g, want_t, want_lp, want_tops, first_only=moe, floor=min(0.5, theirs - 0.15))
     if moe:
-        # bf16 rounding flips a token's experts where two are near a tie, which moves a mixture's
-        # logits more than a dense model's: transformers' own bf16 moved these models' first-step
-        # logprobs from its float32 by up to 2.6 on the H200. Ours must stay within twice what
-        # transformers' bf16 moves (+0.1), prompt by prompt.
         for p in PROMPTS:
             ids = torch.tensor([p], device="cuda")
             with torch.no_grad():
-                f32 = torch.log_softmax(ref(ids).logits[0, -1].float(), -1)
-                bf16 = torch.log_softmax(ref.to(torch.bfloat16)(ids).logits[0, -1].float(), -1)
-                ref.float()
+                want = torch.log_softmax(f32(ids).logits[0, -1].float(), -1)
+                rounded = torch.log_softmax(bf16(ids).logits[0, -1].float(), -1)
             ours = torch.log_softmax(prompt_logits(eager, p)[-1].float(), -1)
-            assert (ours - f32).abs().max() <= 2 * (bf16 - f32).abs().max() + 0.1, (p, ours, bf16, f32)
+            assert (ours - want).abs().max() <= 2 * (rounded - want).abs().max() + 0.1, (p, ours, rounded, want)
 
 
 def test_chunked_prompts_beside_decoding_rows(family):
@@ -160,20 +181,45 @@ def write_adapter(path: Path, model_dir: Path, kind: str, r: int = 8) -> Path:
     return path
 
 
+def first_logprobs(eng, prompts, adapters):
+    """Each prompt's first-step log-probabilities over the whole vocabulary [rows, VOCAB]."""
+    b, _ = batch(1, prompts, 1)
+    name_adapters(b, adapters)
+    for r in b.requests:
+        r.top_n_tokens = VOCAB
+    res, _ = eng.prefill(b)
+    eng.clear(None)
+    out = np.full((len(prompts), VOCAB), np.nan)
+    for i in range(len(prompts)):
+        out[i, res.top_ids[i, :VOCAB]] = res.top_logprobs[i, :VOCAB]
+    return out
+
+
 def test_lora_rows_beside_base_rows(family):
     """The slot-table LoRA kernels under CUDA graphs against the grouped torch path on the GPU
-    (both bf16), and, for a dense model, against the float32 CPU path."""
+    (both bf16), and, for a dense model, against the float32 CPU path. A mixture's greedy paths
+    part wherever bf16 rounding flips a token's experts (see test_graphs_eager_and_transformers),
+    so there the kernels' first-step log-probabilities must stay as close to the float32 CPU
+    path's as twice the torch path's bf16 deviation plus 0.1, row by row."""
     kind, path, _, root = family
     lora = (("a", write_adapter(root / "lora", path, kind)),)
     rows = {0: "a", 2: "a", 4: "a"}
-    got_t, got_lp, _ = run(engine(path, adapters=lora), PROMPTS, N, rows)
-    torch_t, torch_lp, torch_tops = run(engine(path, graphs=(), adapters=lora, slot_table=False), PROMPTS, N, rows)
-    near(got_t, got_lp, torch_t, torch_lp, torch_tops)
-    want_t, want_lp, want_tops = run(engine(path, "cpu", graphs=(), adapters=lora), PROMPTS, N, rows)
-    if kind not in families.MOE:  # bf16 against float32 (a mixture's routing: see test_graphs_eager_and_transformers)
-        near(got_t, got_lp, want_t, want_lp, want_tops)
+    kernels = engine(path, adapters=lora)
+    grouped = engine(path, graphs=(), adapters=lora, slot_table=False)
+    cpu = engine(path, "cpu", graphs=(), adapters=lora)
+    want_t, want_lp, want_tops = run(cpu, PROMPTS, N, rows)
     base_t, _, _ = run(engine(path, "cpu", graphs=()), PROMPTS[:1], N)
     assert base_t[0] != want_t[0], "the adapter changes the answer"
+    if kind in families.MOE:
+        f32, got, torch_path = (first_logprobs(e, PROMPTS, rows) for e in (cpu, kernels, grouped))
+        for i in range(len(PROMPTS)):
+            ours, theirs = np.abs(got[i] - f32[i]).max(), np.abs(torch_path[i] - f32[i]).max()
+            assert ours <= 2 * theirs + 0.1, (i, ours, theirs)
+        return
+    got_t, got_lp, _ = run(kernels, PROMPTS, N, rows)
+    torch_t, torch_lp, torch_tops = run(grouped, PROMPTS, N, rows)
+    near(got_t, got_lp, torch_t, torch_lp, torch_tops)
+    near(got_t, got_lp, want_t, want_lp, want_tops)
 
 
 @pytest.mark.parametrize("tokens", [1, 7, 64, 300])
