@@ -38,11 +38,24 @@ impl GrammarSpec {
 
     fn to_llguidance(&self) -> TopLevelGrammar {
         match self {
-            GrammarSpec::JsonSchema(v) => TopLevelGrammar::from_json_schema(v.clone()),
+            GrammarSpec::JsonSchema(v) => {
+                let mut v = v.clone();
+                if let Some(schema) = v.as_object_mut() {
+                    // llguidance's own options ride in the schema; a schema that sets them keeps them.
+                    schema.entry("x-guidance").or_insert_with(|| serde_json::json!({"whitespace_pattern": JSON_WHITESPACE}));
+                }
+                TopLevelGrammar::from_json_schema(v)
+            }
             GrammarSpec::Regex(r) => TopLevelGrammar::from_regex(r),
         }
     }
 }
+
+/// The whitespace a JSON answer may put between two tokens: spaces or tabs, or at most one line
+/// break with indentation, up to 64 of each. Pretty-printed JSON fits; a model that would
+/// otherwise go on emitting blank lines (llguidance's default allows any run, so a sampled
+/// answer could linger in whitespace until max_new_tokens) has to write the next token instead.
+const JSON_WHITESPACE: &str = r"[\x20\x09]{1,64}|[\x20\x09]{0,64}\x0D?\x0A[\x20\x09]{0,64}";
 
 /// Compiled grammars of one model's vocabulary, cached by content.
 pub struct Grammars {
@@ -241,5 +254,30 @@ mod tests {
         assert!(!b.is_done());
         assert!(g.matcher(&GrammarSpec::Regex("a(".into())).is_err());
         assert!(g.matcher(&GrammarSpec::JsonSchema(serde_json::json!({"type": "nonsense"}))).is_err());
+    }
+
+    fn feed(c: &mut Constraint, text: &str) -> Result<(), String> {
+        text.bytes().try_for_each(|b| c.consume(b as u32))
+    }
+
+    #[test]
+    fn json_whitespace_is_bounded_between_tokens() {
+        let g = grammars();
+        // Pretty-printed JSON is accepted, to the end.
+        let mut c = g.matcher(&GrammarSpec::json_object()).unwrap();
+        feed(&mut c, "{\n  \"a\": [1, 2],\r\n\t\"b\" : {}\n}").unwrap();
+        assert!(c.is_done());
+        // Runs of whitespace are not: 64 spaces, then a token; one line break, not two.
+        let mut c = g.matcher(&GrammarSpec::json_object()).unwrap();
+        feed(&mut c, &format!("{{{}", " ".repeat(64))).unwrap();
+        assert!(c.consume(b' ' as u32).is_err());
+        let mut c = g.matcher(&GrammarSpec::json_object()).unwrap();
+        feed(&mut c, "{\"a\": 1,\n").unwrap();
+        assert!(c.consume(b'\n' as u32).is_err(), "no blank lines");
+        // A schema that sets llguidance's options keeps them.
+        let own = serde_json::json!({"type": "object", "x-guidance": {"whitespace_flexible": false}});
+        let mut c = g.matcher(&GrammarSpec::JsonSchema(own)).unwrap();
+        c.consume(b'{' as u32).unwrap();
+        assert!(c.consume(b' ' as u32).is_err());
     }
 }
