@@ -185,9 +185,8 @@ mod tests {
     /// the end-of-sequence token.
     fn tokenizer(dir: &Path) -> std::path::PathBuf {
         let mut vocab = serde_json::Map::new();
-        let mut id = 0u32;
         let mut n = 0u32;
-        for b in 0..=255u32 {
+        for (id, b) in (0..=255u32).enumerate() {
             let c = if (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b) {
                 char::from_u32(b).unwrap()
             } else {
@@ -195,7 +194,6 @@ mod tests {
                 char::from_u32(255 + n).unwrap()
             };
             vocab.insert(c.to_string(), id.into());
-            id += 1;
         }
         let json = serde_json::json!({
             "version": "1.0",
@@ -218,7 +216,10 @@ mod tests {
     }
 
     fn grammars() -> Grammars {
-        let dir = std::env::temp_dir().join(format!("tessera-grammar-{}", std::process::id()));
+        // A directory per call: tests run in parallel, and one must not read another's half-written file.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("tessera-grammar-{}-{call}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         Grammars::new(&tokenizer(&dir), 260, &[256]).unwrap()
     }
