@@ -93,16 +93,16 @@ fn floor_char_boundary(text: &str, mut at: usize) -> usize {
     at
 }
 
-/// Watches the text generated so far for a stop sequence, looking only at the part a new delta
-/// can complete.
+/// Watches the text generated so far for a stop sequence. It keeps only the tail a new delta
+/// can complete a stop with (the longest stop's length), not the whole text.
 pub struct StopMatcher {
     stops: StopSequences,
-    text: String,
+    tail: String,
 }
 
 impl StopMatcher {
     pub fn new(stops: StopSequences) -> Self {
-        Self { stops, text: String::new() }
+        Self { stops, tail: String::new() }
     }
 
     /// Appends text; true once a stop sequence has appeared.
@@ -110,10 +110,13 @@ impl StopMatcher {
         if self.stops.is_empty() || delta.is_empty() {
             return false;
         }
-        self.text.push_str(delta);
-        // Only the tail can hold a new match: the delta plus a stop's length before it.
-        let start = floor_char_boundary(&self.text, self.text.len().saturating_sub(delta.len() + self.stops.longest));
-        self.stops.find(&self.text[start..]).is_some()
+        self.tail.push_str(delta);
+        if self.stops.find(&self.tail).is_some() {
+            return true;
+        }
+        let keep_from = floor_char_boundary(&self.tail, self.tail.len().saturating_sub(self.stops.longest));
+        self.tail.drain(..keep_from);
+        false
     }
 }
 
@@ -182,6 +185,11 @@ mod tests {
         assert!(!m.push("b"));
         assert!(m.push(" cd"));
         assert_eq!(stops.find("xx ab cd"), Some(3));
+        // Across many deltas and multi-byte characters, with only the tail kept.
+        let mut m = StopMatcher::new(StopSequences::new(vec!["été!".into()]));
+        assert!("un long été".chars().all(|c| !m.push(&c.to_string())));
+        assert!(m.tail.len() <= "été!".len());
+        assert!(m.push("!"));
     }
 
     #[test]
