@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_graph import capture  # noqa: E402
 from make_model import SHAPES  # noqa: E402
 from text_generation_server.lora.adapter import GROUPS, projection_shapes  # noqa: E402
 from text_generation_server.lora.slots import SlotTable  # noqa: E402
@@ -87,33 +88,22 @@ def main():
         torch.cuda.synchronize()
         return start.elapsed_time(end) / reps
 
-    def graph(fn):
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        return g
-
     def decode_ms(b, n, parts=False):
         """Projections of all layers at batch b with N=n (0: base), as a CUDA graph; with `parts`,
         the shrinks alone and the expands alone too."""
         x, plan = inputs(b), torch.zeros(4, b, dtype=torch.int32, device=dev)
         lora = None if n == 0 else step(np.zeros(b, dtype=np.int64), False, plan)
-        g = graph(lambda: layers(x, lora))
+        g = capture(lambda: layers(x, lora))
         if n:
             step(power_law(b, n, np.random.default_rng(1)), False, plan)
         out = {"all": timed(g.replay)}
         if parts and n:
-            shrinks = graph(lambda: [lora.shrink(layer, grp, x[grp[0]]) for layer in range(cfg.num_layers) for grp in GROUPS])
+            shrinks = capture(lambda: [lora.shrink(layer, grp, x[grp[0]]) for layer in range(cfg.num_layers) for grp in GROUPS])
             out["shrink"] = timed(shrinks.replay)
             vs = {(layer, grp): lora.shrink(layer, grp, x[grp[0]]) for layer in range(cfg.num_layers) for grp in GROUPS}
             ys = {grp: list(torch.zeros(b, sum(shapes[p][0] for p in grp), device=dev, dtype=dt).split(
                 [shapes[p][0] for p in grp], dim=1)) for grp in GROUPS}
-            expands = graph(lambda: [lora.expand(layer, grp, vs[(layer, grp)], ys[grp])
+            expands = capture(lambda: [lora.expand(layer, grp, vs[(layer, grp)], ys[grp])
                                      for layer in range(cfg.num_layers) for grp in GROUPS])
             out["expand"] = timed(expands.replay)
         return out
@@ -140,7 +130,7 @@ def main():
         plan = torch.zeros(4, b, dtype=torch.int32, device=dev)
         for label in ["base"] + [f"N={n}" for n in a.adapters.split(",")]:
             lora = None if label == "base" else step(np.zeros(b, dtype=np.int64), False, plan)
-            graphs[label] = graph(lambda: layers(x, lora))
+            graphs[label] = capture(lambda: layers(x, lora))
         row = {"batch": b}
         for label, g in graphs.items():
             if label != "base":

@@ -70,6 +70,21 @@ def test_model_writer_load_generator_and_shard_bench_on_cpu(tmp_path):
     assert [r["batch"] for r in res["decode"]] == [1, 2]
     assert all(r["step_ms"] > 0 for r in res["decode"])
     assert res["prefill_1k_ms"] > 0
+    # Two tensor-parallel ranks (gloo here), every call to both, as the router does (#16's W1).
+    tp = shard_bench.run(model, [1, 2], context=16, batch1_context=16, steps=4, vocab=cfg["vocab_size"],
+                         shard_args=[], max_prefill=256, num_shard=2)
+    assert tp["num_shard"] == 2 and "world_size: 2" in tp["info"], tp["info"]
+    assert [r["batch"] for r in tp["decode"]] == [1, 2] and all(r["step_ms"] > 0 for r in tp["decode"])
+    # The collectives of one such step, alone, through the shard's own group (gloo here).
+    out = tmp_path / "allreduce.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmark" / "allreduce.py"), str(model), "--num-shard", "2",
+                    "--batches", "1,4", "--iters", "5", "--out", str(out)], check=True, capture_output=True, timeout=300)
+    ar = json.loads(out.read_text())
+    assert ar["num_shard"] == 2 and [r["batch"] for r in ar["steps"]] == [1, 4]
+    assert all(r["eager_ms"] > 0 and r["collectives"] == 2 * cfg["num_hidden_layers"] + 2 for r in ar["steps"])
+    one = subprocess.run([sys.executable, str(ROOT / "benchmark" / "allreduce.py"), str(model), "--num-shard", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert one.returncode != 0 and "at least 2" in one.stderr
 
 
 def test_moe_model_writer_and_routing_count_on_cpu(tmp_path):
