@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One benchmark pass on a CUDA machine (see docs/benchmarks.md). Writes everything under $OUT.
+# Env: NUM_SHARD (tensor-parallel ranks of the 8B server, default 1), RATES, N, SKIP_PROFILE, SKIP_SHARD.
 # Expects: flashinfer importable, the Rust binaries in target/release, stubs built.
 set -u
 cd "$(dirname "$0")"
@@ -15,7 +16,7 @@ serve() {  # model_dir port extra...
 test -f /tmp/llama8b/config.json || python3 make_model.py llama-8b-shape /tmp/llama8b
 test -f /tmp/smol/config.json || python3 make_model.py smollm2-135m /tmp/smol
 [ "${SKIP_PROFILE:-0}" = 1 ] || timeout 150 python3 profile_step.py /tmp/llama8b > "$OUT/profile_b1.txt" 2>&1
-serve /tmp/llama8b 3000 --max-input-tokens 1024 --max-total-tokens 2048 --max-batch-prefill-tokens 8192 --max-concurrent-requests 1024 > "$OUT/server_8b.log" 2>&1 || echo "8B server failed"
+serve /tmp/llama8b 3000 --num-shard "${NUM_SHARD:-1}" --max-input-tokens 1024 --max-total-tokens 2048 --max-batch-prefill-tokens 8192 --max-concurrent-requests 1024 > "$OUT/server_8b.log" 2>&1 || echo "8B server failed"
 timeout 60 python3 load.py http://127.0.0.1:3000 --workload ttft --out "$OUT/ttft.json"
 timeout 240 python3 load.py http://127.0.0.1:3000 --rates "${RATES:-inf,16,4}" --num-requests "${N:-1000}" --out "$OUT/w2.json"
 kill -TERM $LPID; wait $LPID

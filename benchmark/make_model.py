@@ -22,6 +22,11 @@ SHAPES = {
     "llama-8b-shape": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                            num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192,
                            tie_word_embeddings=False),
+    # Llama-3-70B's shape: 70.6B parameters, 141 GB in bf16, more than one H200 holds with room for a
+    # KV cache (#16 serves it at --num-shard 2; write it where there is room, e.g. /dev/shm).
+    "llama-70b-shape": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                            num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                            max_position_embeddings=8192, tie_word_embeddings=False),
     "qwen3-8b-shape": dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=4096,
                            intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                            head_dim=128, vocab_size=151936, rope_theta=1000000.0, max_position_embeddings=8192,
