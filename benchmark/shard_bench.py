@@ -63,6 +63,8 @@ class Shards:
 
     def call(self, method: str, msg):
         """`method` on every rank at once; rank 0's answer."""
+        if len(self.stubs) == 1:  # a plain call: one shard's step times as they were measured before
+            return getattr(self.stubs[0], method)(msg)
         futures = [getattr(stub, method).future(msg) for stub in self.stubs]
         results = [f.result() for f in futures]
         return results[0]
