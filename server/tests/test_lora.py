@@ -269,3 +269,11 @@ def test_the_lora_kernels_are_one_typed_choice():
     assert kernels.step(np.array([1, 1, 0]), prefill=True).block_m > kernels.step(np.array([1]), prefill=False).block_m
     with pytest.raises(ValueError, match="unknown LoRA kernels"):
         make_slot_kernels("cublas", table)
+
+
+def test_peft_keys_name_the_module_that_holds_the_projection():
+    assert peft_key(2, "q_proj", "A") == "base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight"
+    assert peft_key(0, "qkv_proj", "B") == "base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight"
+    assert peft_key(1, "down_proj", "A") == "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
+    # Phi-3's fused gate/up lives under mlp, as peft saves it.
+    assert peft_key(1, "gate_up_proj", "B") == "base_model.model.model.layers.1.mlp.gate_up_proj.lora_B.weight"

@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from text_generation_server.engine import Engine, EngineConfig
+from text_generation_server.lora.adapter import FUSED, peft_key, projection_shapes
+from text_generation_server.models.config import ModelConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import families  # noqa: E402
@@ -159,21 +161,17 @@ def test_chunked_prompts_beside_decoding_rows(family):
 def write_adapter(path: Path, model_dir: Path, kind: str, r: int = 8) -> Path:
     """A PEFT-layout adapter (tensor names as peft saves them, Phi-3's fused ones included) with
     random A and B, written without peft."""
-    cfg = json.loads((model_dir / "config.json").read_text())
-    hid, d = cfg["hidden_size"], cfg["head_dim"]
-    q, kv, inter = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d, cfg["intermediate_size"]
-    shapes = {"q_proj": (q, hid), "k_proj": (kv, hid), "v_proj": (kv, hid), "o_proj": (hid, q),
-              "gate_proj": (inter, hid), "up_proj": (inter, hid), "down_proj": (hid, inter),
-              "qkv_proj": (q + 2 * kv, hid), "gate_up_proj": (2 * inter, hid)}
+    cfg = ModelConfig.from_dir(model_dir)
+    shapes = projection_shapes(cfg)
+    shapes.update({fused: (sum(shapes[p][0] for p in parts), shapes[parts[0]][1])  # one tensor over its parts' rows
+                   for fused, parts in FUSED.items() if parts[0] in shapes})
     g = torch.Generator().manual_seed(7)
     tensors = {}
-    for layer in range(cfg["num_hidden_layers"]):
+    for layer in range(cfg.num_layers):
         for t in families.PEFT_TARGETS[kind]:
-            part = "mlp" if t in ("gate_proj", "up_proj", "down_proj", "gate_up_proj") else "self_attn"
             out_f, in_f = shapes[t]
-            key = f"base_model.model.model.layers.{layer}.{part}.{t}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(r, in_f, generator=g) * 0.05
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, r, generator=g) * 0.05
+            tensors[peft_key(layer, t, "A")] = torch.randn(r, in_f, generator=g) * 0.05
+            tensors[peft_key(layer, t, "B")] = torch.randn(out_f, r, generator=g) * 0.05
     path.mkdir(parents=True)
     save_file(tensors, str(path / "adapter_model.safetensors"))
     (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r,

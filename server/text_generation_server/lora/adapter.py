@@ -29,7 +29,7 @@ _MOE = re.compile(r"\.(?:experts|block_sparse_moe|shared_expert|shared_expert_ga
 
 def peft_key(layer: int, proj: str, ab: str) -> str:
     """The tensor name peft saves for one LoRA matrix (`ab`: "A" or "B"); `_KEY` reads it back."""
-    part = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+    part = "mlp" if proj in MLP_PROJECTIONS or proj == "gate_up_proj" else "self_attn"
     return f"base_model.model.model.layers.{layer}.{part}.{proj}.lora_{ab}.weight"
 
 
