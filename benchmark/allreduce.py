@@ -24,7 +24,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cuda_graph import capture  # noqa: E402
+from gpu_timing import capture  # noqa: E402
 
 
 def step_collectives(group, b: int, hidden: int, layers: int, vocab_share: int, dtype, device):

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cuda_graph import capture  # noqa: E402
+from gpu_timing import capture, event_ms  # noqa: E402
 from make_model import SHAPES  # noqa: E402
 from text_generation_server.lora.adapter import GROUPS, projection_shapes  # noqa: E402
 from text_generation_server.lora.slots import SlotTable  # noqa: E402
@@ -77,17 +77,6 @@ def main():
     def inputs(rows):
         return {g[0]: torch.randn(rows, shapes[g[0]][1], device=dev, dtype=dt) for g in GROUPS}
 
-    def timed(fn, reps=20):
-        fn()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / reps
-
     def decode_ms(b, n, parts=False):
         """Projections of all layers at batch b with N=n (0: base), as a CUDA graph; with `parts`,
         the shrinks alone and the expands alone too."""
@@ -96,16 +85,16 @@ def main():
         g = capture(lambda: layers(x, lora))
         if n:
             step(power_law(b, n, np.random.default_rng(1)), False, plan)
-        out = {"all": timed(g.replay)}
+        out = {"all": event_ms(g.replay)}
         if parts and n:
             shrinks = capture(lambda: [lora.shrink(layer, grp, x[grp[0]]) for layer in range(cfg.num_layers) for grp in GROUPS])
-            out["shrink"] = timed(shrinks.replay)
+            out["shrink"] = event_ms(shrinks.replay)
             vs = {(layer, grp): lora.shrink(layer, grp, x[grp[0]]) for layer in range(cfg.num_layers) for grp in GROUPS}
             ys = {grp: list(torch.zeros(b, sum(shapes[p][0] for p in grp), device=dev, dtype=dt).split(
                 [shapes[p][0] for p in grp], dim=1)) for grp in GROUPS}
             expands = capture(lambda: [lora.expand(layer, grp, vs[(layer, grp)], ys[grp])
                                      for layer in range(cfg.num_layers) for grp in GROUPS])
-            out["expand"] = timed(expands.replay)
+            out["expand"] = event_ms(expands.replay)
         return out
 
     for spec in [v for v in a.sweep.split(",") if v]:
@@ -136,7 +125,7 @@ def main():
             if label != "base":
                 n = int(label[2:])
                 step(power_law(b, n, rng), False, plan)  # refills the static plan
-            row[label] = timed(g.replay)
+            row[label] = event_ms(g.replay)
         results["decode"].append(row)
         print(f"decode batch {b:4d}: " + "  ".join(f"{k} {v:.3f}" + ("" if k == "base" else f" (x{v / row['base']:.3f})")
                                                    for k, v in row.items() if k != "batch"))
@@ -165,12 +154,12 @@ def main():
         pstats.Stats(prof).sort_stats("tottime").print_stats(18)
     t = a.prefill_tokens
     x = inputs(t)
-    row = {"tokens": t, "base": timed(lambda: layers(x, None), 5)}
+    row = {"tokens": t, "base": event_ms(lambda: layers(x, None), 5)}
     for n in (int(v) for v in a.adapters.split(",")):
         per = max(1, t // 8)  # 8 prompts, each on one adapter
         slots = np.repeat(power_law(8, n, rng), per)[:t]
         slots = np.concatenate([slots, np.full(t - len(slots), slots[-1])])
-        row[f"N={n}"] = timed(lambda: layers(x, step(slots, True)), 5)
+        row[f"N={n}"] = event_ms(lambda: layers(x, step(slots, True)), 5)
     results["prefill"].append(row)
     print(f"prefill {t} tokens (8 prompts): " + "  ".join(
         f"{k} {v:.2f}" + ("" if k == "base" else f" (x{v / row['base']:.3f})") for k, v in row.items() if k != "tokens"))

@@ -20,6 +20,7 @@ from text_generation_server.layers.moe import route  # noqa: E402
 from text_generation_server.layers.ops import make_ops  # noqa: E402
 
 import roofline  # noqa: E402
+from gpu_timing import event_ms  # noqa: E402
 
 CANDIDATES = [  # (BM, BN, BK, warps, stages, SPLIT_K of the down projection)
     (16, 64, 128, 4, 3, 1), (16, 64, 128, 4, 3, 2), (16, 64, 128, 4, 3, 4), (16, 32, 128, 4, 4, 1),
@@ -62,16 +63,7 @@ def main() -> None:
                             for bm, bn, bk, w, st, sk in CANDIDATES]
         for cfg in configs:
             try:
-                for _ in range(3):
-                    fused_moe(x, w13, w2, weights, ids, act, cfg)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize()
-                start.record()
-                for _ in range(a.iters):
-                    fused_moe(x, w13, w2, weights, ids, act, cfg)
-                end.record()
-                torch.cuda.synchronize()
-                s = start.elapsed_time(end) / 1e3 / a.iters
+                s = event_ms(lambda: fused_moe(x, w13, w2, weights, ids, act, cfg), a.iters, warmup=3) / 1e3
             except Exception as err:  # noqa: BLE001 - a candidate that does not compile is reported
                 out.append({"tokens": t, "config": cfg, "error": str(err)[:200]})
                 continue
