@@ -105,6 +105,11 @@ impl StopMatcher {
         Self { stops, tail: String::new() }
     }
 
+    /// The stop sequences it watches for.
+    pub fn sequences(&self) -> &StopSequences {
+        &self.stops
+    }
+
     /// Appends text; true once a stop sequence has appeared.
     pub fn push(&mut self, delta: &str) -> bool {
         if self.stops.is_empty() || delta.is_empty() {

@@ -316,8 +316,7 @@ fn response_stream(
         let (_permit, _lease) = (permit, lease);
         let mut timer = m::RequestTimer::new(request.adapter_id.as_deref());
         let mut detok = Detokenizer::new(tokenizer.clone(), &request.input_ids);
-        let stops = StopSequences::new(request.stopping.stop_sequences.clone());
-        let mut matcher = StopMatcher::new(stops.clone());
+        let mut matcher = StopMatcher::new(StopSequences::new(request.stopping.stop_sequences.clone()));
         let mut tokens: Vec<Token> = Vec::new();
         let mut top_tokens: Vec<Vec<Token>> = Vec::new();
         let mut prefill_tokens: Vec<PrefillToken> = Vec::new();
@@ -372,7 +371,7 @@ fn response_stream(
                 continue;
             };
             let mut generated_text = detok.generated_text();
-            let stop_at = if stopped { stops.find(&generated_text) } else { None };
+            let stop_at = if stopped { matcher.sequences().find(&generated_text) } else { None };
             if request.return_full_text {
                 generated_text = format!("{}{}", request.inputs, generated_text);
             }
