@@ -52,14 +52,20 @@ def engine(path, device="cuda", graphs=(1, 2, 4, 8), adapters=(), slot_table=Tru
     return e
 
 
-def run(eng, prompts, n, adapters=None):
-    """Greedy tokens and logprobs of n steps per prompt, in one batch, and each prompt's best
-    two first tokens (ids, logprobs)."""
+def prefill(eng, prompts, n, adapters, top_n):
+    """One prefill step of `prompts` (n new tokens each; `adapters`: row -> adapter name), each
+    row asking for its `top_n` best first tokens."""
     b, _ = batch(1, prompts, n)
     name_adapters(b, adapters)
     for r in b.requests:
-        r.top_n_tokens = 2
-    res, cached = eng.prefill(b)
+        r.top_n_tokens = top_n
+    return eng.prefill(b)
+
+
+def run(eng, prompts, n, adapters=None):
+    """Greedy tokens and logprobs of n steps per prompt, in one batch, and each prompt's best
+    two first tokens (ids, logprobs)."""
+    res, cached = prefill(eng, prompts, n, adapters, top_n=2)
     toks, lps = [[int(t)] for t in res.token_ids], [[float(x)] for x in res.logprobs]
     tops = [(res.top_ids[i, :2].tolist(), res.top_logprobs[i, :2].tolist()) for i in range(len(prompts))]
     for _ in range(n - 1):
@@ -181,11 +187,7 @@ def write_adapter(path: Path, model_dir: Path, kind: str, r: int = 8) -> Path:
 
 def first_logprobs(eng, prompts, adapters):
     """Each prompt's first-step log-probabilities over the whole vocabulary [rows, VOCAB]."""
-    b, _ = batch(1, prompts, 1)
-    name_adapters(b, adapters)
-    for r in b.requests:
-        r.top_n_tokens = VOCAB
-    res, _ = eng.prefill(b)
+    res, _ = prefill(eng, prompts, 1, adapters, top_n=VOCAB)
     eng.clear(None)
     out = np.full((len(prompts), VOCAB), np.nan)
     for i in range(len(prompts)):
