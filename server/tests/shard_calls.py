@@ -50,14 +50,13 @@ def generate(eng, pb_batch: pb.Batch, n: int) -> list[list[int]]:
 def prompt_logits(eng, ids: list[int]):
     """The logits [len(ids), vocab] of every position of one prompt: one forward on the engine's
     model and cache (batch id 1, blocks from 0)."""
-    import torch
 
     from text_generation_server.batch import Batch
     from text_generation_server.models.forward_context import ForwardContext, forward_context
 
     pb_batch, _ = batch(1, [ids], 1)
     b = Batch.from_pb(pb_batch.id, list(pb_batch.requests), eng.cfg.block_size, eng.model.config.vocab_size,
-                      eng.cfg.device)
+                      eng.cfg.device, eng.long_rope)
     inputs = b.prefill_inputs()
     eng.attention.plan(inputs.attention)
     with forward_context(ForwardContext(eng.attention)):

@@ -196,6 +196,9 @@ def test_longrope_rows_past_the_original_context_match_transformers(tmp_path):
     want = [families.greedy(ref, p, N) for p in prompts]
     assert generate(eng, batch(1, prompts, N)[0], N) == want
     assert generate(eng, batch(2, prompts[:1], N)[0], N) == want[:1]
+    with torch.no_grad():  # and one forward of the long prompt (the logits helper the GPU tests use)
+        theirs = ref(torch.tensor([prompts[0]])).logits[0].float()
+    torch.testing.assert_close(prompt_logits(eng, prompts[0]), theirs, atol=1e-4, rtol=1e-4)
 
 
 def test_moe_kernel_under_the_interpreter():
