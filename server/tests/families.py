@@ -87,6 +87,9 @@ def write(path: Path, kind: str, vocab: int = 97, seed: int = 0, **dims):
     """Saves a random `kind` model under `path`; returns (path, the transformers model, eval mode)."""
     router_scale = dims.pop("router_scale", 1.0)
     cfg, cls = config(kind, vocab, **dims)
+    # transformers' eager attention, the reference arithmetic: its SDPA path (the default where a
+    # GPU is present) drops Gemma 2's attention soft cap
+    cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = cls(cfg).eval()
     with torch.no_grad():  # random norm weights too (transformers starts them at 1, or 0 for Gemma's 1 + w)

@@ -83,20 +83,21 @@ def parting(got_toks, want_toks) -> float:
                for g, w in zip(got_toks, want_toks)) / len(got_toks)
 
 
-def near(got_toks, got_lps, want_toks, want_lps, want_tops, first_only=False, floor=0.5):
+def near(got_toks, got_lps, want_toks, want_lps, want_tops, lp_tol=None, first_only=False, floor=0.5):
     """bf16 against float32: the first token agrees (or is the reference's second choice at a near
-    tie: its best two within 0.1), its logprob closely, and the greedy paths part on average no
-    earlier than `floor` of the way (only at near ties). `first_only`: the first token alone (a
-    mixture of experts, held to transformers' own bf16 instead: `test_graphs_eager_and_transformers`)."""
+    tie: its best two within 0.1), its logprob within the prompt's `lp_tol` (0.15 unless given),
+    and the greedy paths part on average no earlier than `floor` of the way (only at near ties).
+    `first_only`: the first token alone (a mixture of experts: `test_graphs_eager_and_transformers`)."""
     agree = []
-    for g, gl, w, wl, (ids, top) in zip(got_toks, got_lps, want_toks, want_lps, want_tops):
+    lp_tol = lp_tol or [0.15] * len(got_toks)
+    for g, gl, w, wl, (ids, top), tol in zip(got_toks, got_lps, want_toks, want_lps, want_tops, lp_tol):
         if g[0] != w[0]:
             assert g[0] == ids[1] and top[0] - top[1] < 0.1, (g, w, ids, top)
             agree.append(0.5)  # a near tie: the paths part at once, and count as half-way
             continue
         if first_only:
             continue
-        assert abs(gl[0] - wl[0]) < 0.15, (gl[0], wl[0])
+        assert abs(gl[0] - wl[0]) < tol, (gl[0], wl[0], tol)
         agree.append(parting([g], [w]))
     if not first_only:
         assert sum(agree) / len(agree) >= floor, (agree, floor)
@@ -118,14 +119,32 @@ def greedy_with_scores(model, prompts):
     return toks, lps, tops
 
 
+def first_step_slack(eng, f32, bf16, prompts):
+    """Per prompt, how far our first-step logprobs (eager, the prompt alone) may stray from
+    transformers' float32: twice as far as transformers' own bf16 does, + 0.1 (whole distribution,
+    asserted here), and at least 0.15 at the greedy token (returned, for `near`)."""
+    slack = []
+    for p in prompts:
+        ids = torch.tensor([p], device="cuda")
+        with torch.no_grad():
+            want = torch.log_softmax(f32(ids).logits[0, -1].float(), -1)
+            rounded = torch.log_softmax(bf16(ids).logits[0, -1].float(), -1)
+        ours = torch.log_softmax(prompt_logits(eng, p)[-1].float(), -1)
+        theirs = (rounded - want).abs().max().item()
+        assert (ours - want).abs().max().item() <= 2 * theirs + 0.1, (p, ours, rounded, want)
+        slack.append(max(0.15, 2 * theirs + 0.1))
+    return slack
+
+
 def test_graphs_eager_and_transformers(family):
-    """CUDA-graph replay against eager, token for token; then bf16 against transformers' float32,
-    held to what transformers' own bf16 does on the same GPU. A dense model's greedy paths must
-    run with float32's no less far than bf16 transformers' do (less 0.15; at most 0.5 asked): a
-    test model as flat as Gemma 2's (soft caps) parts early at near ties whoever rounds. A
-    mixture's first-step logprobs must stay within twice transformers' bf16 deviation (+0.1):
-    rounding flips a token's experts where two are near a tie (transformers' own bf16 moved these
-    models' first-step logprobs from float32 by up to 2.6 on the H200)."""
+    """CUDA-graph replay against eager, token for token; then bf16 against transformers' float32
+    (eager attention), held to what transformers' own bf16 does on the same GPU. First-step
+    logprobs must stay within twice transformers' bf16 deviation (+0.1; a mixture's experts flip
+    where two are near a tie: transformers' own bf16 moved them by up to 2.6 on the H200). A dense
+    model's greedy paths must run with float32's no less far than bf16 transformers' do (less
+    0.15; at most 0.5 asked): the test models part early at near ties whoever rounds (Gemma 2's:
+    transformers' bf16 reaches 0.45 on the CPU). A mixture's paths are not compared past the
+    first token."""
     kind, path, ref, _ = family
     graphs = engine(path)
     assert graphs.graphs is not None and graphs.attention.name == "flashinfer"
@@ -137,17 +156,9 @@ def test_graphs_eager_and_transformers(family):
     f32 = copy.deepcopy(ref).to("cuda")
     bf16 = copy.deepcopy(ref).to("cuda", torch.bfloat16)
     want_t, want_lp, want_tops = greedy_with_scores(f32, PROMPTS)
-    moe = kind in families.MOE
+    slack = first_step_slack(eager, f32, bf16, PROMPTS)
     theirs = parting(greedy_with_scores(bf16, PROMPTS)[0], want_t)
-    near(t_g, lp_g, want_t, want_lp, want_tops, first_only=moe, floor=min(0.5, theirs - 0.15))
-    if moe:
-        for p in PROMPTS:
-            ids = torch.tensor([p], device="cuda")
-            with torch.no_grad():
-                want = torch.log_softmax(f32(ids).logits[0, -1].float(), -1)
-                rounded = torch.log_softmax(bf16(ids).logits[0, -1].float(), -1)
-            ours = torch.log_softmax(prompt_logits(eager, p)[-1].float(), -1)
-            assert (ours - want).abs().max() <= 2 * (rounded - want).abs().max() + 0.1, (p, ours, rounded, want)
+    near(t_g, lp_g, want_t, want_lp, want_tops, slack, kind in families.MOE, floor=min(0.5, theirs - 0.15))
 
 
 def test_chunked_prompts_beside_decoding_rows(family):
