@@ -87,8 +87,8 @@ def write(path: Path, kind: str, vocab: int = 97, seed: int = 0, **dims):
     """Saves a random `kind` model under `path`; returns (path, the transformers model, eval mode)."""
     router_scale = dims.pop("router_scale", 1.0)
     cfg, cls = config(kind, vocab, **dims)
-    # transformers' eager attention, the reference arithmetic: its SDPA path (the default where a
-    # GPU is present) drops Gemma 2's attention soft cap
+    # transformers' eager attention, the reference arithmetic: torch's SDPA has no soft cap, and
+    # the GPU machine's transformers picked it for Gemma 2 (this machine's refuses it for Gemma 2)
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = cls(cfg).eval()
