@@ -125,6 +125,16 @@ def test_bad_request_fails_alone(engine_factory):
     assert cached is None and res.failed[0][0] == 5
 
 
+@pytest.mark.parametrize("field, why", [("blocks", "block ids beyond the cache's"),
+                                        ("cache_locs", "cache locations beyond the cache's")])
+def test_kv_places_outside_the_cache_are_refused(engine_factory, field, why):
+    eng, _ = engine_factory("llama")
+    b, _ = batch(1, [[3, 4, 5], [3, 4, 5]], 2)
+    getattr(b.requests[0], field)[-1] = eng.num_blocks * (eng.cfg.block_size if field == "cache_locs" else 1)
+    res, cached = eng.prefill(b)
+    assert cached.request_ids == [1] and res.failed[0][0] == 0 and res.failed[0][1].startswith(why)
+
+
 def test_prompt_logprobs_and_top_n(engine_factory):
     from text_generation_server.pb import generate_pb2 as pb
 

@@ -145,7 +145,7 @@ def prompt_logprobs(engine: Engine, hidden, inputs: StepInputs, prompts, rows) -
     """Logprob of each prompt token given the ones before it, for the rows that asked."""
     cu = inputs.attention.cu_seqlens_q.cpu().numpy()
     index = np.concatenate([np.arange(cu[r], cu[r + 1] - 1) for r in rows])
-    targets = np.concatenate([np.asarray(prompts[r][1:], dtype=np.int64) for r in rows])
+    targets = np.concatenate([prompts[r][1:] for r in rows])
     out: dict[int, tuple[list[int], list[float]]] = {}
     if len(index):
         dev = hidden.device
@@ -156,7 +156,7 @@ def prompt_logprobs(engine: Engine, hidden, inputs: StepInputs, prompts, rows) -
     at = 0
     for r in rows:
         n = len(prompts[r]) - 1
-        out[int(r)] = (list(prompts[r]), [float("nan")] + vals[at:at + n].tolist())
+        out[int(r)] = (prompts[r].tolist(), [float("nan")] + vals[at:at + n].tolist())
         at += n
     return out
 
