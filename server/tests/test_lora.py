@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from text_generation_server.errors import ErrorCode, ShardError
-from text_generation_server.lora.adapter import GROUPS, peft_key, projection_shapes
+from text_generation_server.lora.adapter import GROUPS, peft_key, projection_shapes, write_random_adapter
 from text_generation_server.lora.pool import AdapterPool
 from text_generation_server.lora.segment import SegmentLoraStep, torch_segment_matmul
 from text_generation_server.lora.slots import SlotTable
@@ -26,19 +26,8 @@ CFG = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], "vocab_size"
 
 def write_adapter(d, rank, targets=("q_proj", "v_proj"), alpha=None, rslora=False, seed=0, cfg=CFG):
     """A PEFT directory with random non-zero weights for the model of `cfg`."""
-    torch.manual_seed(seed)
-    d.mkdir(parents=True)
-    shapes = projection_shapes(cfg)
-    tensors = {}
-    for layer in range(cfg.num_layers):
-        for t in targets:
-            out_f, in_f = shapes[t]
-            tensors[peft_key(layer, t, "A")] = torch.randn(rank, in_f) * 0.3
-            tensors[peft_key(layer, t, "B")] = torch.randn(out_f, rank) * 0.3
-    save_file(tensors, str(d / "adapter_model.safetensors"))
-    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": alpha or 2 * rank,
-                                                       "use_rslora": rslora, "target_modules": list(targets)}))
-    return d
+    return write_random_adapter(d, cfg, rank, targets, torch.Generator().manual_seed(seed), 0.3, alpha=alpha,
+                                use_rslora=rslora, target_modules=list(targets))
 
 
 @pytest.fixture

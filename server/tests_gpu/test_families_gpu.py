@@ -8,17 +8,15 @@ kernel against its reference path, eager and in a CUDA graph."""
 from __future__ import annotations
 
 import copy
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from text_generation_server.engine import Engine, EngineConfig
-from text_generation_server.lora.adapter import FUSED, peft_key, projection_shapes
+from text_generation_server.lora.adapter import write_random_adapter
 from text_generation_server.models.config import ModelConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -176,24 +174,9 @@ def test_chunked_prompts_beside_decoding_rows(family):
 
 
 def write_adapter(path: Path, model_dir: Path, kind: str, r: int = 8) -> Path:
-    """A PEFT-layout adapter (tensor names as peft saves them, Phi-3's fused ones included) with
-    random A and B, written without peft."""
-    cfg = ModelConfig.from_dir(model_dir)
-    shapes = projection_shapes(cfg)
-    shapes.update({fused: (sum(shapes[p][0] for p in parts), shapes[parts[0]][1])  # one tensor over its parts' rows
-                   for fused, parts in FUSED.items() if parts[0] in shapes})
-    g = torch.Generator().manual_seed(7)
-    tensors = {}
-    for layer in range(cfg.num_layers):
-        for t in families.PEFT_TARGETS[kind]:
-            out_f, in_f = shapes[t]
-            tensors[peft_key(layer, t, "A")] = torch.randn(r, in_f, generator=g) * 0.05
-            tensors[peft_key(layer, t, "B")] = torch.randn(out_f, r, generator=g) * 0.05
-    path.mkdir(parents=True)
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
-                                                          "target_modules": families.PEFT_TARGETS[kind]}))
-    return path
+    """A PEFT-layout adapter on the family's PEFT targets (Phi-3's fused ones included), random."""
+    return write_random_adapter(path, ModelConfig.from_dir(model_dir), r, families.PEFT_TARGETS[kind],
+                                torch.Generator().manual_seed(7), 0.05, target_modules=families.PEFT_TARGETS[kind])
 
 
 def first_logprobs(eng, prompts, adapters):

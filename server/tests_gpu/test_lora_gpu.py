@@ -8,10 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from text_generation_server.engine import Engine, EngineConfig
-from text_generation_server.lora.adapter import GROUPS, PROJECTIONS, Adapter, peft_key, projection_shapes
+from text_generation_server.lora.adapter import GROUPS, PROJECTIONS, Adapter, projection_shapes, write_random_adapter
 from text_generation_server.lora.segment import FlashInferSegmentMatmul, SegmentLoraStep
 from text_generation_server.lora.slots import SlotTable
 from text_generation_server.lora.step import LoraStep
@@ -82,18 +81,7 @@ def test_slot_kernels_match_grouped_torch(backend):
 
 def write_peft(path, cfg_dict, rank, targets, seed):
     """A PEFT directory with random non-zero weights for the GPU test model."""
-    cfg = ModelConfig.from_dict(cfg_dict)
-    shapes = projection_shapes(cfg)
-    g = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for layer in range(cfg.num_layers):
-        for t in targets:
-            out_f, in_f = shapes[t]
-            tensors[peft_key(layer, t, "A")] = torch.randn(rank, in_f, generator=g) * 0.05
-            tensors[peft_key(layer, t, "B")] = torch.randn(out_f, rank, generator=g) * 0.05
-    path.mkdir(parents=True)
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank}))
+    write_random_adapter(path, ModelConfig.from_dict(cfg_dict), rank, targets, torch.Generator().manual_seed(seed), 0.05)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from text_generation_server.errors import ErrorCode, ShardError
 from text_generation_server.lora.peft_config import bad, read_config
@@ -57,6 +58,27 @@ def peft_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
             in_f = shapes[parts[0]][1]
             shapes[fused] = (sum(shapes.pop(p)[0] for p in parts), in_f)
     return shapes
+
+
+def write_random_adapter(path: Path, cfg: ModelConfig, rank: int, targets, generator: torch.Generator, std: float,
+                         dtype: torch.dtype = torch.float32, alpha: float | None = None, **config) -> Path:
+    """A random-weight LoRA adapter for tests and benchmarks (which never reach a model hub), in
+    the layout peft saves: its tensor names (Phi-3's fused projections as one tensor), A [r, in]
+    and B [out, r] drawn from `generator` layer by layer with standard deviation `std`, and an
+    adapter_config.json with lora_alpha 2r unless given and the `config` entries after it."""
+    shapes = peft_shapes(cfg)
+    tensors = {}
+    for layer in range(cfg.num_layers):
+        for t in targets:
+            out_f, in_f = shapes[t]
+            for ab, shape in (("A", (rank, in_f)), ("B", (out_f, rank))):
+                w = torch.randn(*shape, generator=generator, device=generator.device) * std
+                tensors[peft_key(layer, t, ab)] = w.to(dtype).cpu()
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": alpha or 2 * rank,
+                                                          **config}))
+    return path
 
 
 @dataclass
