@@ -1,7 +1,8 @@
 """What a shard's host spends on one chunk of a long prompt before the forward: parsing the
-protobuf batch, checking the request, building the batch and the step's inputs. The router sends
-the whole prompt (ids and cache locations) with every chunk, so this grows with the prompt, and a
-prompt of n tokens in chunks of c pays it n / c times. CPU only; no model is loaded.
+protobuf batch, checking the request, building the batch and the step's inputs; for the two forms
+the contract allows: a chunk that carries only its own tokens (`input_len` set, as the router
+sends it) and one that carries the whole prompt, which grows with the prompt and is paid n / c
+times by a prompt of n tokens in chunks of c. CPU only; no model is loaded.
 
     python benchmark/chunk_host.py --tokens 32768,131072 --chunk 2048 [--out F]
 """
@@ -24,10 +25,12 @@ from text_generation_server.pb import generate_pb2 as pb  # noqa: E402
 BLOCK, VOCAB = 16, 49152
 
 
-def chunk_batch(n: int, chunk: int) -> bytes:
+def chunk_batch(n: int, chunk: int, sliced: bool) -> bytes:
     """A serialized batch of one n-token prompt whose second-to-last chunk is due."""
-    r = pb.Request(id=1, input_ids=[i % VOCAB for i in range(n)], cache_locs=list(range(n)),
-                   blocks=list(range(-(-n // BLOCK))), cached_tokens=n - 2 * chunk, compute_tokens=chunk)
+    start = n - 2 * chunk
+    span = range(start, start + chunk) if sliced else range(n)
+    r = pb.Request(id=1, input_ids=[i % VOCAB for i in span], cache_locs=list(span), input_len=n if sliced else 0,
+                   blocks=list(range(-(-n // BLOCK))), cached_tokens=start, compute_tokens=chunk)
     r.stopping_parameters.max_new_tokens = 16
     r.parameters.temperature = 1.0
     return pb.Batch(id=1, requests=[r]).SerializeToString()
@@ -55,9 +58,12 @@ def main():
     a = ap.parse_args()
     rows = []
     for n in (int(t) for t in a.tokens.split(",")):
-        ms = host_ms(chunk_batch(n, a.chunk), a.reps)
-        rows.append(dict(prompt_tokens=n, chunk=a.chunk, host_ms_per_chunk=round(ms, 3),
-                         chunks=-(-n // a.chunk), host_ms_per_prompt=round(ms * -(-n // a.chunk), 1)))
+        sliced, whole = (host_ms(chunk_batch(n, a.chunk, f), a.reps) for f in (True, False))
+        k = -(-n // a.chunk)
+        # per prompt: the router's form sends every chunk but the last sliced; the other, all whole
+        rows.append(dict(prompt_tokens=n, chunk=a.chunk, chunks=k, sliced_ms_per_chunk=round(sliced, 3),
+                         whole_ms_per_chunk=round(whole, 3), router_ms_per_prompt=round((k - 1) * sliced + whole, 1),
+                         all_whole_ms_per_prompt=round(k * whole, 1)))
         print(json.dumps(rows[-1]))
     if a.out:
         Path(a.out).write_text(json.dumps(rows, indent=1))

@@ -162,11 +162,13 @@ def _record(out: Outputs, res) -> None:
             tops.append((res.top_ids[i, :2].tolist(), res.top_logprobs[i, :2].tolist()))
 
 
-def chunked_script(eng, chunk: int, adapters: dict[int, str] | None = None) -> Outputs:
+def chunked_script(eng, chunk: int, adapters: dict[int, str] | None = None, sliced: bool = True) -> Outputs:
     """Two requests decode while two long prompts arrive and are computed `chunk` tokens per step
     in the same steps (the router's token budget), the second starting mid-way through the
     first's chunks; returns each request's tokens, logprobs and top-2 alternatives, in the order
-    the calls reported them."""
+    the calls reported them. `sliced`: a chunk that does not finish its prompt carries only its
+    own tokens (`input_len` set), as the router sends it; else every chunk carries the whole
+    prompt."""
     out: Outputs = {}
     short0, short1, long_c, long_d = script_requests()
     a = pb.Batch(id=1, requests=[short0, short1])
@@ -186,6 +188,11 @@ def chunked_script(eng, chunk: int, adapters: dict[int, str] | None = None) -> O
             c = pb.Request()
             c.CopyFrom(r)
             c.cached_tokens, c.compute_tokens = done, n
+            if sliced and done + n < len(r.input_ids):
+                c.input_len = len(r.input_ids)
+                del c.input_ids[:], c.cache_locs[:]
+                c.input_ids.extend(r.input_ids[done:done + n])
+                c.cache_locs.extend(r.cache_locs[done:done + n])
             if adapters and c.id in adapters:
                 c.adapter_id = adapters[c.id]
             chunks.append(c)

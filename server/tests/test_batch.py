@@ -125,6 +125,22 @@ def test_bad_request_fails_alone(engine_factory):
     assert cached is None and res.failed[0][0] == 5
 
 
+@pytest.mark.parametrize("cached, compute, sent", [(0, 3, 2), (0, 0, 3), (4, 4, 4)])
+def test_a_chunk_carrying_other_than_its_tokens_is_refused(engine_factory, cached, compute, sent):
+    """A chunk that does not finish its input (input_len 8 set) must carry exactly the tokens it
+    computes, and must not reach the input's end."""
+    eng, _ = engine_factory("llama")
+    b, _ = batch(1, [list(range(2, 10)), [3, 4, 5]], 2)
+    r = b.requests[0]
+    r.input_len, r.cached_tokens, r.compute_tokens = 8, cached, compute
+    ids, locs = list(r.input_ids), list(r.cache_locs)
+    del r.input_ids[:], r.cache_locs[:]
+    r.input_ids.extend(ids[cached:cached + sent]), r.cache_locs.extend(locs[cached:cached + sent])
+    res, cached_batch = eng.prefill(b)
+    assert cached_batch.request_ids == [1] and res.failed[0][0] == 0
+    assert res.failed[0][1].startswith("a chunk that does not finish its input (8 tokens) carries exactly")
+
+
 @pytest.mark.parametrize("field, why", [("blocks", "block ids beyond the cache's"),
                                         ("cache_locs", "cache locations beyond the cache's")])
 def test_kv_places_outside_the_cache_are_refused(engine_factory, field, why):

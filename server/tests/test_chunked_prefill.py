@@ -58,6 +58,12 @@ def test_chunks_in_mixed_steps_match_each_request_alone(make_engine, overlap, ch
     check(chunked_script(make_engine(overlap), chunk), reference(make_engine(False)))
 
 
+@pytest.mark.parametrize("chunk", [3, 8])
+def test_chunks_carrying_the_whole_prompt_match_too(make_engine, chunk):
+    """The other form the contract allows: every chunk with the whole prompt (input_len unset)."""
+    check(chunked_script(make_engine(True), chunk, sliced=False), reference(make_engine(False)))
+
+
 @pytest.mark.parametrize("chunk", [3, 64])
 def test_chunks_with_adapters_match_each_request_alone(make_engine, chunk):
     """Adapters on decoding rows and on chunked prompts (attention and MLP targets)."""

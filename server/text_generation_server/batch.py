@@ -21,10 +21,29 @@ if TYPE_CHECKING:
     from text_generation_server.step import Launched
 
 
+def _input_len(r) -> int:
+    """A request's whole input (the prompt, and a resumed request's generated tokens): a chunk
+    that does not finish its prompt carries only its own tokens and says how long the input is."""
+    return r.input_len or len(r.input_ids)
+
+
 def _total(r) -> int:
     """The most tokens a request's sequence reaches: its prompt (with any tokens generated before a
     preemption) and what it may still generate."""
-    return len(r.input_ids) + r.stopping_parameters.max_new_tokens - r.generated_tokens
+    return _input_len(r) + r.stopping_parameters.max_new_tokens - r.generated_tokens
+
+
+def _in_place(r, field: str) -> np.ndarray:
+    """A request's input_ids or cache_locs as int64 over its whole input: numpy views of the
+    protobuf's packed fields (a copy-free read). A chunk that does not finish its prompt carries
+    only its own, placed at cached_tokens; the rest of the array is never read (a step reads a
+    row's positions cache_len..prompt_end only, and such a row neither samples nor counts)."""
+    got = np.asarray(getattr(r, field), dtype=np.int64)
+    if not r.input_len:
+        return got
+    whole = np.zeros(r.input_len, dtype=np.int64)
+    whole[r.cached_tokens:r.cached_tokens + len(got)] = got
+    return whole
 
 
 def to_device(a: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -112,9 +131,7 @@ class Batch:
         for i, r in enumerate(reqs):
             tables[i, : len(r.blocks)] = r.blocks
         sp = SamplingParams.from_rows([r.parameters for r in reqs], device)
-        # numpy views of the protobuf's packed fields (a copy-free read; a list of a 128k-token
-        # prompt costs milliseconds, and a chunked prompt arrives whole with every chunk)
-        prompts = [np.asarray(r.input_ids, dtype=np.int64) for r in reqs]
+        prompts = [_in_place(r, "input_ids") for r in reqs]
         b = cls(
             id=batch_id,
             request_ids=[r.id for r in reqs],
@@ -138,24 +155,25 @@ class Batch:
             out_counts=None,
             block_size=block_size,
             prompt_ids=prompts,
-            prompt_cache_locs=[np.asarray(r.cache_locs, dtype=np.int64) for r in reqs],
+            prompt_cache_locs=[_in_place(r, "cache_locs") for r in reqs],
             # a long prompt is computed in chunks: this step computes `compute_tokens` of it
-            prompt_ends=np.array([r.cached_tokens + r.compute_tokens if r.compute_tokens else len(r.input_ids)
+            prompt_ends=np.array([r.cached_tokens + r.compute_tokens if r.compute_tokens else _input_len(r)
                                   for r in reqs], dtype=np.int64),
             prefill_logprobs=np.array([r.prefill_logprobs for r in reqs], dtype=bool),
         )
         if sp.needs_prompt_counts:
             b.counts = torch.zeros((len(reqs), vocab_size), dtype=torch.int32, device=device)
-            rows = np.repeat(np.arange(len(reqs)), [len(p) for p in prompts])
-            ids = np.concatenate(prompts)
+            counted = [p[:0] if r.input_len else p for p, r in zip(prompts, reqs)]  # a chunk's row never samples
+            rows = np.repeat(np.arange(len(reqs)), [len(p) for p in counted])
+            ids = np.concatenate(counted)
             b.counts.index_put_(
                 (to_device(rows, device), to_device(ids, device)),
                 torch.ones(len(ids), dtype=torch.int32, device=device), accumulate=True,
             )
         if sp.needs_output_counts:
             b.out_counts = torch.zeros((len(reqs), vocab_size), dtype=torch.int32, device=device)
-            outs = [p[len(p) - r.generated_tokens:] for p, r in zip(prompts, reqs)]
-            if any(r.generated_tokens for r in reqs):
+            outs = [p[:0] if r.input_len else p[len(p) - r.generated_tokens:] for p, r in zip(prompts, reqs)]
+            if any(len(o) for o in outs):
                 rows = np.repeat(np.arange(len(reqs)), [len(o) for o in outs])
                 ids = np.concatenate(outs)
                 b.out_counts.index_put_((to_device(rows, device), to_device(ids, device)),
@@ -369,11 +387,15 @@ def check_request(r, block_size: int, vocab_size: int, num_blocks: int) -> str |
     """Why a new request cannot run, or None. Checked per request so one bad request fails alone."""
     if not r.input_ids:
         return "no input tokens"
+    n = _input_len(r)
     if len(r.cache_locs) != len(r.input_ids):
         return f"{len(r.cache_locs)} cache locations for {len(r.input_ids)} tokens"
-    if len(r.blocks) * block_size < len(r.input_ids):
+    if r.input_len and (r.compute_tokens != len(r.input_ids) or r.cached_tokens + r.compute_tokens >= n):
+        return (f"a chunk that does not finish its input ({n} tokens) carries exactly the tokens it computes "
+                f"(cached_tokens {r.cached_tokens}, compute_tokens {r.compute_tokens}, {len(r.input_ids)} sent)")
+    if len(r.blocks) * block_size < n:
         return "block table too short for the prompt"
-    if r.generated_tokens >= max(r.stopping_parameters.max_new_tokens, 1) or r.generated_tokens >= len(r.input_ids):
+    if r.generated_tokens >= max(r.stopping_parameters.max_new_tokens, 1) or r.generated_tokens >= n:
         return "generated_tokens must be below max_new_tokens and within input_ids"
     if np.asarray(r.blocks).max() >= num_blocks:
         return f"block ids beyond the cache's {num_blocks} blocks"
@@ -381,9 +403,9 @@ def check_request(r, block_size: int, vocab_size: int, num_blocks: int) -> str |
         return f"cache locations beyond the cache's {num_blocks * block_size} slots"
     if np.asarray(r.input_ids).max() >= vocab_size:
         return "token id out of vocabulary"
-    if r.cached_tokens + r.compute_tokens > len(r.input_ids) or r.cached_tokens >= len(r.input_ids):
+    if r.cached_tokens + r.compute_tokens > n or r.cached_tokens >= n:
         return (f"cached_tokens ({r.cached_tokens}) + compute_tokens ({r.compute_tokens}) must leave a prompt token "
-                f"to compute and stay within the prompt ({len(r.input_ids)})")
-    if r.prefill_logprobs and (r.cached_tokens or r.compute_tokens not in (0, len(r.input_ids))):
+                f"to compute and stay within the prompt ({n})")
+    if r.prefill_logprobs and (r.cached_tokens or r.compute_tokens not in (0, n)):
         return "prompt logprobs need the whole prompt computed in one step (no cached tokens, no chunks)"
     return None

@@ -70,9 +70,9 @@ impl std::fmt::Debug for BlockAllocation {
 }
 
 impl BlockAllocation {
-    /// Cache location (block * block_size + offset) of each of the first `n` positions.
-    pub fn cache_locs(&self, n: u32) -> Vec<u32> {
-        (0..n).map(|p| self.blocks[(p / self.block_size) as usize] * self.block_size + p % self.block_size).collect()
+    /// Cache location (block * block_size + offset) of each position in `span`.
+    pub fn cache_locs(&self, span: std::ops::Range<u32>) -> Vec<u32> {
+        span.map(|p| self.blocks[(p / self.block_size) as usize] * self.block_size + p % self.block_size).collect()
     }
 
     /// Whether the blocks already hold `tokens` positions.
@@ -345,7 +345,8 @@ mod tests {
         let a = BlockAllocator::new(8, 4);
         let _hold = a.allocate(4).unwrap(); // block 0
         let x = a.allocate(6).unwrap(); // blocks 1, 2
-        assert_eq!(x.cache_locs(6), vec![4, 5, 6, 7, 8, 9]);
+        assert_eq!(x.cache_locs(0..6), vec![4, 5, 6, 7, 8, 9]);
+        assert_eq!(x.cache_locs(3..6), vec![7, 8, 9]);
     }
 
     #[test]

@@ -288,20 +288,34 @@ impl Queue {
 }
 
 /// The request as the shard sees it, computing `compute` of its fed tokens after the first
-/// `cached` (in the cache already: the prefix cache's, or earlier chunks').
+/// `cached` (in the cache already: the prefix cache's, or earlier chunks'). A chunk that does not
+/// finish the input carries only its own tokens and their cache locations (`input_len` says how
+/// long the whole input is), so a long prompt is not resent with every chunk; the chunk that
+/// finishes it carries all of it.
 pub fn to_pb(id: u64, e: &Entry, cached: u32, compute: u32) -> pb::Request {
-    let mut r = request_pb(id, e);
+    let fed = e.fed();
+    let partial = compute > 0 && cached + compute < fed;
+    let mut r = request_pb(id, e, if partial { cached..cached + compute } else { 0..fed });
     r.cached_tokens = cached;
     r.compute_tokens = compute;
+    r.input_len = if partial { fed } else { 0 };
     r
 }
 
-fn request_pb(id: u64, e: &Entry) -> pb::Request {
+/// The request with the fed tokens in `span` (all of them unless a chunk's) and their cache locations.
+fn request_pb(id: u64, e: &Entry, span: std::ops::Range<u32>) -> pb::Request {
     let r = &e.request;
     let a = e.allocation.as_ref().expect("admitted entries hold an allocation");
+    let (start, end) = (span.start as usize, span.end as usize);
+    let prompt = r.input_ids.len();
+    let input_ids = r.input_ids[start.min(prompt)..end.min(prompt)]
+        .iter()
+        .chain(&e.generated[start.saturating_sub(prompt)..end.saturating_sub(prompt)])
+        .copied()
+        .collect();
     pb::Request {
         id,
-        input_ids: e.tokens(),
+        input_ids,
         parameters: Some(pb::NextTokenChooserParameters {
             temperature: r.parameters.temperature,
             top_k: r.parameters.top_k,
@@ -319,7 +333,7 @@ fn request_pb(id: u64, e: &Entry) -> pb::Request {
             ignore_eos_token: r.stopping.ignore_eos_token,
         }),
         blocks: a.blocks.clone(),
-        cache_locs: a.cache_locs(e.fed()),
+        cache_locs: a.cache_locs(span),
         adapter_id: r.adapter_id.clone(),
         // a resumed request's stream has its prompt logprobs already (and its input now holds
         // generated tokens too)
@@ -329,6 +343,7 @@ fn request_pb(id: u64, e: &Entry) -> pb::Request {
         generated_tokens: e.generated.len() as u32,
         compute_tokens: 0,
         constrained: e.grammar.is_some(),
+        input_len: 0,
     }
 }
 
@@ -378,15 +393,35 @@ pub(crate) mod tests {
         let mut e = Entry::new(r, tx);
         let alloc = BlockAllocator::new(4, 16);
         e.allocation = Some(alloc.allocate(16).unwrap());
-        assert!(request_pb(0, &e).prefill_logprobs);
+        assert!(request_pb(0, &e, 0..5).prefill_logprobs);
         e.generated = vec![7, 8, 9];
-        let p = request_pb(0, &e);
+        let p = request_pb(0, &e, 0..8);
         assert_eq!((p.input_ids.len(), p.generated_tokens, p.prefill_logprobs), (8, 3, false));
         assert_eq!(&p.input_ids[5..], &[7, 8, 9]);
         assert_eq!(p.cache_locs.len(), 8);
         assert_eq!(e.needed_positions(), 9);
         e.generated = vec![1; 9];
         assert_eq!(e.needed_positions(), 14, "never past the last fed position (input + max_new - 2)");
+    }
+
+    #[test]
+    fn a_chunk_that_does_not_finish_the_input_carries_only_its_tokens() {
+        let mut r = valid_request(5, 10);
+        Arc::get_mut(&mut r.input_ids).unwrap().copy_from_slice(&[10, 11, 12, 13, 14]);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut e = Entry::new(r, tx);
+        e.allocation = Some(BlockAllocator::new(4, 4).allocate(9).unwrap());
+        e.generated = vec![7, 8, 9]; // resumed: 8 tokens fed
+        let locs = e.allocation.as_ref().unwrap().cache_locs(0..8);
+        let p = to_pb(0, &e, 3, 3); // across the prompt's end
+        assert_eq!((p.input_ids, p.cache_locs.as_slice(), p.input_len), (vec![13, 14, 7], &locs[3..6], 8));
+        assert_eq!((p.cached_tokens, p.compute_tokens, p.generated_tokens), (3, 3, 3));
+        let p = to_pb(0, &e, 0, 2); // within the prompt
+        assert_eq!((p.input_ids, p.input_len), (vec![10, 11], 8));
+        for (cached, compute) in [(6, 2), (6, 0), (0, 0), (0, 8)] { // the last chunk, or the whole input: all of it
+            let p = to_pb(0, &e, cached, compute);
+            assert_eq!((p.input_ids, p.cache_locs, p.input_len), (vec![10, 11, 12, 13, 14, 7, 8, 9], locs.clone(), 0));
+        }
     }
 
     const ALL: BatchLimits = BatchLimits { max_size: None, prefill_tokens: 1000, reserve_blocks: 0 };
@@ -411,7 +446,7 @@ pub(crate) mod tests {
         let entries = q.next_batch(&alloc, ALL).unwrap();
         assert_eq!(h.len(), 0);
         assert_eq!(entries.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![0, 1]);
-        let requests: Vec<pb::Request> = entries.iter().map(|(id, e)| request_pb(*id, e)).collect();
+        let requests: Vec<pb::Request> = entries.iter().map(|(id, e)| request_pb(*id, e, 0..e.fed())).collect();
         assert_eq!(requests[0].blocks, vec![0]);
         assert_eq!(requests[0].cache_locs, vec![0, 1, 2]);
         assert_eq!(requests[1].blocks, vec![1, 2]);

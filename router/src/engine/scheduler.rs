@@ -157,6 +157,11 @@ fn admit(st: &mut Batching, queue: &mut Queue, allocator: &BlockAllocator, cfg: 
 /// A prompt whose last chunk goes joins the running requests (its first token arrives from this
 /// step, or from the next call when the shards run a step ahead). A prompt asking for prompt
 /// logprobs is never split: it goes whole, alone over the budget if it must.
+/// The whole input's length of a request sent to the shard (a chunk's carries only its own tokens).
+fn input_len(r: &pb::Request) -> u32 {
+    if r.input_len > 0 { r.input_len } else { r.input_ids.len() as u32 }
+}
+
 fn chunks(st: &mut Batching, cfg: &SchedulerConfig, decoding: usize) -> StepPrompts {
     let mut budget = cfg.prefill_budget(decoding);
     let mut out = StepPrompts::default();
@@ -193,7 +198,7 @@ fn chunks(st: &mut Batching, cfg: &SchedulerConfig, decoding: usize) -> StepProm
         out.batch = Some(pb::Batch {
             id,
             size: requests.len() as u32,
-            max_tokens: requests.iter().map(|r| r.cache_locs.len() as u32).sum(),
+            max_tokens: requests.iter().map(input_len).sum(),
             max_blocks: requests.iter().map(|r| r.blocks.len() as u32).max().unwrap_or(0),
             requests,
         });
@@ -443,7 +448,7 @@ mod tests {
         steps: Vec<(Vec<u64>, u32)>, // (decoding request ids, prompt tokens computed) of each step
         prefills: Vec<(u64, u32, Vec<u32>)>, // (request id, cached_tokens, blocks) of each prompt chunk
         progress: HashMap<u64, u32>, // prompt tokens computed so far of prompts in progress
-        chunk_errors: Vec<u64>, // prompts whose chunks came out of order or past their blocks
+        chunk_errors: Vec<u64>, // prompts whose chunks came out of order, past their blocks, or carried the wrong tokens
         caps: HashMap<u64, u32>, // KV positions each request's blocks hold
         kv_overruns: Vec<u64>, // requests a step would have written past their blocks
         resumed: Vec<(u64, u32)>, // (request id, generated_tokens) of re-admitted requests
@@ -500,7 +505,8 @@ mod tests {
             let mut prompt_tokens = 0;
             let out_id = batch_ids.first().copied().or(prefill.as_ref().map(|b| b.id)).unwrap_or(0);
             for r in prefill.map(|b| b.requests).unwrap_or_default() {
-                if Some(r.input_ids.len() as u32) == s.reject_input_len {
+                let len = input_len(&r);
+                if Some(len) == s.reject_input_len {
                     generations.push(pb::Generation {
                         request_id: r.id,
                         error: Some(pb::ShardError { code: pb::ErrorCode::InvalidRequest as i32, message: "bad".into(), request_ids: vec![r.id] }),
@@ -508,11 +514,13 @@ mod tests {
                     });
                     continue;
                 }
-                let len = r.input_ids.len() as u32;
                 let end = if r.compute_tokens > 0 { r.cached_tokens + r.compute_tokens } else { len };
-                // chunks of a prompt come in order, each after the last
+                // chunks of a prompt come in order, each after the last; one that does not finish
+                // the prompt carries only its own tokens, the last all of them
+                let carried = if end < len { end - r.cached_tokens } else { len };
                 if s.progress.get(&r.id).is_some_and(|&done| done != r.cached_tokens) || end > len
-                    || r.blocks.len() as u32 * 16 < end {
+                    || r.blocks.len() as u32 * 16 < end || r.input_ids.len() as u32 != carried
+                    || r.cache_locs.len() != r.input_ids.len() || (r.input_len > 0) != (end < len) {
                     s.chunk_errors.push(r.id);
                 }
                 s.prefills.push((r.id, r.cached_tokens, r.blocks.clone()));
@@ -659,7 +667,7 @@ mod tests {
         assert_eq!(collect(a_rx).await.unwrap(), (2..42).collect::<Vec<_>>());
         tokio::time::sleep(Duration::from_millis(20)).await;
         let s = fake.0.lock().unwrap();
-        assert!(s.chunk_errors.is_empty(), "chunks out of order or past their blocks: {:?}", s.chunk_errors);
+        assert!(s.chunk_errors.is_empty(), "chunks out of order, past their blocks or with the wrong tokens: {:?}", s.chunk_errors);
         assert!(s.steps.iter().all(|(rows, prompt)| rows.len() as u32 + prompt <= 8), "every step within the budget: {:?}", s.steps);
         let chunked: Vec<_> = s.steps[1..].iter().filter(|(_, p)| *p > 0).collect(); // after a's own prompt
         assert!(chunked.len() >= 7, "50 prompt tokens at most 7 per step: {:?}", s.steps);
