@@ -91,7 +91,8 @@ class Batch:
     out_counts: torch.Tensor | None  # [B, vocab] int32, device: output occurrences; None unless a row has a frequency/presence penalty
     block_size: int
     # Rows computing (a chunk of) their prompt in the next step; None when every row decodes.
-    # Per row, None for a decoding row: its prompt ids and each prompt token's cache location.
+    # Per row, None for a decoding row: its prompt ids and each prompt token's cache location
+    # (a chunk that does not finish its prompt: zeros but for its own tokens, `_in_place`).
     prompt_ids: list[np.ndarray | None] | None = None  # [len(prompt)] int64 each, host
     prompt_cache_locs: list[np.ndarray | None] | None = None
     prompt_ends: np.ndarray | None = None  # [B] int64, host: KV positions after the next step (decoding rows: cache_lens + 1)
