@@ -101,8 +101,8 @@ pub struct StopMatcher {
 }
 
 impl StopMatcher {
-    pub fn new(stops: StopSequences) -> Self {
-        Self { stops, tail: String::new() }
+    pub fn new(stops: Vec<String>) -> Self {
+        Self { stops: StopSequences::new(stops), tail: String::new() }
     }
 
     /// The stop sequences it watches for.
@@ -134,8 +134,8 @@ pub struct StopTrimmer {
 }
 
 impl StopTrimmer {
-    pub fn new(stops: StopSequences) -> Self {
-        Self { stops, pending: String::new(), done: false }
+    pub fn new(stops: Vec<String>) -> Self {
+        Self { stops: StopSequences::new(stops), pending: String::new(), done: false }
     }
 
     /// Text that can be sent now.
@@ -184,14 +184,13 @@ mod tests {
 
     #[test]
     fn stop_sequence_across_deltas() {
-        let stops = StopSequences::new(vec!["ab c".into()]);
-        let mut m = StopMatcher::new(stops.clone());
+        let mut m = StopMatcher::new(vec!["ab c".into()]);
         assert!(!m.push("xx a"));
         assert!(!m.push("b"));
         assert!(m.push(" cd"));
-        assert_eq!(stops.find("xx ab cd"), Some(3));
+        assert_eq!(m.sequences().find("xx ab cd"), Some(3));
         // Across many deltas and multi-byte characters, with only the tail kept.
-        let mut m = StopMatcher::new(StopSequences::new(vec!["été!".into()]));
+        let mut m = StopMatcher::new(vec!["été!".into()]);
         assert!("un long été".chars().all(|c| !m.push(&c.to_string())));
         assert!(m.tail.len() <= "été!".len());
         assert!(m.push("!"));
@@ -199,7 +198,7 @@ mod tests {
 
     #[test]
     fn no_stops_never_match() {
-        let mut m = StopMatcher::new(StopSequences::new(vec![]));
+        let mut m = StopMatcher::new(vec![]);
         assert!(!m.push("anything"));
     }
 
@@ -215,13 +214,13 @@ mod tests {
 
     #[test]
     fn trimmer_holds_back_possible_stops_and_cuts_before_them() {
-        let mut t = StopTrimmer::new(StopSequences::new(vec!["END".into()]));
+        let mut t = StopTrimmer::new(vec!["END".into()]);
         assert_eq!(t.push("hello E"), "hello ");
         assert_eq!(t.push("x"), "Ex");
         assert_eq!(t.push(" EN"), " ");
         assert_eq!(t.push("D more"), "");
         assert_eq!(t.push("ignored"), "");
-        let mut t = StopTrimmer::new(StopSequences::new(vec!["END".into()]));
+        let mut t = StopTrimmer::new(vec!["END".into()]);
         assert_eq!(t.push("abc E"), "abc ");
         assert_eq!(t.finish(), "E");
     }

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::engine::adapters::{AdapterLease, Adapters};
 use crate::api::{FinishReason, GenerateRequest, PrefillToken, Token};
-use crate::infer::detokenize::{Detokenizer, StopMatcher, StopSequences};
+use crate::infer::detokenize::{Detokenizer, StopMatcher};
 use crate::error::InferError;
 use crate::metrics as m;
 use crate::shard::pb;
@@ -316,7 +316,7 @@ fn response_stream(
         let (_permit, _lease) = (permit, lease);
         let mut timer = m::RequestTimer::new(request.adapter_id.as_deref());
         let mut detok = Detokenizer::new(tokenizer.clone(), &request.input_ids);
-        let mut matcher = StopMatcher::new(StopSequences::new(request.stopping.stop_sequences.clone()));
+        let mut matcher = StopMatcher::new(request.stopping.stop_sequences.clone());
         let mut tokens: Vec<Token> = Vec::new();
         let mut top_tokens: Vec<Vec<Token>> = Vec::new();
         let mut prefill_tokens: Vec<PrefillToken> = Vec::new();

@@ -19,7 +19,6 @@ pub use self::types::*;
 use crate::api::{FinishReason, GenerateParameters, GenerateRequest, Token};
 use crate::error::{InferError, ValidationError};
 use crate::infer::chat::TemplateMessage;
-use crate::infer::detokenize::StopSequences;
 use crate::infer::InferResponse;
 use crate::http::{AppState, JsonBody};
 
@@ -148,7 +147,7 @@ async fn completions_inner(s: AppState, mut req: CompletionRequest) -> Result<Re
             for (j, (valid, st)) in s.infer.generate_streams(gen, Some(n)).await.map_err(checks::as_response_format)?.into_iter().enumerate() {
                 let index = (pi as u32) * n + j as u32;
                 let echo = req.echo.then(|| valid.inputs.clone());
-                streams.push(openai_choice_stream(st, index, StopSequences::new(valid.stopping.stop_sequences.clone()), echo, valid.input_length()));
+                streams.push(openai_choice_stream(st, index, valid.stopping.stop_sequences.clone(), echo, valid.input_length()));
             }
         }
         let logprobs = req.logprobs.is_some();
@@ -284,7 +283,7 @@ async fn chat_inner(s: AppState, mut req: ChatCompletionRequest) -> Result<Respo
         let include_usage = req.sampling.stream_options.as_ref().is_some_and(|o| o.include_usage);
         let mut streams = vec![];
         for (j, (valid, st)) in s.infer.generate_streams(gen, Some(n)).await.map_err(checks::as_response_format)?.into_iter().enumerate() {
-            streams.push(openai_choice_stream(st, j as u32, StopSequences::new(valid.stopping.stop_sequences.clone()), None, valid.input_length()));
+            streams.push(openai_choice_stream(st, j as u32, valid.stopping.stop_sequences.clone(), None, valid.input_length()));
         }
         let chunk = {
             let (id, model) = (id.clone(), model.clone());

@@ -10,7 +10,7 @@ use futures::stream::StreamExt;
 use super::types::Usage;
 use super::usage;
 use crate::api::{FinishReason, Token};
-use crate::infer::detokenize::{StopSequences, StopTrimmer};
+use crate::infer::detokenize::StopTrimmer;
 use crate::error::{ErrorKind, InferError};
 use crate::infer::InferStreamEvent;
 
@@ -30,7 +30,7 @@ pub(super) struct ChoicePiece {
 pub(super) fn openai_choice_stream(
     st: crate::infer::ResponseStream,
     index: u32,
-    stops: StopSequences,
+    stops: Vec<String>,
     echo: Option<String>,
     prompt_tokens: u32,
 ) -> std::pin::Pin<Box<dyn futures::Stream<Item = Result<ChoicePiece, InferError>> + Send>> {
