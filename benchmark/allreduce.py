@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_timing import capture  # noqa: E402
+from ports import free_port  # noqa: E402
 
 
 def step_collectives(group, b: int, hidden: int, layers: int, vocab_share: int, dtype, device):
@@ -93,9 +93,7 @@ def main() -> None:
     if not (a.model_dir / "config.json").is_file():
         sys.exit(f"{a.model_dir}: no config.json")
     cfg = json.loads((a.model_dir / "config.json").read_text())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     mp.spawn(worker, args=(a.num_shard, port, cfg, [int(x) for x in a.batches.split(",")], a.iters,
                            str(a.out) if a.out else None), nprocs=a.num_shard)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from text_generation_server.pb import generate_pb2_grpc as pb_grpc  # noqa: E402
 
 import make_model  # noqa: E402
 import roofline  # noqa: E402
+from ports import free_port  # noqa: E402
 
 
 class Shards:
@@ -38,10 +38,7 @@ class Shards:
                    + os.environ.get("PYTHONPATH", ""))
         group = []
         if num_shard > 1:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            group = [f"--world-size={num_shard}", "--master-addr=127.0.0.1", f"--master-port={port}"]
+            group = [f"--world-size={num_shard}", "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
         self.procs = [subprocess.Popen([sys.executable, "-m", "text_generation_server.cli", "serve", str(model_dir),
                                         f"--uds-path={uds}", *group, *([f"--rank={r}"] if group else []), *extra],
                                        env=env) for r in range(num_shard)]

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import requests
 import torch
+from ports import free_port  # the script's own directory is on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 # The request alone: one whose answer runs the whole 64 tokens.
@@ -35,12 +35,6 @@ QUESTIONS = [
     "Who wrote Romeo and Juliet?", "What is photosynthesis?", "Suggest a name for a dog.",
     "What is the largest planet?", "How do you make tea?", "What does a compiler do?",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
