@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from text_generation_server.layers.ops import TorchOps, make_ops
+from text_generation_server.layers.ops import TorchOps, joined, make_ops
 
 
 def test_add_rmsnorm_is_the_sum_then_the_norm():
@@ -17,6 +18,21 @@ def test_add_rmsnorm_is_the_sum_then_the_norm():
     want = w * (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + 1e-6))
     torch.testing.assert_close(h, want)
     assert torch.equal(ops.silu_mul(x, res), torch.nn.functional.silu(x) * res)
+
+
+def test_joined_views_one_buffer_and_copies_neighbours():
+    """gate | up for the fused activation kernels: a view of the fused GEMM's output; a copy of two
+    tensors that merely lie side by side (two allocations can: LoRA's new gate and up at batch 1
+    once made the view reach past gate's own storage, and the step failed)."""
+    fused = torch.randn(3, 8)
+    j = joined(*fused.split(4, dim=1))
+    assert j.data_ptr() == fused.data_ptr() and torch.equal(j, fused)
+    a = np.arange(8, dtype=np.float32)
+    gate, up = torch.from_numpy(a[:4]).view(1, 4), torch.from_numpy(a[4:]).view(1, 4)  # two storages
+    assert up.data_ptr() == gate.data_ptr() + 4 * gate.element_size()
+    j = joined(gate, up)
+    assert torch.equal(j, torch.from_numpy(a).view(1, 8)) and j.data_ptr() != gate.data_ptr()
+    assert torch.equal(joined(up, gate), torch.cat([up, gate], dim=1))
 
 
 def test_the_cpu_gets_the_reference_and_bad_settings_are_refused(monkeypatch):

@@ -8,7 +8,7 @@ import torch
 
 import flashinfer
 
-from text_generation_server.layers.ops import TorchOps
+from text_generation_server.layers.ops import TorchOps, joined
 from text_generation_server.layers.rope_store import rope_store
 
 if TYPE_CHECKING:
@@ -45,10 +45,10 @@ class FlashInferOps(TorchOps):
         return rope_store(q, k, v, rotary.cos_sin_cache(), positions, cache_locs, k_cache, v_cache)
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        return flashinfer.activation.silu_and_mul(_joined(gate, up))
+        return flashinfer.activation.silu_and_mul(joined(gate, up))
 
     def gelu_tanh_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        return flashinfer.activation.gelu_tanh_and_mul(_joined(gate, up))
+        return flashinfer.activation.gelu_tanh_and_mul(joined(gate, up))
 
 
 def _in_place(kernel, x, residual, weight, eps):
@@ -57,12 +57,3 @@ def _in_place(kernel, x, residual, weight, eps):
     x = x.contiguous()
     kernel(x, residual, weight, eps)
     return x, residual
-
-
-def _joined(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """gate | up as one [T, 2n] tensor: a view of the fused gate/up GEMM output, or a copy when
-    LoRA made new ones."""
-    n = gate.shape[-1]
-    adjacent = (gate.stride() == up.stride() and gate.stride(-1) == 1 and up.shape == gate.shape
-                and up.data_ptr() == gate.data_ptr() + n * gate.element_size())
-    return gate.as_strided((gate.shape[0], 2 * n), gate.stride()) if adjacent else torch.cat([gate, up], dim=-1)

@@ -78,6 +78,17 @@ class TorchOps:
         return self.silu_mul(gate, up) if act == "silu" else self.gelu_tanh_mul(gate, up)
 
 
+def joined(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate | up as one [T, 2n] tensor (for kernels that take them joined): a view where `up` lies
+    right after `gate` in one buffer (the fused gate/up GEMM's output), else a copy (LoRA made new
+    ones). Two allocations may lie side by side without being one buffer: those are copied too."""
+    n = gate.shape[-1]
+    adjacent = (gate.stride() == up.stride() and gate.stride(-1) == 1 and up.shape == gate.shape
+                and up.untyped_storage().data_ptr() == gate.untyped_storage().data_ptr()
+                and up.data_ptr() == gate.data_ptr() + n * gate.element_size())
+    return gate.as_strided((gate.shape[0], 2 * n), gate.stride()) if adjacent else torch.cat([gate, up], dim=-1)
+
+
 def make_ops(device: torch.device) -> TorchOps:
     """FlashInfer's kernels on CUDA when installed (unless TESSERA_LAYER_OPS=torch), else the reference."""
     if device.type == "cuda" and env.layer_ops() == "fused":
