@@ -6,12 +6,15 @@ directory on sys.path)."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 FAMILIES = ["qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe", "qwen2_moe"]
 MOE = {"mixtral", "qwen3_moe", "qwen2_moe"}
+EXPERTS = 8  # each mixture's, 2 per token
+ROUTERS = ("mlp.gate", "block_sparse_moe.gate")  # transformers' router modules (Mixtral's, Qwen's)
 WINDOW = 8
 
 # What PEFT targets on each family: every projection of a dense model (Phi-3 names its fused
@@ -24,10 +27,14 @@ for _k in MOE:
 
 
 # The GPU tests' size: FlashInfer's head_dim 64, weights large enough for clear greedy choices
-# (Gemma 2's caps raised to match; no tied LM head, which at this scale echoes the last token;
-# routers 8x sharper, so that bf16 rounding seldom flips which experts a token gets).
+# (Gemma 2's caps raised to match; no tied LM head, which at this scale echoes the last token).
+# Routers stay as transformers makes them: sharper ones flip experts no less often (margins and
+# rounding scale alike) and make the routing weights, a softmax of the router logits, amplify
+# rounding (bf16 against float32 on the CPU, 8x routers: up to 2.1, ours and transformers' each
+# apart; as made: up to 0.63, within 1.4x of each other). The GPU tests put the references on
+# the experts ours picked (`their_routing`), so flips no longer decide a comparison.
 GPU = dict(hidden_size=256, intermediate_size=512, head_dim=64, max_position_embeddings=1024, initializer_range=0.1,
-           attn_logit_softcapping=20.0, final_logit_softcapping=15.0, tie_word_embeddings=False, router_scale=8.0)
+           attn_logit_softcapping=20.0, final_logit_softcapping=15.0, tie_word_embeddings=False)
 
 
 def config(kind: str, vocab: int = 97, **dims):
@@ -71,13 +78,13 @@ def config(kind: str, vocab: int = 97, **dims):
                              rope_scaling={"type": "longrope", "short_factor": short, "long_factor": long},
                              **tied(False)), tf.Phi3ForCausalLM
     if kind == "mixtral":
-        return tf.MixtralConfig(**common, num_local_experts=8, num_experts_per_tok=2, sliding_window=WINDOW,
+        return tf.MixtralConfig(**common, num_local_experts=EXPERTS, num_experts_per_tok=2, sliding_window=WINDOW,
                                 **tied(False)), tf.MixtralForCausalLM
     if kind == "qwen3_moe":  # layer 1 keeps a dense MLP; top-2 renormalised
-        return tf.Qwen3MoeConfig(**common, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=moe_inter,
+        return tf.Qwen3MoeConfig(**common, num_experts=EXPERTS, num_experts_per_tok=2, moe_intermediate_size=moe_inter,
                                  norm_topk_prob=True, mlp_only_layers=[1], **tied(False)), tf.Qwen3MoeForCausalLM
     if kind == "qwen2_moe":  # a shared expert beside the routed ones; top-2 not renormalised
-        return tf.Qwen2MoeConfig(**common, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=moe_inter,
+        return tf.Qwen2MoeConfig(**common, num_experts=EXPERTS, num_experts_per_tok=2, moe_intermediate_size=moe_inter,
                                  shared_expert_intermediate_size=common["intermediate_size"] // 2, norm_topk_prob=False,
                                  **tied(False)), tf.Qwen2MoeForCausalLM
     raise ValueError(kind)
@@ -85,7 +92,6 @@ def config(kind: str, vocab: int = 97, **dims):
 
 def write(path: Path, kind: str, vocab: int = 97, seed: int = 0, **dims):
     """Saves a random `kind` model under `path`; returns (path, the transformers model, eval mode)."""
-    router_scale = dims.pop("router_scale", 1.0)
     cfg, cls = config(kind, vocab, **dims)
     # transformers' eager attention, the reference arithmetic: torch's SDPA has no soft cap, and
     # the GPU machine's transformers picked it for Gemma 2 (this machine's refuses it for Gemma 2)
@@ -96,10 +102,69 @@ def write(path: Path, kind: str, vocab: int = 97, seed: int = 0, **dims):
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-            if name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):  # a mixture's router
-                p.mul_(router_scale)
     model.save_pretrained(path)
     return path, model
+
+
+def moe_layers(model) -> int:
+    """How many of transformers' `model` layers are mixtures (0 for a dense model)."""
+    return sum(name.endswith(ROUTERS) for name, _ in model.named_modules())
+
+
+def forced_weights(logits: torch.Tensor, ids: torch.Tensor, renormalize: bool) -> torch.Tensor:
+    """A router's weights for experts it was told to pick: their softmax probabilities over all
+    experts (float32), renormalised over the chosen when the model does."""
+    w = torch.softmax(logits.float(), -1).gather(-1, ids)
+    return w / w.sum(-1, keepdim=True) if renormalize else w
+
+
+@contextmanager
+def our_routing(force=None):
+    """Records the experts our mixture layers pick, one [tokens, k] tensor per layer call in order
+    (the yielded list); with `force` (such a list), the layers pick those experts instead."""
+    from text_generation_server.layers import moe
+
+    real, seen, it = moe.route, [], None if force is None else iter(force)
+
+    def spy(logits, top_k, renormalize):
+        weights, ids = real(logits, top_k, renormalize)
+        if it is not None:
+            ids = next(it).to(ids.device)
+            assert ids.shape[0] == logits.shape[0], "forced choices for other tokens"
+            weights = forced_weights(logits, ids, renormalize)
+        seen.append(ids.cpu())
+        return weights, ids
+
+    moe.route = spy
+    try:
+        yield seen
+    finally:
+        moe.route = real
+    assert it is None or next(it, None) is None, "fewer layer calls than forced choices"
+
+
+@contextmanager
+def their_routing(model, force):
+    """transformers' `model` with each mixture layer's router picking the experts in `force`
+    (as `our_routing` records them), weighted by its own probabilities."""
+    it, hooks = iter(force), []
+
+    def hook(router, args, out):
+        assert isinstance(out, tuple) and len(out) == 3, "a router returning (logits, weights, ids) expected"
+        logits, weights, _ = out
+        ids = next(it).to(logits.device)
+        assert ids.shape[0] == logits.shape[0], "forced choices for other tokens"
+        return logits, forced_weights(logits, ids, getattr(router, "norm_topk_prob", True)).to(weights.dtype), ids
+
+    for name, m in model.named_modules():
+        if name.endswith(ROUTERS):  # (Mixtral's routers have no norm_topk_prob: they always renormalise)
+            hooks.append(m.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+    assert next(it, None) is None, "fewer router calls than forced choices"
 
 
 def gemma3_multimodal(vocab: int = 97, seed: int = 0):

@@ -201,6 +201,29 @@ def test_longrope_rows_past_the_original_context_match_transformers(tmp_path):
     torch.testing.assert_close(prompt_logits(eng, prompts[0]), theirs, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", sorted(families.MOE))
+def test_forced_routing_moves_ours_and_transformers_alike(tmp_path, kind):
+    """The GPU family tests put transformers' routers on the experts ours picked
+    (`families.our_routing` / `their_routing`): with every token's experts forced elsewhere, our
+    float32 path and transformers' agree as closely as when free, and both differ from free."""
+    path, ref = families.write(tmp_path / "m", kind)
+    eng = _engine(path)
+    ids = torch.randint(2, 97, (23,), generator=torch.Generator().manual_seed(3)).tolist()
+    with families.our_routing() as chosen:
+        free = prompt_logits(eng, ids)
+    assert len(chosen) == families.moe_layers(ref) > 0 and chosen[0].shape == (len(ids), 2)
+    force = [(c + 1) % families.EXPERTS for c in chosen]  # every token another pair of experts
+    with families.our_routing(force) as seen:
+        ours = prompt_logits(eng, ids)
+    assert all(torch.equal(a, b) for a, b in zip(seen, force))
+    with torch.no_grad(), families.their_routing(ref, force):
+        theirs = ref(torch.tensor([ids])).logits[0].float()
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert (ours - free).abs().max() > 1e-2  # a hundred times the tolerance
+    with pytest.raises(AssertionError, match="fewer"), families.our_routing(force + force[:1]):
+        prompt_logits(eng, ids)
+
+
 def test_moe_kernel_under_the_interpreter():
     """The CUDA grouped-GEMM experts (`layers/moe_triton.py`), run by Triton's interpreter on the
     CPU against the reference path, decode-sized and prefill-sized."""
