@@ -260,6 +260,32 @@ def test_the_lora_kernels_are_one_typed_choice():
         make_slot_kernels("cublas", table)
 
 
+def test_segment_kernels_launch_their_gemm_at_warmup(monkeypatch):
+    """FlashInfer builds its segment GEMM on first use (minutes on a fresh Hopper machine):
+    compile() launches it for every projection group at warmup, in the serving dtype, on a
+    scratch output, leaving the slot table as it was (FlashInfer stood in for by the reference)."""
+    from text_generation_server.lora import segment
+    from text_generation_server.lora.kernels import make_slot_kernels
+
+    calls = []
+
+    class Recording:
+        def __init__(self, device, backend):
+            pass
+
+        def __call__(self, x, w, n, indptr, indptr_host):
+            calls.append((x.dtype, w.dtype))
+            return torch_segment_matmul(x, w, n, indptr, indptr_host)
+
+    monkeypatch.setattr(segment, "FlashInferSegmentMatmul", Recording)
+    table = SlotTable(CFG, torch.bfloat16, torch.device("cpu"), 3, max_rank=16)
+    before = [t.clone() for d in (table.a, table.b) for t in d.values()]
+    make_slot_kernels("segment", table).compile(torch.bfloat16)
+    assert len(calls) == sum(1 + len(g) for g in table.groups)  # a shrink per group, an expand per projection
+    assert set(calls) == {(torch.bfloat16, torch.bfloat16)}
+    assert all(torch.equal(b, t) for b, t in zip(before, [t for d in (table.a, table.b) for t in d.values()]))
+
+
 def test_peft_keys_name_the_module_that_holds_the_projection():
     assert peft_key(2, "q_proj", "A") == "base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight"
     assert peft_key(0, "qkv_proj", "B") == "base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight"

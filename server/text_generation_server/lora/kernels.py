@@ -2,7 +2,7 @@
 chosen once (TESSERA_LORA_KERNEL), instead of the kernel's name compared wherever a step is built.
 
 - `TritonKernels` (default): our grouped shrink/expand kernels (`triton_lora.py`), compiled at warmup.
-- `SegmentKernels`: FlashInfer's segment GEMM over rows sorted by slot (`segment.py`).
+- `SegmentKernels`: FlashInfer's segment GEMM over rows sorted by slot (`segment.py`), built at warmup.
 
 Each gives an eager step's LoRA (`step`) and a captured decode step's (`graph_step`), whose plan
 lives in static buffers of the strategy that every replay refills; graphs are captured from the
@@ -70,6 +70,12 @@ class SegmentKernels(SlotKernels):
         self.matmul = FlashInferSegmentMatmul(table.device, backend)
         self._perm: torch.Tensor | None = None  # [largest bucket] int64: rows sorted by slot
         self._indptr = torch.zeros(table.num_slots + 2, dtype=torch.int64, device=table.device)  # segment offsets
+
+    def compile(self, dtype: torch.dtype) -> None:
+        # FlashInfer builds its segment GEMM on first use; on Hopper its CUTLASS group GEMMs took
+        # over five minutes on a fresh H200. Without CUDA graphs (whose capture would launch it) the
+        # first request with an adapter would wait for that.
+        self.table.launch_every_group(self.step(np.ones(1, dtype=np.int64), True), 1, dtype)
 
     def step(self, row_slots: np.ndarray, prefill: bool) -> SegmentLoraStep:
         return SegmentLoraStep(self.table, row_slots, self.matmul)

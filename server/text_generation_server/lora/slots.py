@@ -48,6 +48,15 @@ class SlotTable:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.a, self.b) for t in d.values())
 
+    def launch_every_group(self, step, rows: int, dtype: torch.dtype) -> None:
+        """`step` (a LoRA step over this table) on zero inputs of `rows` tokens for every projection
+        group of layer 0, into scratch outputs: what compiles a backend's kernels at warmup."""
+        for group, cols in self.cols.items():
+            x = torch.zeros(rows, self.a[(0, group)].shape[2], dtype=dtype, device=self.device)
+            ys = list(torch.zeros(rows, cols[-1], dtype=dtype, device=self.device).split(
+                [cols[i + 1] - cols[i] for i in range(len(group))], dim=1))
+            step.apply(0, group, x, ys)
+
     def weights(self, layer: int, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One projection's views: A [S+1, R, in], B [S+1, out, R] (B scaled)."""
         group, i = self._group_of[proj]

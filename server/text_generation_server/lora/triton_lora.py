@@ -241,10 +241,4 @@ def compile_kernels(table, dtype: torch.dtype) -> None:
     """Compiles the kernels of every group for the eager prefill and decode steps (at warmup, so no
     request waits for Triton): one tile of zero inputs each, on slot 1, into scratch outputs."""
     for block_m in (DECODE_BLOCK_M, PREFILL_BLOCK_M):
-        step = TritonLoraStep(table, np.ones(block_m, dtype=np.int64), block_m)
-        for group, cols in table.cols.items():
-            d_in = table.a[(0, group)].shape[2]
-            x = torch.zeros(block_m, d_in, dtype=dtype, device=table.device)
-            ys = list(torch.zeros(block_m, cols[-1], dtype=dtype, device=table.device).split(
-                [cols[i + 1] - cols[i] for i in range(len(group))], dim=1))
-            step.apply(0, group, x, ys)
+        table.launch_every_group(TritonLoraStep(table, np.ones(block_m, dtype=np.int64), block_m), block_m, dtype)
