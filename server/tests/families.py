@@ -130,7 +130,9 @@ def our_routing(force=None):
     def spy(logits, top_k, renormalize):
         weights, ids = real(logits, top_k, renormalize)
         if it is not None:
-            ids = next(it).to(ids.device)
+            forced = next(it, None)
+            assert forced is not None, "more layer calls than forced choices"
+            ids = forced.to(ids.device)
             assert ids.shape[0] == logits.shape[0], "forced choices for other tokens"
             weights = forced_weights(logits, ids, renormalize)
         seen.append(ids.cpu())
@@ -153,7 +155,9 @@ def their_routing(model, force):
     def hook(router, args, out):
         assert isinstance(out, tuple) and len(out) == 3, "a router returning (logits, weights, ids) expected"
         logits, weights, _ = out
-        ids = next(it).to(logits.device)
+        forced = next(it, None)
+        assert forced is not None, "more router calls than forced choices"
+        ids = forced.to(logits.device)
         assert ids.shape[0] == logits.shape[0], "forced choices for other tokens"
         return logits, forced_weights(logits, ids, getattr(router, "norm_topk_prob", True)).to(weights.dtype), ids
 

@@ -222,6 +222,10 @@ def test_forced_routing_moves_ours_and_transformers_alike(tmp_path, kind):
     assert (ours - free).abs().max() > 1e-2  # a hundred times the tolerance
     with pytest.raises(AssertionError, match="fewer"), families.our_routing(force + force[:1]):
         prompt_logits(eng, ids)
+    with pytest.raises(AssertionError, match="more"), families.our_routing(force[:-1]):
+        prompt_logits(eng, ids)
+    with pytest.raises(AssertionError, match="more"), torch.no_grad(), families.their_routing(ref, force[:-1]):
+        ref(torch.tensor([ids]))
 
 
 def test_moe_kernel_under_the_interpreter():
