@@ -153,15 +153,15 @@ fn admit(st: &mut Batching, queue: &mut Queue, allocator: &BlockAllocator, cfg: 
     }
 }
 
-/// This step's prompt chunks, oldest prompt first, within the budget left by the decoding rows.
-/// A prompt whose last chunk goes joins the running requests (its first token arrives from this
-/// step, or from the next call when the shards run a step ahead). A prompt asking for prompt
-/// logprobs is never split: it goes whole, alone over the budget if it must.
 /// The whole input's length of a request sent to the shard (a chunk's carries only its own tokens).
 fn input_len(r: &pb::Request) -> u32 {
     if r.input_len > 0 { r.input_len } else { r.input_ids.len() as u32 }
 }
 
+/// This step's prompt chunks, oldest prompt first, within the budget left by the decoding rows.
+/// A prompt whose last chunk goes joins the running requests (its first token arrives from this
+/// step, or from the next call when the shards run a step ahead). A prompt asking for prompt
+/// logprobs is never split: it goes whole, alone over the budget if it must.
 fn chunks(st: &mut Batching, cfg: &SchedulerConfig, decoding: usize) -> StepPrompts {
     let mut budget = cfg.prefill_budget(decoding);
     let mut out = StepPrompts::default();
