@@ -230,7 +230,9 @@ def test_forced_routing_moves_ours_and_transformers_alike(tmp_path, kind):
 
 def test_moe_kernel_under_the_interpreter():
     """The CUDA grouped-GEMM experts (`layers/moe_triton.py`), run by Triton's interpreter on the
-    CPU against the reference path, decode-sized and prefill-sized."""
+    CPU against the reference path, decode-sized and prefill-sized; the one-program `align` kernel
+    against the torch sort it replaces for decode-sized inputs; the one-kernel router (softmax and
+    top-k) against torch's."""
     import os
     import subprocess
     import sys
@@ -239,13 +241,39 @@ def test_moe_kernel_under_the_interpreter():
     r = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("checked") == 3
+    assert r.stdout.count("aligned") == 8
+    assert r.stdout.count("routed") == 5
 
 
 def _interpreted() -> None:
-    from text_generation_server.layers.moe import reference, route
-    from text_generation_server.layers.moe_triton import align, fused_moe
+    from text_generation_server.layers.moe import reference, route, route_torch
+    from text_generation_server.layers.moe_triton import ALIGN_KERNEL_MAX_PAIRS, align, align_torch, fused_moe, route_topk
     from text_generation_server.layers.ops import TorchOps
 
+    # (tokens, experts, top_k, block rows): Mixtral's decode, Qwen3-MoE's 128 experts top-8,
+    # Qwen2-MoE's 60 (not a power of two), every token on one expert, and past the kernel's size.
+    for t, e, k, bm in ((1, 8, 2, 16), (7, 8, 2, 16), (64, 8, 2, 32), (33, 60, 4, 16), (128, 128, 8, 16),
+                        (300, 8, 2, 64), (40, 8, 2, 16), (ALIGN_KERNEL_MAX_PAIRS, 8, 2, 16)):
+        g = torch.Generator().manual_seed(t * e)
+        ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+        if t == 40:
+            ids[:, 0] = 5
+        got, want = align(ids, e, bm), align_torch(ids, e, bm)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (t, e, k, bm)
+        print("aligned")
+    # bf16 router logits tie often (60 and 128 experts here): the same probabilities chosen, the
+    # lower expert first among equals; a row of equal logits takes experts 0..k-1.
+    for t, e, k, renormalize in ((1, 8, 2, True), (5, 8, 2, False), (33, 60, 4, True), (70, 128, 8, True), (3, 4, 1, True)):
+        logits = torch.randn(t, e, generator=torch.Generator().manual_seed(t)).bfloat16()
+        logits[-1] = 0.5
+        (w, i), (want_w, want_i) = route_topk(logits, k, renormalize), route_torch(logits, k, renormalize)
+        probs = torch.softmax(logits.float(), dim=-1)
+        assert torch.equal(probs.gather(1, i), probs.gather(1, want_i)) and i.dtype == want_i.dtype
+        torch.testing.assert_close(w, want_w, rtol=1e-6, atol=1e-7)
+        chosen = probs.gather(1, i)
+        assert not ((chosen[:, 1:] == chosen[:, :-1]) & (i[:, 1:] < i[:, :-1])).any()
+        assert i[-1].tolist() == list(range(k))
+        print("routed")
     ops = TorchOps()
     for t, e, k, hid, inter in ((1, 8, 2, 32, 48), (5, 8, 2, 32, 48), (70, 4, 1, 16, 24)):
         g = torch.Generator().manual_seed(t)

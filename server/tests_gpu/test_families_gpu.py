@@ -237,6 +237,38 @@ def test_lora_rows_beside_base_rows(family):
     near(got_t, got_lp, want_t, want_lp, want_tops)
 
 
+def test_align_and_route_kernels_match_torch():
+    """The one-program `align` and the one-kernel router on the GPU against their torch forms,
+    eager and replayed from a CUDA graph on new routing."""
+    from text_generation_server.layers.moe import route_torch
+    from text_generation_server.layers.moe_triton import align, align_torch, route_topk
+
+    for t, e, k, bm in ((1, 8, 2, 16), (64, 8, 2, 16), (33, 60, 4, 16), (128, 128, 8, 16), (300, 8, 2, 64)):
+        g = torch.Generator(device="cuda").manual_seed(t)
+        logits = torch.randn(t, e, generator=g, device="cuda").bfloat16()
+        (w, i), (want_w, want_i) = route_topk(logits, k, True), route_torch(logits, k, True)
+        probs = torch.softmax(logits.float(), dim=-1)
+        assert torch.equal(probs.gather(1, i), probs.gather(1, want_i))
+        torch.testing.assert_close(w, want_w, rtol=1e-5, atol=1e-6)
+        got, want = align(i, e, bm), align_torch(i, e, bm)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (t, e, k, bm)
+        static = logits.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            align(route_topk(static, k, True)[1], e, bm)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            _, ids = route_topk(static, k, True)
+            pairs, experts = align(ids, e, bm)
+        static.copy_(torch.randn(t, e, generator=g, device="cuda").bfloat16())
+        graph.replay()
+        assert torch.equal(ids, route_topk(static, k, True)[1])
+        want = align_torch(ids, e, bm)
+        assert torch.equal(pairs, want[0]) and torch.equal(experts, want[1]), (t, e, k, bm)
+
+
 @pytest.mark.parametrize("tokens", [1, 7, 64, 300])
 def test_moe_kernel_matches_the_reference(tokens):
     from text_generation_server.layers.moe import reference, route

@@ -21,7 +21,17 @@ from text_generation_server.layers.ops import TorchOps
 
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] -> (weights [T, k] float32, expert ids [T, k])."""
+    """Router logits [T, E] -> (weights [T, k] float32, expert ids [T, k] int64). On CUDA one
+    Triton kernel (`moe_triton.route_topk`) instead of this function's five or six."""
+    if logits.is_cuda:
+        from text_generation_server.layers.moe_triton import route_topk
+
+        return route_topk(logits, top_k, renormalize)
+    return route_torch(logits, top_k, renormalize)
+
+
+def route_torch(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route` in torch: the CPU path and the kernel's oracle."""
     probs = torch.softmax(logits.float(), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
