@@ -274,6 +274,9 @@ def _interpreted() -> None:
         assert not ((chosen[:, 1:] == chosen[:, :-1]) & (i[:, 1:] < i[:, :-1])).any()
         assert i[-1].tolist() == list(range(k))
         print("routed")
+    nan = torch.zeros(2, 8)
+    nan[0, 3] = float("nan")  # a broken hidden state: garbage out, but no expert id past the end
+    assert int(route_topk(nan, 2, True)[1].max()) < 8
     ops = TorchOps()
     for t, e, k, hid, inter in ((1, 8, 2, 32, 48), (5, 8, 2, 32, 48), (70, 4, 1, 16, 24)):
         g = torch.Generator().manual_seed(t)

@@ -22,7 +22,7 @@ from text_generation_server.layers.ops import TorchOps
 
 def route(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [T, E] -> (weights [T, k] float32, expert ids [T, k] int64). On CUDA one
-    Triton kernel (`moe_triton.route_topk`) instead of this function's five or six."""
+    Triton kernel (`moe_triton.route_topk`) instead of `route_torch`'s five or six."""
     if logits.is_cuda:
         from text_generation_server.layers.moe_triton import route_topk
 
