@@ -102,3 +102,18 @@ def test_moe_model_writer_and_routing_count_on_cpu(tmp_path):
     read, hit = make_model.step_weight_bytes(model, 1)
     assert hit == 2.0 and read < make_model.weight_bytes(model)
     assert make_model.step_weight_bytes(model, 64)[1] > 3.99
+
+
+def test_decode_gemm_kernel_under_the_interpreter():
+    """decode_gemm.py's few-row Triton GEMM (a GPU experiment) computes F.linear: run by Triton's
+    interpreter on the CPU, odd sizes included (rows, columns and K past a tile)."""
+    code = (
+        "import torch, decode_gemm\n"
+        "for m, n, k, bn, bk in ((1, 100, 300, 32, 128), (5, 64, 256, 64, 256), (16, 130, 520, 32, 256)):\n"
+        "    x, w = torch.randn(m, k), torch.randn(n, k)\n"
+        "    torch.testing.assert_close(decode_gemm.linear(x, w, dict(BN=bn, BK=bk)), x @ w.T, rtol=1e-4, atol=1e-3)\n"
+        "print('checked')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmark", env={**os.environ, "TRITON_INTERPRET": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "checked" in r.stdout, r.stdout + r.stderr
