@@ -1,11 +1,12 @@
 """The mixture-of-experts kernel alone (`layers/moe_triton.fused_moe`) on the GPU: time per call
 for Mixtral-8x7B's layer shapes at a few token counts, for the default tile config and the
 candidates below, against the bytes of the experts the tokens chose over the copy bandwidth
-measured at the start (`roofline.py`). Each call is replayed from a CUDA graph, as the decode
+measured at the start (`roofline.py`), or past a few hundred tokens their multiply-adds over the
+bf16 matmul peak, whichever is longer. Each call is replayed from a CUDA graph, as the decode
 step runs it (eager, the routing's small kernels would be timed as launches). For the default
 config a profile follows: the router (its GEMM, softmax and top-k; `route_torch` for comparison)
-and the kernel's parts (`align`, and `align_torch` for comparison, the gate|up GEMM, the activation, the down GEMM
-with the sum over top-k) each captured and timed alone. For tuning `_config`; the W1 runs
+and the kernel's parts (`align`, and `align_torch` for comparison, the gate|up GEMM, the
+activation, the down GEMM with the sum over top-k) each captured and timed alone. For tuning `_config`; the W1 runs
 measure the model.
 
     python3 benchmark/moe_kernel.py --tokens 1,8,64 [--hidden 4096 --inter 14336 --experts 8 --top-k 2]
@@ -34,6 +35,11 @@ CANDIDATES = [  # (BM, BN, BK, warps, stages, SPLIT_K of the down projection)
     (16, 32, 256, 2, 4, 4), (16, 128, 64, 4, 5, 8), (32, 64, 128, 4, 3, 1), (32, 64, 128, 4, 3, 4),
     (64, 128, 64, 4, 3, 1), (64, 64, 64, 4, 4, 2), (64, 128, 64, 8, 3, 2),
 ]
+PREFILL_CANDIDATES = [  # past 128 pairs (prefill): bigger tiles, more warps; no split
+    (64, 128, 64, 4, 3, 1), (64, 128, 64, 8, 4, 1), (64, 256, 64, 8, 3, 1), (128, 128, 64, 8, 3, 1),
+    (128, 128, 64, 8, 4, 1), (128, 256, 64, 8, 3, 1), (128, 128, 32, 4, 4, 1), (64, 128, 128, 8, 3, 1),
+    (128, 64, 64, 4, 4, 1), (32, 128, 64, 4, 4, 1),
+]
 
 
 def graph_us(fn, iters: int) -> float:
@@ -57,7 +63,8 @@ def main() -> None:
     from text_generation_server.layers import moe_triton
     from text_generation_server.layers.moe_triton import _config, fused_moe
 
-    bw = roofline.measure()["copy_bandwidth_TBps"] * 1e12
+    ceilings = roofline.measure()
+    bw, peak = ceilings["copy_bandwidth_TBps"] * 1e12, ceilings["bf16_matmul_TFLOPs"] * 1e12
     e, k, h, i = a.experts, a.top_k, a.hidden, a.inter
     g = torch.Generator(device="cuda").manual_seed(0)
     w13 = (torch.randn(e, 2 * i, h, generator=g, device="cuda") * 0.02).bfloat16()
@@ -72,9 +79,10 @@ def main() -> None:
         x = torch.randn(t, h, generator=g, device="cuda").bfloat16()
         weights, ids = route(torch.randn(t, e, generator=g, device="cuda"), k, True)
         hit = int(torch.unique(ids).numel())
-        floor = hit * 3 * h * i * 2 / bw  # the chosen experts' weights, read once
+        # the chosen experts' weights read once, or the pairs' multiply-adds at the matmul peak
+        floor = max(hit * 3 * h * i * 2 / bw, 2 * t * k * 3 * h * i / peak)
         configs = [None] + [dict(BM=bm, BN=bn, BK=bk, num_warps=w, num_stages=st, SPLIT_K=sk)
-                            for bm, bn, bk, w, st, sk in CANDIDATES]
+                            for bm, bn, bk, w, st, sk in (CANDIDATES if t * k <= 128 else PREFILL_CANDIDATES)]
         for cfg in configs:
             try:
                 s = graph_us(lambda: fused_moe(x, w13, w2, weights, ids, act, cfg), a.iters) / 1e6

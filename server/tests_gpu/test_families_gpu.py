@@ -269,7 +269,7 @@ def test_align_and_route_kernels_match_torch():
         assert torch.equal(pairs, want[0]) and torch.equal(experts, want[1]), (t, e, k, bm)
 
 
-@pytest.mark.parametrize("tokens", [1, 7, 64, 300])
+@pytest.mark.parametrize("tokens", [1, 7, 64, 200, 300, 1100])  # each of _config's tiles; align's torch form
 def test_moe_kernel_matches_the_reference(tokens):
     from text_generation_server.layers.moe import reference, route
     from text_generation_server.layers.moe_triton import fused_moe

@@ -202,14 +202,20 @@ def _route_kernel(logits_ptr, w_ptr, ids_ptr, t, e, stride, K: tl.constexpr, KP:
 
 def _config(m: int) -> dict:
     """Tiles for m (token, expert) pairs, from `benchmark/moe_kernel.py` at Mixtral's shapes on an
-    H200 (graph-replayed; the experts' bytes over the copy bandwidth): 1 token 0.88, 8 tokens
-    1.0, 64 tokens 0.98, 128 tokens 0.92. Splitting K of the down projection gained at most 1%
-    more and makes its sums' order vary (atomics), so the defaults do not split."""
+    H200 (graph-replayed; against the experts' bytes over the copy bandwidth, or past that the
+    pairs' multiply-adds over the matmul peak): 1 token 0.88, 8 tokens 1.0, 64 tokens 0.98, 128
+    tokens 0.92, 512 tokens 0.61, 2,048 0.58, 8,192 0.62 (the last three prefill, where the
+    previous single config gave 0.58, 0.47, 0.43). Splitting K of the down projection gained at
+    most 1% more and makes its sums' order vary (atomics), so the defaults do not split."""
     if m <= 64:  # decode: few rows per expert; deep K tiles keep more of each expert's bytes in flight
         return dict(BM=16, BN=64, BK=256, num_warps=4, num_stages=3)
     if m <= 128:
         return dict(BM=32, BN=64, BK=128, num_warps=4, num_stages=3)
-    return dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3)
+    if m <= 512:
+        return dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3)
+    if m <= 2048:
+        return dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+    return dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3)
 
 
 def _gemm(a, b, c, weights, pairs, experts, top_k, a_by_token, cfg, split_k=1):
