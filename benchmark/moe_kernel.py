@@ -89,7 +89,7 @@ def main() -> None:
             except Exception as err:  # noqa: BLE001 - a candidate that does not compile is reported
                 out.append({"tokens": t, "config": cfg, "error": str(err)[:200]})
                 continue
-            row = {"tokens": t, "experts_hit": hit, "config": cfg or {"default": _config(t * k)}, "us": s * 1e6,
+            row = {"tokens": t, "experts_hit": hit, "config": cfg or {"default": _config(t * k, e)}, "us": s * 1e6,
                    "floor_us": floor * 1e6, "ratio": floor / s}
             out.append(row)
             print(json.dumps(row), flush=True)
@@ -100,7 +100,7 @@ def main() -> None:
 def profile(mt, x, w13, w2, weights, ids, act, top_k: int, iters: int) -> dict:
     """The default config's parts, each captured and timed alone (the same calls fused_moe makes)."""
     m = ids.numel()
-    cfg = dict(mt._config(m))
+    cfg = dict(mt._config(m, w13.shape[0]))
     split_k = cfg.pop("SPLIT_K", 1)
     pairs, experts = mt.align(ids, w13.shape[0], cfg["BM"])
     gate_up = torch.empty(m, w13.shape[1], dtype=x.dtype, device=x.device)

@@ -245,6 +245,16 @@ def test_moe_kernel_under_the_interpreter():
     assert r.stdout.count("routed") == 5
 
 
+def test_moe_tiles_follow_the_pairs_per_expert():
+    """The kernel's tiles are chosen by how full an expert's row blocks get: Mixtral's measured
+    steps, and a 128-expert model's prefill not padded into 128-row blocks it fills by 1/16."""
+    from text_generation_server.layers.moe_triton import _config
+
+    assert [_config(m, 8)["BM"] for m in (2, 64, 128, 512, 1024, 4096)] == [16, 16, 32, 64, 128, 128]
+    assert _config(4096, 8)["BN"] == 256 and _config(1024, 8)["BN"] == 128
+    assert _config(1024, 128)["BM"] == 16 and _config(16384, 128)["BM"] == 128
+
+
 def _interpreted() -> None:
     from text_generation_server.layers.moe import reference, route, route_torch
     from text_generation_server.layers.moe_triton import ALIGN_KERNEL_MAX_PAIRS, align, align_torch, fused_moe, route_topk

@@ -200,20 +200,24 @@ def _route_kernel(logits_ptr, w_ptr, ids_ptr, t, e, stride, K: tl.constexpr, KP:
     tl.store(ids_ptr + rows[:, None] * K + kcols[None, :], which, mask=out)
 
 
-def _config(m: int) -> dict:
-    """Tiles for m (token, expert) pairs, from `benchmark/moe_kernel.py` at Mixtral's shapes on an
-    H200 (graph-replayed; against the experts' bytes over the copy bandwidth, or past that the
-    pairs' multiply-adds over the matmul peak): 1 token 0.88, 8 tokens 1.0, 64 tokens 0.98, 128
-    tokens 0.92, 512 tokens 0.61, 2,048 0.58, 8,192 0.62 (the last three prefill, where the
-    previous single config gave 0.58, 0.47, 0.43). Splitting K of the down projection gained at
+def _config(m: int, num_experts: int) -> dict:
+    """Tiles for m (token, expert) pairs over num_experts, by the pairs an expert gets on average
+    (the row blocks' fill). Measured with `benchmark/moe_kernel.py` at Mixtral's shapes (8
+    experts) on an H200, graph-replayed, against the experts' bytes over the copy bandwidth or,
+    past that, the pairs' multiply-adds over the matmul peak: 1 token 0.88, 8 tokens 1.0, 64
+    tokens 0.98, 128 tokens 0.92, 512 tokens 0.61, 2,048 0.58, 8,192 0.62 (the last three prefill,
+    where the previous single config gave 0.58, 0.47, 0.43). Other expert counts take the tiles
+    of the same fill, unmeasured: 128 experts' 1,024 pairs fill 16-row blocks as Mixtral's 64 do,
+    where 128-row ones would be mostly padding. Splitting K of the down projection gained at
     most 1% more and makes its sums' order vary (atomics), so the defaults do not split."""
-    if m <= 64:  # decode: few rows per expert; deep K tiles keep more of each expert's bytes in flight
+    per_expert = m / num_experts
+    if per_expert <= 8:  # decode: few rows per expert; deep K tiles keep more of each expert's bytes in flight
         return dict(BM=16, BN=64, BK=256, num_warps=4, num_stages=3)
-    if m <= 128:
+    if per_expert <= 16:
         return dict(BM=32, BN=64, BK=128, num_warps=4, num_stages=3)
-    if m <= 512:
+    if per_expert <= 64:
         return dict(BM=64, BN=128, BK=64, num_warps=4, num_stages=3)
-    if m <= 2048:
+    if per_expert <= 256:
         return dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
     return dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3)
 
@@ -236,7 +240,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     t, hid = x.shape
     top_k = topk_ids.shape[1]
     m = t * top_k
-    cfg = dict(config or _config(m))
+    cfg = dict(config or _config(m, w13.shape[0]))
     split_k = cfg.pop("SPLIT_K", 1)
     pairs, experts = align(topk_ids, w13.shape[0], cfg["BM"])
     x = x.contiguous()
