@@ -130,10 +130,7 @@ def our_routing(force=None):
     def spy(logits, top_k, renormalize):
         weights, ids = real(logits, top_k, renormalize)
         if it is not None:
-            forced = next(it, None)
-            assert forced is not None, "more layer calls than forced choices"
-            ids = forced.to(ids.device)
-            assert ids.shape[0] == logits.shape[0], "forced choices for other tokens"
+            ids = _next_forced(it, logits, "layer")
             weights = forced_weights(logits, ids, renormalize)
         seen.append(ids.cpu())
         return weights, ids
@@ -143,7 +140,8 @@ def our_routing(force=None):
         yield seen
     finally:
         moe.route = real
-    assert it is None or next(it, None) is None, "fewer layer calls than forced choices"
+    if it is not None:
+        _all_used(it, "layer")
 
 
 @contextmanager
@@ -155,10 +153,7 @@ def their_routing(model, force):
     def hook(router, args, out):
         assert isinstance(out, tuple) and len(out) == 3, "a router returning (logits, weights, ids) expected"
         logits, weights, _ = out
-        forced = next(it, None)
-        assert forced is not None, "more router calls than forced choices"
-        ids = forced.to(logits.device)
-        assert ids.shape[0] == logits.shape[0], "forced choices for other tokens"
+        ids = _next_forced(it, logits, "router")
         return logits, forced_weights(logits, ids, getattr(router, "norm_topk_prob", True)).to(weights.dtype), ids
 
     for name, m in model.named_modules():
@@ -169,7 +164,19 @@ def their_routing(model, force):
     finally:
         for h in hooks:
             h.remove()
-    assert next(it, None) is None, "fewer router calls than forced choices"
+    _all_used(it, "router")
+
+
+def _next_forced(it, logits: torch.Tensor, caller: str) -> torch.Tensor:
+    """The next forced [tokens, k] choice for a `caller` call on `logits`, on their device."""
+    forced = next(it, None)
+    assert forced is not None, f"more {caller} calls than forced choices"
+    assert forced.shape[0] == logits.shape[0], "forced choices for other tokens"
+    return forced.to(logits.device)
+
+
+def _all_used(it, caller: str) -> None:
+    assert next(it, None) is None, f"fewer {caller} calls than forced choices"
 
 
 def gemma3_multimodal(vocab: int = 97, seed: int = 0):

@@ -237,6 +237,20 @@ def test_lora_rows_beside_base_rows(family):
     near(got_t, got_lp, want_t, want_lp, want_tops)
 
 
+def captured(fn):
+    """(graph, its output): `fn` run once on a side stream (compiles, warms the allocator), then
+    captured; each replay recomputes the output in place from the inputs' current values."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def test_align_and_route_kernels_match_torch():
     """The one-program `align` and the one-kernel router on the GPU against their torch forms,
     eager and replayed from a CUDA graph on new routing."""
@@ -253,15 +267,12 @@ def test_align_and_route_kernels_match_torch():
         got, want = align(i, e, bm), align_torch(i, e, bm)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (t, e, k, bm)
         static = logits.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            align(route_topk(static, k, True)[1], e, bm)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            _, ids = route_topk(static, k, True)
-            pairs, experts = align(ids, e, bm)
+
+        def routed(static=static, k=k, e=e, bm=bm):
+            ids = route_topk(static, k, True)[1]
+            return ids, align(ids, e, bm)
+
+        graph, (ids, (pairs, experts)) = captured(routed)
         static.copy_(torch.randn(t, e, generator=g, device="cuda").bfloat16())
         graph.replay()
         assert torch.equal(ids, route_topk(static, k, True)[1])
@@ -292,14 +303,7 @@ def test_moe_kernel_matches_the_reference(tokens):
     torch.testing.assert_close(split.float(), want, atol=2e-2, rtol=2e-2)
     # Captured in a CUDA graph (fixed shapes, no host sync), replayed on new routing.
     static_w, static_ids = weights.clone(), ids.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fused_moe(x, w13, w2, static_w, static_ids, act)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fused_moe(x, w13, w2, static_w, static_ids, act)
+    graph, out = captured(lambda: fused_moe(x, w13, w2, static_w, static_ids, act))
     weights2, ids2 = route(torch.randn(tokens, e, generator=g, device="cuda"), k, True)
     static_w.copy_(weights2)
     static_ids.copy_(ids2)

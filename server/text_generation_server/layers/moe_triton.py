@@ -63,6 +63,9 @@ def _grouped_gemm(a_ptr, b_ptr, c_ptr, w_ptr, pair_ptr, expert_ptr, num_pairs, n
             tl.atomic_add(c_ptrs, acc, mask=cmask)
 
 
+ALIGN_KERNEL_MAX_PAIRS = 1024  # past this (prefill), the chunks run one after another for longer than torch's sort
+
+
 def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """topk_ids [T, top_k] -> (pair ids sorted by expert, each expert's run padded to block_m with
     T * top_k; [blocks * block_m] int32), (each block's expert, num_experts past the end; [blocks]
@@ -80,17 +83,16 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch
     experts = torch.empty(blocks, dtype=torch.int32, device=topk_ids.device)
     ep = triton.next_power_of_2(num_experts)
     chunk, fill, nbc = min(64, max(16, 4096 // ep)), 1024, max(16, 4096 // ep)
-
-    def loops(n: int, size: int) -> int:  # constexpr trip counts, in powers of two: few variants to compile
-        return triton.next_power_of_2(-(-n // size))
-
     _align_kernel[(1,)](topk_ids.flatten(), pairs, experts, m, num_experts, blocks, blocks * block_m, BM=block_m,
-                        EP=ep, C=chunk, N_C=loops(m, chunk), FILL=fill, N_FILL=loops(blocks * block_m, fill),
-                        NBC=nbc, N_B=loops(blocks, nbc), num_warps=4)
+                        EP=ep, C=chunk, N_C=_trips(m, chunk), FILL=fill, N_FILL=_trips(blocks * block_m, fill),
+                        NBC=nbc, N_B=_trips(blocks, nbc), num_warps=4)
     return pairs, experts
 
 
-ALIGN_KERNEL_MAX_PAIRS = 1024  # past this (prefill), the chunks run one after another for longer than torch's sort
+def _trips(n: int, size: int) -> int:
+    """A loop's constexpr trip count over n in steps of size, rounded up to a power of two (few
+    kernel variants to compile; the steps past n are masked)."""
+    return triton.next_power_of_2(-(-n // size))
 
 
 @triton.jit
